@@ -1,0 +1,6 @@
+//! The Edgewise control plane: custom resources and (in later modules) the controllers, the
+//! agent gateway, the S3 and ClickHouse adapters and the embedded dev stack.
+
+pub mod admission;
+pub mod cli;
+pub mod crd;
