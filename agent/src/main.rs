@@ -1,12 +1,184 @@
 //! `edgewise-agent`: parses the command line and hands over to the library.
 
-use clap::Parser;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use edgewise_agent::config::{Backoff, ConfigFile};
+use edgewise_agent::simulate::{SimConfig, SimFleet};
+use tokio_util::sync::CancellationToken;
 
 /// Edgewise on-device agent.
 #[derive(Debug, Parser)]
 #[command(name = "edgewise-agent", version, about)]
-struct Cli {}
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() {
-    let Cli {} = Cli::parse();
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run one device agent.
+    Run {
+        /// Configuration file (TOML).
+        #[arg(long, env = "EDGEWISE_AGENT_CONFIG")]
+        config: PathBuf,
+    },
+    /// Run many virtual devices in one process (real protocol, real downloads).
+    Simulate {
+        /// Number of devices.
+        #[arg(long, default_value_t = 100)]
+        devices: usize,
+        /// Gateway URL.
+        #[arg(long, env = "EDGEWISE_GATEWAY")]
+        gateway: String,
+        /// File holding the bootstrap token.
+        #[arg(long, env = "EDGEWISE_BOOTSTRAP_TOKEN_FILE")]
+        bootstrap_token_file: PathBuf,
+        /// Directory for the shared content store.
+        #[arg(long, default_value = "edgewise-sim")]
+        data_dir: PathBuf,
+        /// Devices sharing one HTTP/2 connection.
+        #[arg(long, default_value_t = 100)]
+        devices_per_connection: usize,
+        /// Stop after this many seconds (default: run until Ctrl-C).
+        #[arg(long)]
+        duration_secs: Option<u64>,
+    },
+    /// Print what the local agent runs.
+    Status {
+        /// The agent's configuration file.
+        #[arg(long, env = "EDGEWISE_AGENT_CONFIG", conflicts_with = "data_dir")]
+        config: Option<PathBuf>,
+        /// Or its data directory.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(&format!("starting runtime: {e}")),
+    };
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Run { config } => {
+                let built = match ConfigFile::load(&config).and_then(ConfigFile::build) {
+                    Ok(c) => c,
+                    Err(e) => return fail(&e.to_string()),
+                };
+                let shutdown = shutdown_on_signal();
+                match edgewise_agent::agent::run(built, shutdown).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => fail(&e.to_string()),
+                }
+            }
+            Command::Simulate {
+                devices,
+                gateway,
+                bootstrap_token_file,
+                data_dir,
+                devices_per_connection,
+                duration_secs,
+            } => {
+                let token = match std::fs::read_to_string(&bootstrap_token_file) {
+                    Ok(t) => t.trim().to_owned(),
+                    Err(e) => return fail(&format!("{}: {e}", bootstrap_token_file.display())),
+                };
+                let config = SimConfig {
+                    devices,
+                    gateway,
+                    bootstrap_token: token,
+                    data_dir,
+                    backoff: Backoff {
+                        initial: Duration::from_millis(500),
+                        max: Duration::from_secs(30),
+                    },
+                    devices_per_connection,
+                };
+                let fleet = match SimFleet::start(&config) {
+                    Ok(f) => f,
+                    Err(e) => return fail(&e.to_string()),
+                };
+                let shutdown = shutdown_on_signal();
+                let deadline = duration_secs.map(|s| tokio::time::Instant::now() + Duration::from_secs(s));
+                let mut tick = tokio::time::interval(Duration::from_secs(2));
+                loop {
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        _ = tick.tick() => {
+                            let s = fleet.summary();
+                            eprintln!(
+                                "simulate: {}/{devices} connected, active {:?}, policies {:?}, downloading {}, failed {}, unsupported {}",
+                                s.connected, s.active, s.policies, s.downloading, s.failed, s.unsupported
+                            );
+                            if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+                                break;
+                            }
+                        }
+                    }
+                }
+                fleet.stop().await;
+                ExitCode::SUCCESS
+            }
+            Command::Status { config, data_dir } => {
+                let dir = match (config, data_dir) {
+                    (Some(c), _) => match ConfigFile::load(&c) {
+                        Ok(f) => f.data_dir,
+                        Err(e) => return fail(&e.to_string()),
+                    },
+                    (None, Some(d)) => d,
+                    (None, None) => return fail("give --config FILE or --data-dir DIR"),
+                };
+                match edgewise_agent::status::render(&dir) {
+                    Ok(text) => {
+                        print!("{text}");
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => fail(&e.to_string()),
+                }
+            }
+        }
+    })
+}
+
+fn fail(message: &str) -> ExitCode {
+    eprintln!("edgewise-agent: {message}");
+    ExitCode::FAILURE
+}
+
+/// Cancels on SIGINT or SIGTERM.
+fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                    cancel.cancel();
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        cancel.cancel();
+    });
+    token
 }

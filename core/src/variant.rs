@@ -48,6 +48,25 @@ pub struct Artifact {
     pub signature: Option<String>,
 }
 
+impl Artifact {
+    /// Bucket and key of `uri`.
+    ///
+    /// # Errors
+    /// [`BadArtifactUri`] when `uri` is not `s3://bucket/key` with both parts present.
+    pub fn location(&self) -> Result<(&str, &str), BadArtifactUri> {
+        self.uri
+            .strip_prefix("s3://")
+            .and_then(|rest| rest.split_once('/'))
+            .filter(|(bucket, key)| !bucket.is_empty() && !key.is_empty())
+            .ok_or_else(|| BadArtifactUri(self.uri.clone()))
+    }
+}
+
+/// An artifact URI that is not `s3://bucket/key`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("artifact uri {0:?} is not s3://bucket/key")]
+pub struct BadArtifactUri(pub String);
+
 /// Model file formats the agents know how to install.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
@@ -64,6 +83,21 @@ pub enum ModelFormat {
     Safetensors,
     /// ExecuTorch `.pte`.
     Executorch,
+}
+
+impl ModelFormat {
+    /// The name used in specs and on the wire.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelFormat::Onnx => "onnx",
+            ModelFormat::Gguf => "gguf",
+            ModelFormat::Tflite => "tflite",
+            ModelFormat::Coreml => "coreml",
+            ModelFormat::Safetensors => "safetensors",
+            ModelFormat::Executorch => "executorch",
+        }
+    }
 }
 
 /// Requirements a device must meet for a variant.
@@ -356,6 +390,17 @@ mod tests {
                 have: "1.0.9".into()
             }
         );
+    }
+
+    #[test]
+    fn artifact_uris_split_into_bucket_and_key() {
+        let mut a = variant("x", Requirements::default()).artifact;
+        a.uri = "s3://models/assistant/2.0.0/model.gguf".into();
+        assert_eq!(a.location(), Ok(("models", "assistant/2.0.0/model.gguf")));
+        for bad in ["s3://models", "s3:///key", "https://x/y", "s3://b/"] {
+            a.uri = bad.into();
+            assert!(a.location().is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -4,3 +4,6 @@
 pub mod admission;
 pub mod cli;
 pub mod crd;
+pub mod gateway;
+pub mod s3;
+pub mod s3_server;

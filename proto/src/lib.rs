@@ -3,6 +3,7 @@
 //! hand-written conversions to `edgewise-core` types in [`convert`].
 
 pub mod convert;
+pub mod identity;
 
 /// Agent ↔ gateway protocol (`edgewise.v1`).
 #[allow(missing_docs, clippy::all, clippy::pedantic)]

@@ -1,0 +1,355 @@
+//! Agent configuration: a TOML file, loaded (parsed, nothing else) and then built
+//! (token read, hardware detected, keys decoded). Nothing binds a port or dials out here.
+//!
+//! ```toml
+//! gateway = "https://edgewise-gateway.example.com:7443"
+//! bootstrap_token_file = "/etc/edgewise/bootstrap-token"
+//! data_dir = "/var/lib/edgewise"
+//! router_socket = "/run/edgewise/router.sock"      # optional; default <data_dir>/router.sock
+//! publisher_key = "base64 ed25519 public key"      # optional; then artifacts must be signed
+//!
+//! [labels]                                         # self-reported, seen as `self.<key>`
+//! channel = "beta"
+//!
+//! [hardware]                                       # all optional; detected when absent
+//! accelerators = ["npu"]
+//! memory_mib = 8192
+//!
+//! [sync]
+//! backoff_initial_ms = 500
+//! backoff_max_ms = 30000
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use base64::Engine;
+use ed25519_dalek::VerifyingKey;
+use edgewise_core::variant::DeviceFacts;
+use edgewise_core::version::Version;
+use serde::Deserialize;
+
+/// The agent's own version, reported to the gateway.
+pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// A configuration problem, naming the file and field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What the parser said (with line and field).
+        message: String,
+    },
+    /// A field has an unusable value.
+    #[error("{field}: {message}")]
+    Invalid {
+        /// The field.
+        field: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// The file as written.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// Gateway URL (`http://` or `https://`).
+    pub gateway: String,
+    /// File holding the bootstrap token.
+    pub bootstrap_token_file: PathBuf,
+    /// Where identity, models, policy and telemetry live.
+    pub data_dir: PathBuf,
+    /// Unix socket for the local Router API.
+    #[serde(default)]
+    pub router_socket: Option<PathBuf>,
+    /// Base64 ed25519 public key of the model publisher; when set, unsigned or badly
+    /// signed artifacts are refused.
+    #[serde(default)]
+    pub publisher_key: Option<String>,
+    /// Self-reported labels.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Hardware facts; detected when absent.
+    #[serde(default)]
+    pub hardware: HardwareConfig,
+    /// Reconnect behaviour.
+    #[serde(default)]
+    pub sync: SyncConfig,
+}
+
+/// Hardware facts that override detection.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HardwareConfig {
+    /// Operating system.
+    pub os: Option<String>,
+    /// CPU architecture.
+    pub arch: Option<String>,
+    /// Memory in MiB.
+    pub memory_mib: Option<u64>,
+    /// Accelerators present (cannot be detected portably; declare them).
+    #[serde(default)]
+    pub accelerators: Vec<String>,
+}
+
+/// Reconnect settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncConfig {
+    /// First backoff ceiling.
+    #[serde(default = "default_initial")]
+    pub backoff_initial_ms: u64,
+    /// Largest backoff ceiling.
+    #[serde(default = "default_max")]
+    pub backoff_max_ms: u64,
+}
+
+fn default_initial() -> u64 {
+    500
+}
+fn default_max() -> u64 {
+    30_000
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        SyncConfig {
+            backoff_initial_ms: default_initial(),
+            backoff_max_ms: default_max(),
+        }
+    }
+}
+
+/// A built, validated configuration.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// Gateway URL.
+    pub gateway: String,
+    /// Bootstrap token.
+    pub bootstrap_token: String,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Router socket path, if serving one.
+    pub router_socket: Option<PathBuf>,
+    /// Publisher key.
+    pub publisher_key: Option<VerifyingKey>,
+    /// Self-reported labels.
+    pub labels: BTreeMap<String, String>,
+    /// Device facts.
+    pub facts: DeviceFacts,
+    /// Backoff floor and ceiling.
+    pub backoff: Backoff,
+    /// fsync state changes (off only in the simulator).
+    pub durable: bool,
+}
+
+/// Exponential backoff with full jitter: the n-th delay is uniform in
+/// `[0, min(max, initial × 2ⁿ))`.
+#[derive(Clone, Copy, Debug)]
+pub struct Backoff {
+    /// First ceiling.
+    pub initial: Duration,
+    /// Largest ceiling.
+    pub max: Duration,
+}
+
+impl ConfigFile {
+    /// Reads and parses the file.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the file, line and field.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Validates, reads the token file and detects hardware.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the field.
+    pub fn build(self) -> Result<AgentConfig, ConfigError> {
+        if !(self.gateway.starts_with("http://") || self.gateway.starts_with("https://")) {
+            return Err(ConfigError::Invalid {
+                field: "gateway",
+                message: format!("{:?} is not an http(s) URL", self.gateway),
+            });
+        }
+        let bootstrap_token = std::fs::read_to_string(&self.bootstrap_token_file)
+            .map_err(|source| ConfigError::Read {
+                path: self.bootstrap_token_file.clone(),
+                source,
+            })?
+            .trim()
+            .to_owned();
+        if bootstrap_token.is_empty() {
+            return Err(ConfigError::Invalid {
+                field: "bootstrap_token_file",
+                message: format!("{} is empty", self.bootstrap_token_file.display()),
+            });
+        }
+        let publisher_key = self
+            .publisher_key
+            .as_deref()
+            .map(parse_public_key)
+            .transpose()?;
+        if self.sync.backoff_initial_ms == 0
+            || self.sync.backoff_max_ms < self.sync.backoff_initial_ms
+        {
+            return Err(ConfigError::Invalid {
+                field: "sync",
+                message: "backoff_initial_ms must be > 0 and <= backoff_max_ms".into(),
+            });
+        }
+        let router_socket = Some(
+            self.router_socket
+                .unwrap_or_else(|| self.data_dir.join("router.sock")),
+        );
+        Ok(AgentConfig {
+            gateway: self.gateway,
+            bootstrap_token,
+            facts: detect_facts(&self.hardware),
+            router_socket,
+            publisher_key,
+            labels: self.labels,
+            backoff: Backoff {
+                initial: Duration::from_millis(self.sync.backoff_initial_ms),
+                max: Duration::from_millis(self.sync.backoff_max_ms),
+            },
+            data_dir: self.data_dir,
+            durable: true,
+        })
+    }
+}
+
+/// Decodes a base64 ed25519 public key.
+///
+/// # Errors
+/// [`ConfigError::Invalid`] for `publisher_key`.
+pub fn parse_public_key(text: &str) -> Result<VerifyingKey, ConfigError> {
+    let invalid = |message: String| ConfigError::Invalid {
+        field: "publisher_key",
+        message,
+    };
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(text.trim())
+        .map_err(|e| invalid(format!("not base64: {e}")))?;
+    let bytes: [u8; 32] = bytes.try_into().map_err(|b: Vec<u8>| {
+        invalid(format!("{} bytes; an ed25519 public key has 32", b.len()))
+    })?;
+    VerifyingKey::from_bytes(&bytes).map_err(|e| invalid(e.to_string()))
+}
+
+/// Facts from the config, else detected on this machine.
+#[must_use]
+pub fn detect_facts(hw: &HardwareConfig) -> DeviceFacts {
+    let arch = match std::env::consts::ARCH {
+        "aarch64" => "arm64",
+        other => other,
+    };
+    let memory_mib = hw.memory_mib.unwrap_or_else(|| {
+        let mut sys = sysinfo::System::new();
+        sys.refresh_memory();
+        sys.total_memory() / (1024 * 1024)
+    });
+    DeviceFacts {
+        os: hw
+            .os
+            .clone()
+            .unwrap_or_else(|| std::env::consts::OS.to_owned()),
+        arch: hw.arch.clone().unwrap_or_else(|| arch.to_owned()),
+        memory_mib,
+        accelerators: hw.accelerators.clone(),
+        agent_version: Version::parse(AGENT_VERSION).unwrap_or_else(|_| Version::new(0, 0, 0)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).expect("write");
+        p
+    }
+
+    #[test]
+    fn a_minimal_config_builds_with_detected_hardware() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write(dir.path(), "token", "s3cret\n");
+        let cfg = write(
+            dir.path(),
+            "agent.toml",
+            &format!(
+                "gateway = \"http://127.0.0.1:7443\"\nbootstrap_token_file = \"{}/token\"\ndata_dir = \"{}/data\"\n[hardware]\naccelerators = [\"npu\"]\n",
+                dir.path().display(),
+                dir.path().display()
+            ),
+        );
+        let built = ConfigFile::load(&cfg)
+            .expect("loads")
+            .build()
+            .expect("builds");
+        assert_eq!(built.bootstrap_token, "s3cret");
+        assert!(built.facts.memory_mib > 0, "memory detected");
+        assert_eq!(built.facts.os, std::env::consts::OS);
+        assert_eq!(built.facts.accelerators, ["npu"]);
+        assert_eq!(
+            built.router_socket,
+            Some(dir.path().join("data/router.sock"))
+        );
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_values_are_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = write(
+            dir.path(),
+            "a.toml",
+            "gateway = \"x\"\nbootstrap_token_file = \"t\"\ndata_dir = \"d\"\ncolour = 1\n",
+        );
+        let err = ConfigFile::load(&cfg)
+            .expect_err("unknown field")
+            .to_string();
+        assert!(err.contains("colour"), "{err}");
+
+        let cfg = write(
+            dir.path(),
+            "b.toml",
+            "gateway = \"ftp://x\"\nbootstrap_token_file = \"t\"\ndata_dir = \"d\"\n",
+        );
+        let err = ConfigFile::load(&cfg)
+            .expect("parses")
+            .build()
+            .expect_err("bad url")
+            .to_string();
+        assert!(err.starts_with("gateway:"), "{err}");
+
+        assert!(
+            parse_public_key("AAAA")
+                .expect_err("short")
+                .to_string()
+                .contains("3 bytes")
+        );
+    }
+}

@@ -1,0 +1,233 @@
+//! Resumable, verifying artifact download.
+//!
+//! Bytes go to `store/partial/<digest>` and through SHA-256 as they arrive; a cut connection
+//! resumes with `Range` from the bytes on disk (which are re-hashed first, so the digest
+//! always covers the whole file). Only a complete file whose size, digest and (when a
+//! publisher key is configured) signature check out is renamed into the store.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use base64::Engine;
+use ed25519_dalek::{Signature, VerifyingKey};
+use futures_util::StreamExt;
+use reqwest::StatusCode;
+use reqwest::header::RANGE;
+use sha2::{Digest, Sha256};
+
+use crate::fsutil::sync_dir;
+use crate::store::ContentStore;
+
+/// What to fetch.
+#[derive(Clone, Copy, Debug)]
+pub struct Fetch<'a> {
+    /// Presigned URL.
+    pub url: &'a str,
+    /// Expected SHA-256, lowercase hex.
+    pub sha256: &'a str,
+    /// Expected size.
+    pub size: u64,
+    /// Base64 ed25519 signature over the raw digest, if the publisher signed it.
+    pub signature: Option<&'a str>,
+    /// Publisher key; when set, a missing or bad signature is refused.
+    pub publisher: Option<&'a VerifyingKey>,
+}
+
+/// Why a fetch failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// The connection broke or the server failed; the partial file is kept for resuming.
+    #[error("download interrupted after {done} of {total} bytes: {message}")]
+    Interrupted {
+        /// Bytes on disk.
+        done: u64,
+        /// Expected size.
+        total: u64,
+        /// Cause.
+        message: String,
+    },
+    /// The URL was refused (expired or tampered); ask the gateway for a new one.
+    #[error("artifact URL refused with HTTP {0}; a fresh assignment is needed")]
+    Refused(u16),
+    /// The bytes are not what the assignment promised: never activated, never retried.
+    #[error("{0}")]
+    Corrupt(String),
+    /// Local disk trouble.
+    #[error("local storage: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl FetchError {
+    /// Whether retrying the same assignment can help.
+    #[must_use]
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, FetchError::Corrupt(_))
+    }
+}
+
+const CHUNK: usize = 1 << 20;
+
+/// Downloads and verifies an artifact into the store, returning its path. A digest that
+/// is already in the store is returned at once. Every body byte received is added to
+/// `network_bytes`, interrupted attempts included.
+///
+/// # Errors
+/// [`FetchError`]; see its variants for what is kept and what is retried.
+pub async fn fetch(
+    http: &reqwest::Client,
+    store: &ContentStore,
+    f: Fetch<'_>,
+    mut progress: impl FnMut(u64, u64),
+    network_bytes: &AtomicU64,
+) -> Result<PathBuf, FetchError> {
+    let lock = store.digest_lock(f.sha256);
+    let _guard = lock.lock().await;
+    let blob = store.blob_path(f.sha256);
+    if blob.is_file() {
+        progress(f.size, f.size);
+        return Ok(blob);
+    }
+    let partial_path = store.partial_path(f.sha256);
+    let (mut hasher, mut done) = rehash_partial(&partial_path, f.size)?;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&partial_path)?;
+    if done < f.size {
+        let mut request = http.get(f.url);
+        if done > 0 {
+            request = request.header(RANGE, format!("bytes={done}-"));
+        }
+        let interrupted = |done: u64, message: String| FetchError::Interrupted {
+            done,
+            total: f.size,
+            message,
+        };
+        let response = request
+            .send()
+            .await
+            .map_err(|e| interrupted(done, e.to_string()))?;
+        match response.status() {
+            StatusCode::PARTIAL_CONTENT if done > 0 => {}
+            StatusCode::OK => {
+                if done > 0 {
+                    // The server ignored Range: start over.
+                    file.set_len(0)?;
+                    hasher = Sha256::new();
+                    done = 0;
+                }
+            }
+            s if s == StatusCode::FORBIDDEN
+                || s == StatusCode::UNAUTHORIZED
+                || s == StatusCode::NOT_FOUND =>
+            {
+                return Err(FetchError::Refused(s.as_u16()));
+            }
+            s => return Err(interrupted(done, format!("HTTP {s}"))),
+        }
+        let mut body = response.bytes_stream();
+        let mut buffer = Vec::with_capacity(CHUNK);
+        progress(done, f.size);
+        loop {
+            match body.next().await {
+                Some(Ok(chunk)) => {
+                    network_bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                    if done + (buffer.len() + chunk.len()) as u64 > f.size {
+                        file.set_len(0)?;
+                        return Err(FetchError::Corrupt(format!(
+                            "artifact is larger than the assigned {} bytes",
+                            f.size
+                        )));
+                    }
+                    hasher.update(&chunk);
+                    buffer.extend_from_slice(&chunk);
+                    if buffer.len() >= CHUNK {
+                        file.write_all(&buffer)?;
+                        done += buffer.len() as u64;
+                        buffer.clear();
+                        progress(done, f.size);
+                    }
+                }
+                Some(Err(e)) => {
+                    file.write_all(&buffer)?;
+                    done += buffer.len() as u64;
+                    return Err(interrupted(done, e.to_string()));
+                }
+                None => break,
+            }
+        }
+        file.write_all(&buffer)?;
+        done += buffer.len() as u64;
+        progress(done, f.size);
+    }
+    if done != f.size {
+        return Err(FetchError::Interrupted {
+            done,
+            total: f.size,
+            message: "the server closed the body early".into(),
+        });
+    }
+    let digest = hasher.finalize();
+    let actual = hex::encode(digest);
+    if actual != f.sha256 {
+        drop(file);
+        std::fs::remove_file(&partial_path)?;
+        return Err(FetchError::Corrupt(format!(
+            "SHA-256 mismatch: expected {}, got {actual}",
+            f.sha256
+        )));
+    }
+    if let Some(key) = f.publisher {
+        let verified = f
+            .signature
+            .filter(|s| !s.is_empty())
+            .and_then(|s| base64::engine::general_purpose::STANDARD.decode(s).ok())
+            .and_then(|b| Signature::from_slice(&b).ok())
+            .is_some_and(|sig| key.verify_strict(&digest, &sig).is_ok());
+        if !verified {
+            drop(file);
+            std::fs::remove_file(&partial_path)?;
+            return Err(FetchError::Corrupt(
+                "publisher signature missing or invalid for this artifact".into(),
+            ));
+        }
+    }
+    if store.durable() {
+        file.sync_all()?;
+    }
+    drop(file);
+    std::fs::rename(&partial_path, &blob)?;
+    if store.durable()
+        && let Some(dir) = blob.parent()
+    {
+        sync_dir(dir)?;
+    }
+    Ok(blob)
+}
+
+/// Hashes the bytes already on disk; discards a partial larger than the artifact.
+fn rehash_partial(path: &std::path::Path, size: u64) -> std::io::Result<(Sha256, u64)> {
+    let mut hasher = Sha256::new();
+    let mut file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((hasher, 0)),
+        Err(e) => return Err(e),
+    };
+    if file.metadata()?.len() > size {
+        drop(file);
+        std::fs::remove_file(path)?;
+        return Ok((hasher, 0));
+    }
+    let mut buf = vec![0u8; CHUNK];
+    let mut done = 0u64;
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        done += n as u64;
+    }
+    Ok((hasher, done))
+}

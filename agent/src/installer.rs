@@ -1,0 +1,177 @@
+//! Works through the desired assignments: download, verify, activate, report. One model at
+//! a time; a new assignment for the model being downloaded interrupts the download (the
+//! partial file stays for a later resume).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use edgewise_proto::fleet::{ModelAssignment, ModelState as WireState};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::device::Device;
+use crate::download::{Fetch, FetchError, fetch};
+use crate::router::ModelsView;
+use crate::store::Install;
+
+/// Transient download failures retried before waiting for a fresh assignment.
+const ATTEMPTS: u32 = 8;
+
+/// Runs until `shutdown`.
+pub async fn run(device: Arc<Device>, http: reqwest::Client, shutdown: CancellationToken) {
+    let mut desired = device.desired.subscribe();
+    loop {
+        let wanted = desired.borrow_and_update().clone();
+        for (model, assignment) in &wanted {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = install(&device, &http, model, assignment) => {}
+                changed = desired.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    // Start over with the new desired set; a download in flight is dropped
+                    // here and resumes from its partial file if still wanted.
+                    break;
+                }
+            }
+        }
+        if desired.has_changed().unwrap_or(false) {
+            continue;
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            changed = desired.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+async fn install(device: &Device, http: &reqwest::Client, model: &str, a: &ModelAssignment) {
+    if !a.unsupported_reason.is_empty() {
+        device.report(
+            model,
+            a,
+            WireState::Unsupported,
+            0,
+            a.unsupported_reason.clone(),
+        );
+        return;
+    }
+    let current = device.state.snapshot().models.get(model).cloned();
+    if current
+        .as_ref()
+        .is_some_and(|s| s.active.sha256 == a.sha256)
+    {
+        device.report(model, a, WireState::Active, a.size_bytes, String::new());
+        return;
+    }
+    if let Some(reason) = device.state.failed(&a.sha256) {
+        device.report(model, a, WireState::Failed, 0, reason);
+        return;
+    }
+    if current
+        .as_ref()
+        .and_then(|s| s.previous.as_ref())
+        .is_some_and(|p| p.sha256 == a.sha256)
+    {
+        // Rolling back to the version kept on disk: no download.
+        match device.state.rollback(model) {
+            Ok(_) => {
+                info!(%model, version = %a.version, "rolled back to the previous version");
+                publish(device);
+                device.report(model, a, WireState::Active, a.size_bytes, String::new());
+            }
+            Err(e) => device.report(model, a, WireState::Failed, 0, format!("rollback: {e}")),
+        }
+        return;
+    }
+    let fetch_spec = Fetch {
+        url: &a.url,
+        sha256: &a.sha256,
+        size: a.size_bytes,
+        signature: Some(a.signature.as_str()),
+        publisher: device.publisher.as_ref(),
+    };
+    let mut last_reported = 0u64;
+    let step = (a.size_bytes / 20).max(1);
+    let mut attempt = 0;
+    let path = loop {
+        attempt += 1;
+        let result = fetch(
+            http,
+            &device.content,
+            fetch_spec,
+            |done, total| {
+                if done == total || done >= last_reported + step || done < last_reported {
+                    last_reported = done;
+                    device.report(model, a, WireState::Downloading, done, String::new());
+                }
+            },
+            &device.stats.artifact_bytes,
+        )
+        .await;
+        match result {
+            Ok(path) => break path,
+            Err(e) if e.is_permanent() => {
+                warn!(%model, version = %a.version, error = %e, "artifact refused; never activated");
+                if let Err(io) = device.state.mark_failed(&a.sha256, &e.to_string()) {
+                    warn!(error = %io, "recording the failed digest");
+                }
+                device.report(model, a, WireState::Failed, 0, e.to_string());
+                return;
+            }
+            Err(FetchError::Refused(code)) => {
+                device.report(
+                    model,
+                    a,
+                    WireState::Failed,
+                    0,
+                    format!("artifact URL refused (HTTP {code}); reconnecting for a fresh one"),
+                );
+                device.refresh.notify_one();
+                return;
+            }
+            Err(e) => {
+                if let FetchError::Interrupted { done, .. } = &e {
+                    device.report(model, a, WireState::Downloading, *done, e.to_string());
+                }
+                if attempt >= ATTEMPTS {
+                    device.report(model, a, WireState::Failed, 0, e.to_string());
+                    return;
+                }
+                // Short, growing pauses: the store is usually just a blip away.
+                tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt * attempt))).await;
+            }
+        }
+    };
+    let install = Install {
+        version: a.version.clone(),
+        variant: a.variant.clone(),
+        format: a.format.clone(),
+        sha256: a.sha256.clone(),
+        size_bytes: a.size_bytes,
+        path,
+    };
+    match device.state.activate(model, install) {
+        Ok(_) => {
+            info!(%model, version = %a.version, variant = %a.variant, "activated");
+            publish(device);
+            device.report(model, a, WireState::Active, a.size_bytes, String::new());
+            if device.collect_garbage {
+                // Keep what is installed and what is still wanted (its partial may resume).
+                let mut keep = device.state.referenced();
+                keep.extend(device.desired.borrow().values().map(|a| a.sha256.clone()));
+                if let Err(e) = device.content.collect(&keep) {
+                    warn!(error = %e, "collecting old artifacts");
+                }
+            }
+        }
+        Err(e) => device.report(model, a, WireState::Failed, 0, format!("activation: {e}")),
+    }
+}
+
+fn publish(device: &Device) {
+    device
+        .router
+        .set_models(ModelsView::from_state(&device.state.snapshot()));
+}

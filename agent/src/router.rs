@@ -1,0 +1,320 @@
+//! The local Router: where does this request run? Answered from the last good policy and
+//! the installed models, online or offline, in-process or over a Unix socket.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+
+use edgewise_core::policy::{Network, Request, TargetKind};
+use edgewise_proto::convert::{InstalledModels, decide_response};
+use edgewise_proto::router::router_server::{Router, RouterServer};
+use edgewise_proto::router::{
+    DecideRequest, DecideResponse, LocalModel, ModelsSnapshot, Outcome, ReportResponse,
+    WatchModelsRequest,
+};
+use futures_util::{Stream, StreamExt};
+use tokio::net::UnixListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::{UnixListenerStream, WatchStream};
+use tokio_util::sync::CancellationToken;
+use tonic::{Status, async_trait};
+
+use crate::policy::PolicyStore;
+use crate::store::ModelsFile;
+
+/// Active models by family, as apps see them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ModelsView {
+    /// By model family.
+    pub models: BTreeMap<String, LocalModel>,
+}
+
+impl ModelsView {
+    /// The view of a model state.
+    #[must_use]
+    pub fn from_state(file: &ModelsFile) -> Self {
+        ModelsView {
+            models: file
+                .models
+                .iter()
+                .map(|(name, slots)| {
+                    let a = &slots.active;
+                    (
+                        name.clone(),
+                        LocalModel {
+                            model: name.clone(),
+                            version: a.version.clone(),
+                            variant: a.variant.clone(),
+                            format: a.format.clone(),
+                            path: a.path.display().to_string(),
+                            sha256: a.sha256.clone(),
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+}
+
+impl InstalledModels for ModelsView {
+    fn active(&self, model: &str) -> Option<(&str, &str)> {
+        self.models
+            .get(model)
+            .map(|m| (m.version.as_str(), m.path.as_str()))
+    }
+}
+
+/// Where routing answers come from.
+#[derive(Debug, thiserror::Error)]
+pub enum RouterError {
+    /// No policy has been received or persisted yet.
+    #[error("no routing policy yet: the agent has not received one from the gateway")]
+    NoPolicy,
+    /// The request is malformed.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Default)]
+struct DailyUsage {
+    day: i64,
+    cloud_requests: u32,
+    cloud_spend_usd: f64,
+}
+
+/// The router, shared by the sync client (which feeds it) and apps (which ask it).
+#[derive(Debug)]
+pub struct LocalRouter {
+    policy: Arc<PolicyStore>,
+    models: watch::Sender<Arc<ModelsView>>,
+    network: AtomicU8,
+    usage: Mutex<DailyUsage>,
+}
+
+fn utc_day() -> i64 {
+    crate::identity::now_unix_ms() / 86_400_000
+}
+
+impl LocalRouter {
+    /// A router over `policy`.
+    #[must_use]
+    pub fn new(policy: Arc<PolicyStore>) -> Self {
+        LocalRouter {
+            policy,
+            models: watch::Sender::new(Arc::new(ModelsView::default())),
+            network: AtomicU8::new(0),
+            usage: Mutex::new(DailyUsage::default()),
+        }
+    }
+
+    /// Publishes the installed models.
+    pub fn set_models(&self, view: ModelsView) {
+        self.models.send_if_modified(|cur| {
+            let changed = **cur != view;
+            if changed {
+                *cur = Arc::new(view);
+            }
+            changed
+        });
+    }
+
+    /// Updates the agent's view of connectivity.
+    pub fn set_network(&self, network: Network) {
+        let v = match network {
+            Network::Online => 0,
+            Network::Offline => 1,
+            Network::Metered => 2,
+        };
+        self.network.store(v, Ordering::Relaxed);
+    }
+
+    fn network(&self) -> Network {
+        match self.network.load(Ordering::Relaxed) {
+            1 => Network::Offline,
+            2 => Network::Metered,
+            _ => Network::Online,
+        }
+    }
+
+    /// Changes to the installed models (the current set first).
+    #[must_use]
+    pub fn watch_models(&self) -> watch::Receiver<Arc<ModelsView>> {
+        self.models.subscribe()
+    }
+
+    /// Decides where a request runs.
+    ///
+    /// # Errors
+    /// [`RouterError::NoPolicy`] before the first policy arrives.
+    pub fn decide(&self, req: &DecideRequest) -> Result<DecideResponse, RouterError> {
+        let policy = self.policy.current().ok_or(RouterError::NoPolicy)?;
+        let network = edgewise_proto::router::Network::try_from(req.network)
+            .map_err(|_| {
+                RouterError::Invalid(format!("network {} is not a known value", req.network))
+            })?
+            .to_core(self.network());
+        let attributes: Vec<(&str, &str)> = req
+            .attributes
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let models = self.models.borrow().clone();
+        let (cloud_requests_today, cloud_spend_today_usd) = {
+            let usage = self
+                .usage
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if usage.day == utc_day() {
+                (usage.cloud_requests, usage.cloud_spend_usd)
+            } else {
+                (0, 0.0)
+            }
+        };
+        let request = Request {
+            request_id: &req.request_id,
+            task: req.task.as_deref(),
+            data_class: req.data_class.as_deref(),
+            input_tokens: req.input_tokens,
+            latency_budget_ms: req.latency_budget_ms,
+            network,
+            battery: req.battery,
+            complexity: req.complexity,
+            // The installed version of the model the policy's first device target uses.
+            model_version: policy
+                .compiled
+                .targets()
+                .iter()
+                .find_map(|t| match &t.kind {
+                    TargetKind::Device { model } => models.models.get(&**model),
+                    TargetKind::Cloud { .. } => None,
+                })
+                .map(|m| m.version.as_str()),
+            attributes: &attributes,
+            cloud_requests_today,
+            cloud_spend_today_usd,
+        };
+        let decision = policy.compiled.decide(&request);
+        Ok(decide_response(&decision, &*models))
+    }
+
+    /// Takes an outcome: counts cloud usage for budgets.
+    pub fn report(&self, outcome: &Outcome) {
+        let Some(policy) = self.policy.current() else {
+            return;
+        };
+        let cost = policy
+            .compiled
+            .targets()
+            .iter()
+            .find_map(|t| match &t.kind {
+                TargetKind::Cloud {
+                    cost_per_1k_tokens_usd,
+                    ..
+                } if *t.name == *outcome.target => Some(*cost_per_1k_tokens_usd),
+                _ => None,
+            });
+        if let Some(per_1k) = cost {
+            let mut usage = self
+                .usage
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let today = utc_day();
+            if usage.day != today {
+                *usage = DailyUsage {
+                    day: today,
+                    ..DailyUsage::default()
+                };
+            }
+            usage.cloud_requests += 1;
+            usage.cloud_spend_usd +=
+                per_1k * f64::from(outcome.input_tokens + outcome.output_tokens) / 1000.0;
+        }
+    }
+}
+
+/// The gRPC face of a [`LocalRouter`].
+#[derive(Debug, Clone)]
+pub struct RouterService {
+    router: Arc<LocalRouter>,
+}
+
+impl RouterService {
+    /// Wraps a router.
+    #[must_use]
+    pub fn new(router: Arc<LocalRouter>) -> Self {
+        RouterService { router }
+    }
+}
+
+type ModelsStream = Pin<Box<dyn Stream<Item = Result<ModelsSnapshot, Status>> + Send>>;
+
+#[async_trait]
+impl Router for RouterService {
+    async fn decide(
+        &self,
+        request: tonic::Request<DecideRequest>,
+    ) -> Result<tonic::Response<DecideResponse>, Status> {
+        self.router
+            .decide(request.get_ref())
+            .map(tonic::Response::new)
+            .map_err(|e| match e {
+                RouterError::NoPolicy => Status::failed_precondition(e.to_string()),
+                RouterError::Invalid(m) => Status::invalid_argument(m),
+            })
+    }
+
+    async fn report(
+        &self,
+        request: tonic::Request<Outcome>,
+    ) -> Result<tonic::Response<ReportResponse>, Status> {
+        self.router.report(request.get_ref());
+        Ok(tonic::Response::new(ReportResponse {}))
+    }
+
+    type WatchModelsStream = ModelsStream;
+
+    async fn watch_models(
+        &self,
+        _request: tonic::Request<WatchModelsRequest>,
+    ) -> Result<tonic::Response<Self::WatchModelsStream>, Status> {
+        let stream = WatchStream::new(self.router.watch_models()).map(|view| {
+            Ok(ModelsSnapshot {
+                models: view.models.values().cloned().collect(),
+            })
+        });
+        Ok(tonic::Response::new(Box::pin(stream)))
+    }
+}
+
+/// Serves the Router API on a Unix socket until `shutdown`.
+///
+/// # Errors
+/// When the socket cannot be bound or the server fails.
+pub async fn serve_unix(
+    path: &Path,
+    router: Arc<LocalRouter>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    // A socket left by a previous run would make bind fail.
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let listener = UnixListener::bind(path)?;
+    let served = tonic::transport::Server::builder()
+        .add_service(RouterServer::new(RouterService::new(router)))
+        .serve_with_incoming_shutdown(
+            UnixListenerStream::new(listener),
+            shutdown.cancelled_owned(),
+        )
+        .await
+        .map_err(std::io::Error::other);
+    // Apps must not find a socket nobody listens on.
+    let _ = std::fs::remove_file(path);
+    served
+}

@@ -1,0 +1,311 @@
+//! The Sync client: enroll when needed, keep one Sync stream open, apply what the gateway
+//! sends (ACK or NACK each update), report progress, and reconnect with exponential backoff
+//! and full jitter so a fleet reconnecting at once spreads out instead of stampeding.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use edgewise_core::policy::Network;
+use edgewise_proto::fleet::fleet_client::FleetClient;
+use edgewise_proto::fleet::{
+    Ack, AgentMessage, Assignment, GatewayMessage, Hello, ModelAssignment, PolicyUpdate,
+    ResourceKind, StatusReport, agent_message, gateway_message,
+};
+use tokio::sync::mpsc;
+use tokio_retry2::strategy::{ExponentialFactorBackoff, jitter_with_bounds};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+use tracing::{debug, info, warn};
+
+use crate::config::Backoff;
+use crate::device::{Connection, Device};
+
+/// Metadata key of the gateway's retry hint.
+const RETRY_AFTER_MS: &str = "retry-after-ms";
+/// A session that lasted this long was healthy: the next failure starts backoff afresh.
+const HEALTHY_SESSION: Duration = Duration::from_secs(30);
+
+/// How a session ended.
+enum End {
+    Shutdown,
+    Closed,
+    Refresh,
+}
+
+/// An infinite iterator of reconnect delays: full jitter over an exponential ceiling.
+pub fn delays(backoff: Backoff) -> impl Iterator<Item = Duration> {
+    let initial = u64::try_from(backoff.initial.as_millis()).unwrap_or(u64::MAX);
+    ExponentialFactorBackoff::from_millis(initial, 2.0)
+        .max_delay(backoff.max)
+        .map(jitter_with_bounds(0.0, 1.0))
+}
+
+/// Runs until `shutdown`.
+pub async fn run(device: Arc<Device>, channel: Channel, shutdown: CancellationToken) {
+    let mut backoff = delays(device.backoff);
+    loop {
+        device.stats.sync_attempts.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
+        let outcome = session(&device, channel.clone(), &shutdown).await;
+        device.connection.send_replace(Connection::Connecting);
+        let hint = match outcome {
+            Ok(End::Shutdown) => return,
+            Ok(End::Refresh) => {
+                debug!("reconnecting for fresh assignments");
+                None
+            }
+            Ok(End::Closed) => None,
+            Err(status) => {
+                let hint = retry_hint(&status);
+                match status.code() {
+                    Code::Unauthenticated => {
+                        warn!(reason = %status.message(), "credential refused; re-enrolling");
+                        let mut id = device
+                            .identity
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner);
+                        if let Err(e) = id.clear_credential() {
+                            warn!(error = %e, "clearing credential");
+                        }
+                    }
+                    Code::Unavailable if hint.is_none() => {
+                        // The gateway cannot be reached: route with what we have.
+                        device.router.set_network(Network::Offline);
+                        device.connection.send_replace(Connection::Offline);
+                    }
+                    _ => debug!(code = ?status.code(), reason = %status.message(), "Sync failed"),
+                }
+                hint
+            }
+        };
+        if started.elapsed() > HEALTHY_SESSION {
+            backoff = delays(device.backoff);
+        }
+        let jittered = backoff.next().unwrap_or(device.backoff.max);
+        let delay = hint.map_or(jittered, |h| h.max(jittered));
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+fn retry_hint(status: &Status) -> Option<Duration> {
+    status
+        .metadata()
+        .get(RETRY_AFTER_MS)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_millis)
+}
+
+fn bearer(token: &str) -> Result<tonic::metadata::MetadataValue<tonic::metadata::Ascii>, Status> {
+    format!("Bearer {token}")
+        .parse()
+        .map_err(|_| Status::internal("credential is not valid metadata"))
+}
+
+async fn credential(device: &Device, client: &mut FleetClient<Channel>) -> Result<String, Status> {
+    let request = {
+        let id = device
+            .identity
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(c) = id.credential() {
+            return Ok(c.token.clone());
+        }
+        id.enroll_request(&device.bootstrap_token, &device.facts, &device.labels)
+    };
+    let response = client.enroll(request).await?.into_inner();
+    let token = response.credential.clone();
+    info!(device = %response.device_id, "enrolled");
+    device
+        .identity
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .set_credential(response)
+        .map_err(|e| Status::internal(format!("saving credential: {e}")))?;
+    Ok(token)
+}
+
+async fn session(
+    device: &Device,
+    channel: Channel,
+    shutdown: &CancellationToken,
+) -> Result<End, Status> {
+    let mut client = FleetClient::new(channel);
+    let token = credential(device, &mut client).await?;
+    let (tx, rx) = mpsc::channel::<AgentMessage>(16);
+    let hello = Hello {
+        device_id: device.device_id.clone(),
+        agent_version: device.facts.agent_version.to_string(),
+        facts: Some((&device.facts).into()),
+        installed: device.installed(),
+        policy_version: device.policy.version().unwrap_or_default(),
+        assignment_version: String::new(),
+    };
+    send(&tx, agent_message::Kind::Hello(hello)).await?;
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    request
+        .metadata_mut()
+        .insert("authorization", bearer(&token)?);
+    debug!("opening Sync stream");
+    let mut inbound = client.sync(request).await?.into_inner();
+    debug!("Sync stream open");
+    device.connection.send_replace(Connection::Connected);
+    device.router.set_network(Network::Online);
+    let mut changes = device.board.subscribe();
+    device.board.mark_all_changed();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(End::Shutdown),
+            () = device.refresh.notified() => return Ok(End::Refresh),
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    return Ok(End::Shutdown);
+                }
+                let models = device.board.take_changed();
+                if !models.is_empty() {
+                    send(&tx, agent_message::Kind::Status(StatusReport { models })).await?;
+                }
+            }
+            msg = inbound.message() => match msg? {
+                Some(GatewayMessage { kind: Some(kind) }) => {
+                    let ack = handle(device, kind);
+                    send(&tx, agent_message::Kind::Ack(ack)).await?;
+                }
+                Some(GatewayMessage { kind: None }) => {}
+                None => return Ok(End::Closed),
+            },
+        }
+    }
+}
+
+async fn send(tx: &mpsc::Sender<AgentMessage>, kind: agent_message::Kind) -> Result<(), Status> {
+    tx.send(AgentMessage { kind: Some(kind) })
+        .await
+        .map_err(|_| Status::unavailable("Sync stream closed"))
+}
+
+fn handle(device: &Device, kind: gateway_message::Kind) -> Ack {
+    match kind {
+        gateway_message::Kind::Assignment(a) => assignment(device, a),
+        gateway_message::Kind::Policy(p) => policy(device, &p),
+    }
+}
+
+fn assignment(device: &Device, a: Assignment) -> Ack {
+    let mut ack = Ack {
+        kind: ResourceKind::Assignment as i32,
+        nonce: a.nonce.clone(),
+        version: a.version.clone(),
+        error: String::new(),
+    };
+    if let Err(reason) = a.models.iter().try_for_each(validate_assignment) {
+        warn!(%reason, "assignment NACKed");
+        ack.error = reason;
+        return ack;
+    }
+    device
+        .desired
+        .send_modify(|desired: &mut BTreeMap<String, ModelAssignment>| {
+            for m in &a.removed_models {
+                desired.remove(m);
+            }
+            for m in a.models {
+                desired.insert(m.model.clone(), m);
+            }
+        });
+    ack
+}
+
+fn validate_assignment(m: &ModelAssignment) -> Result<(), String> {
+    if m.model.is_empty() || m.version.is_empty() {
+        return Err("models[].model and models[].version are required".into());
+    }
+    if !m.unsupported_reason.is_empty() {
+        return Ok(());
+    }
+    if !(m.url.starts_with("http://") || m.url.starts_with("https://")) {
+        return Err(format!("{}: url is not http(s)", m.model));
+    }
+    if m.sha256.len() != 64
+        || !m
+            .sha256
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    {
+        return Err(format!(
+            "{}: sha256 is not 64 lowercase hex digits",
+            m.model
+        ));
+    }
+    if m.size_bytes == 0 {
+        return Err(format!("{}: size_bytes is 0", m.model));
+    }
+    Ok(())
+}
+
+fn policy(device: &Device, p: &PolicyUpdate) -> Ack {
+    let mut ack = Ack {
+        kind: ResourceKind::Policy as i32,
+        nonce: p.nonce.clone(),
+        version: p.version.clone(),
+        error: String::new(),
+    };
+    match device.policy.apply(p) {
+        Ok(()) => {
+            device
+                .stats
+                .policies_applied
+                .fetch_add(1, Ordering::Relaxed);
+            info!(version = %p.version, source = %p.source, "routing policy applied");
+        }
+        Err(reason) => {
+            device
+                .stats
+                .policies_rejected
+                .fetch_add(1, Ordering::Relaxed);
+            warn!(version = %p.version, %reason, "routing policy NACKed; keeping the last good one");
+            ack.version = device.policy.version().unwrap_or_default();
+            ack.error = reason;
+        }
+    }
+    ack
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delays_are_fully_jittered_below_a_growing_ceiling() {
+        let backoff = Backoff {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(2),
+        };
+        let mut firsts = Vec::new();
+        for _ in 0..200 {
+            let d: Vec<Duration> = delays(backoff).take(8).collect();
+            for (i, delay) in d.iter().enumerate() {
+                let ceiling = (100u64 << i).min(2_000);
+                assert!(
+                    *delay <= Duration::from_millis(ceiling),
+                    "attempt {i}: {delay:?} > {ceiling} ms"
+                );
+            }
+            firsts.push(d[0]);
+        }
+        // Full jitter: first delays cover most of [0, 100 ms), not a narrow band.
+        let min = firsts.iter().min().copied().unwrap_or_default();
+        let max = firsts.iter().max().copied().unwrap_or_default();
+        assert!(
+            min < Duration::from_millis(20) && max > Duration::from_millis(80),
+            "{min:?}..{max:?}"
+        );
+    }
+}

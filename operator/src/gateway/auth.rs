@@ -1,0 +1,301 @@
+//! Enrollment and device credentials.
+//!
+//! A credential is a JWT (HS256) signed with a key every gateway replica shares, so any
+//! replica verifies any device with no shared state. It binds the device id (itself derived
+//! from the device's public key) and carries the server-side labels from the bootstrap
+//! token's binding; self-reported labels travel separately under the `self.` prefix.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::RwLock;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ed25519_dalek::{Signature, VerifyingKey};
+use edgewise_proto::convert::{bounded, required};
+use edgewise_proto::fleet::{EnrollRequest, EnrollResponse};
+use edgewise_proto::identity::{device_id_for, enroll_proof_message};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tonic::Status;
+use tonic::metadata::MetadataMap;
+
+/// Enroll proofs older or newer than this are refused (replay window).
+const PROOF_WINDOW_MS: i64 = 10 * 60 * 1000;
+/// Most self-reported labels a device may send.
+const MAX_SELF_LABELS: usize = 32;
+/// Prefix that marks self-reported labels in selectors.
+pub const SELF_LABEL_PREFIX: &str = "self.";
+
+/// A bootstrap token and the server-side labels its devices get.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootstrapToken {
+    /// Name, recorded in credentials so a token can be revoked with all its devices.
+    pub name: String,
+    /// The secret devices present.
+    pub token: String,
+    /// Labels every device enrolled with this token gets.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// What a verified credential says.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceClaims {
+    /// Device id.
+    pub sub: String,
+    /// Issued at, Unix seconds.
+    pub iat: u64,
+    /// Expiry, Unix seconds.
+    pub exp: u64,
+    /// Bootstrap token name.
+    pub tok: String,
+    /// Server-side labels.
+    #[serde(default)]
+    pub lbl: BTreeMap<String, String>,
+    /// Self-reported labels (already prefixed with `self.`).
+    #[serde(default)]
+    pub slf: BTreeMap<String, String>,
+}
+
+impl DeviceClaims {
+    /// Labels selectors match against: server-side labels and `self.`-prefixed ones.
+    #[must_use]
+    pub fn targeting_labels(&self) -> BTreeMap<String, String> {
+        let mut labels = self.lbl.clone();
+        labels.extend(self.slf.iter().map(|(k, v)| (k.clone(), v.clone())));
+        labels
+    }
+}
+
+/// Issues and verifies credentials.
+pub struct Authority {
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+    validation: Validation,
+    ttl: Duration,
+    tokens: RwLock<Vec<([u8; 32], BootstrapToken)>>,
+    revoked_devices: RwLock<HashSet<String>>,
+    revoked_tokens: RwLock<HashSet<String>>,
+}
+
+impl std::fmt::Debug for Authority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authority")
+            .field("ttl", &self.ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+impl Authority {
+    /// An authority signing with `key` (at least 32 bytes; shared by every replica) and
+    /// issuing credentials valid for `ttl`.
+    #[must_use]
+    pub fn new(key: &[u8], ttl: Duration) -> Self {
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.leeway = 0;
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        Authority {
+            encoding: EncodingKey::from_secret(key),
+            decoding: DecodingKey::from_secret(key),
+            validation,
+            ttl,
+            tokens: RwLock::new(Vec::new()),
+            revoked_devices: RwLock::new(HashSet::new()),
+            revoked_tokens: RwLock::new(HashSet::new()),
+        }
+    }
+
+    /// Replaces the accepted bootstrap tokens.
+    pub fn set_bootstrap_tokens(&self, tokens: Vec<BootstrapToken>) {
+        let hashed = tokens
+            .into_iter()
+            .map(|t| (Sha256::digest(t.token.as_bytes()).into(), t))
+            .collect();
+        *self
+            .tokens
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = hashed;
+    }
+
+    /// Revokes one device's credentials (it must not re-enroll either).
+    pub fn revoke_device(&self, device_id: &str) {
+        self.revoked_devices
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(device_id.to_owned());
+    }
+
+    /// Revokes a bootstrap token and every credential issued through it.
+    pub fn revoke_token(&self, name: &str) {
+        self.revoked_tokens
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(name.to_owned());
+    }
+
+    fn is_revoked(&self, device_id: &str, token_name: &str) -> bool {
+        self.revoked_devices
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(device_id)
+            || self
+                .revoked_tokens
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .contains(token_name)
+    }
+
+    /// Checks a bootstrap token, the device's proof of key possession and its facts, and
+    /// issues a credential.
+    ///
+    /// # Errors
+    /// `UNAUTHENTICATED` for an unknown or revoked token or a failed proof,
+    /// `INVALID_ARGUMENT` naming the field for malformed input.
+    pub fn enroll(&self, req: &EnrollRequest) -> Result<EnrollResponse, Status> {
+        let token = self.match_token(&req.bootstrap_token)?;
+        let device_id = required("device_id", &req.device_id).map_err(invalid)?;
+        let public_key: [u8; 32] = req
+            .public_key
+            .as_slice()
+            .try_into()
+            .map_err(|_| Status::invalid_argument("public_key must be 32 bytes (ed25519)"))?;
+        if device_id_for(&public_key) != device_id {
+            return Err(Status::invalid_argument(
+                "device_id must be derived from public_key (dev- + hex of the first 16 bytes of its SHA-256)",
+            ));
+        }
+        if (now_ms() - req.proof_time_unix_ms).abs() > PROOF_WINDOW_MS {
+            return Err(Status::unauthenticated(
+                "proof_time_unix_ms is more than 10 minutes from the gateway's clock",
+            ));
+        }
+        let key = VerifyingKey::from_bytes(&public_key)
+            .map_err(|_| Status::invalid_argument("public_key is not a valid ed25519 key"))?;
+        let proof = Signature::from_slice(&req.proof)
+            .map_err(|_| Status::invalid_argument("proof must be 64 bytes"))?;
+        let message = enroll_proof_message(device_id, req.proof_time_unix_ms, &req.bootstrap_token);
+        key.verify_strict(&message, &proof)
+            .map_err(|_| Status::unauthenticated("proof of key possession failed"))?;
+        let facts = req
+            .facts
+            .as_ref()
+            .ok_or_else(|| Status::invalid_argument("facts is required"))?;
+        edgewise_core::variant::DeviceFacts::try_from(facts).map_err(invalid)?;
+        if self.is_revoked(device_id, &token.name) {
+            return Err(Status::unauthenticated("device is revoked"));
+        }
+        if req.self_labels.len() > MAX_SELF_LABELS {
+            return Err(Status::invalid_argument(format!(
+                "self_labels has {} entries; at most {MAX_SELF_LABELS}",
+                req.self_labels.len()
+            )));
+        }
+        let mut slf = BTreeMap::new();
+        for (k, v) in &req.self_labels {
+            bounded("self_labels key", k).map_err(invalid)?;
+            bounded("self_labels value", v).map_err(invalid)?;
+            slf.insert(format!("{SELF_LABEL_PREFIX}{k}"), v.clone());
+        }
+        let now = u64::try_from(now_ms() / 1000).unwrap_or(0);
+        let claims = DeviceClaims {
+            sub: device_id.to_owned(),
+            iat: now,
+            exp: now + self.ttl.as_secs(),
+            tok: token.name.clone(),
+            lbl: token.labels.clone(),
+            slf,
+        };
+        let credential =
+            jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
+                .map_err(|e| Status::internal(format!("signing credential: {e}")))?;
+        Ok(EnrollResponse {
+            device_id: device_id.to_owned(),
+            credential,
+            expires_at_unix_ms: i64::try_from(claims.exp)
+                .unwrap_or(i64::MAX)
+                .saturating_mul(1000),
+            labels: claims.lbl.into_iter().collect(),
+        })
+    }
+
+    fn match_token(&self, presented: &str) -> Result<BootstrapToken, Status> {
+        let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        let tokens = self
+            .tokens
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let token = tokens
+            .iter()
+            .find(|(d, _)| *d == digest)
+            .map(|(_, t)| t.clone())
+            .ok_or_else(|| Status::unauthenticated("unknown bootstrap token"))?;
+        drop(tokens);
+        if self
+            .revoked_tokens
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(&token.name)
+        {
+            return Err(Status::unauthenticated("bootstrap token is revoked"));
+        }
+        Ok(token)
+    }
+
+    /// Verifies the `authorization: Bearer <credential>` metadata.
+    ///
+    /// # Errors
+    /// `UNAUTHENTICATED` saying why: missing, malformed, forged, expired or revoked.
+    pub fn verify(&self, metadata: &MetadataMap) -> Result<DeviceClaims, Status> {
+        let header = metadata
+            .get("authorization")
+            .ok_or_else(|| {
+                Status::unauthenticated("missing authorization metadata (Bearer credential)")
+            })?
+            .to_str()
+            .map_err(|_| Status::unauthenticated("authorization metadata is not ASCII"))?;
+        let token = header.strip_prefix("Bearer ").ok_or_else(|| {
+            Status::unauthenticated("authorization must be `Bearer <credential>`")
+        })?;
+        self.verify_credential(token)
+    }
+
+    /// Verifies a credential string.
+    ///
+    /// # Errors
+    /// `UNAUTHENTICATED` saying why.
+    pub fn verify_credential(&self, credential: &str) -> Result<DeviceClaims, Status> {
+        let data =
+            jsonwebtoken::decode::<DeviceClaims>(credential, &self.decoding, &self.validation)
+                .map_err(|e| match e.kind() {
+                    jsonwebtoken::errors::ErrorKind::ExpiredSignature => {
+                        Status::unauthenticated("credential expired; re-enroll")
+                    }
+                    jsonwebtoken::errors::ErrorKind::InvalidSignature => {
+                        Status::unauthenticated("credential signature is invalid")
+                    }
+                    _ => Status::unauthenticated(format!("credential rejected: {e}")),
+                })?;
+        if self.is_revoked(&data.claims.sub, &data.claims.tok) {
+            return Err(Status::unauthenticated("credential revoked"));
+        }
+        Ok(data.claims)
+    }
+
+    /// Signs arbitrary claims; for tests of expiry and forgery.
+    ///
+    /// # Errors
+    /// Only if serialisation fails.
+    pub fn sign(&self, claims: &DeviceClaims) -> Result<String, jsonwebtoken::errors::Error> {
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &self.encoding)
+    }
+}
+
+fn invalid(e: edgewise_proto::convert::Error) -> Status {
+    Status::invalid_argument(e.to_string())
+}

@@ -1,0 +1,328 @@
+//! The agent gateway: `edgewise.v1.Fleet` over gRPC.
+//!
+//! Stateless by design so N replicas can run behind one Service: credentials are signed,
+//! cohorts are hashed, and the desired state comes from the custom resources (reflectors
+//! in a cluster, [`Snapshots::apply`] in tests). What it learns about connected devices is
+//! kept in [`Registry`] for the controllers.
+
+pub mod auth;
+pub mod desired;
+pub mod presign;
+pub mod registry;
+mod session;
+pub mod snapshot;
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use edgewise_core::variant::DeviceFacts;
+use edgewise_proto::convert::required;
+use edgewise_proto::fleet::fleet_server::{Fleet, FleetServer};
+use edgewise_proto::fleet::{
+    AgentMessage, EnrollRequest, EnrollResponse, GatewayMessage, TelemetryAck, TelemetryBatch,
+    agent_message,
+};
+use futures_util::Stream;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{Instrument, info, info_span};
+
+pub use auth::{Authority, BootstrapToken, DeviceClaims};
+pub use registry::{DeviceRecord, Registry};
+pub use snapshot::{Change, FleetSnapshot, Snapshots};
+
+use presign::Presigner;
+use session::Session;
+
+/// Gateway settings.
+#[derive(Clone, Debug)]
+pub struct GatewayConfig {
+    /// HS256 key for device credentials (≥ 32 bytes), the same on every replica.
+    pub signing_key: Vec<u8>,
+    /// How long a credential is valid.
+    pub credential_ttl: Duration,
+    /// How long a presigned artifact URL is valid.
+    pub presign_ttl: Duration,
+    /// Open Sync streams above this are refused with a retry hint.
+    pub max_sessions: usize,
+    /// How long a new stream may take to send Hello.
+    pub hello_timeout: Duration,
+    /// Outbound messages buffered per stream before the stream's task waits.
+    pub stream_queue: usize,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            signing_key: Vec::new(),
+            credential_ttl: Duration::from_secs(30 * 24 * 3600),
+            presign_ttl: Duration::from_secs(6 * 3600),
+            max_sessions: 100_000,
+            hello_timeout: Duration::from_secs(10),
+            stream_queue: 4,
+        }
+    }
+}
+
+/// Metadata key of the retry hint sent with `UNAVAILABLE` / `RESOURCE_EXHAUSTED`.
+pub const RETRY_AFTER_MS: &str = "retry-after-ms";
+
+struct Inner {
+    config: GatewayConfig,
+    auth: Authority,
+    snapshots: Snapshots,
+    registry: Registry,
+    presigner: Presigner,
+    sessions: AtomicUsize,
+}
+
+/// The gateway. Cheap to clone; clones share state.
+#[derive(Clone)]
+pub struct Gateway {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("sessions", &self.inner.sessions.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Gateway {
+    /// A gateway presigning with `s3`.
+    #[must_use]
+    pub fn new(config: GatewayConfig, s3: aws_sdk_s3::Client) -> Self {
+        let auth = Authority::new(&config.signing_key, config.credential_ttl);
+        let presigner = Presigner::new(s3, config.presign_ttl);
+        Gateway {
+            inner: Arc::new(Inner {
+                config,
+                auth,
+                snapshots: Snapshots::default(),
+                registry: Registry::default(),
+                presigner,
+                sessions: AtomicUsize::new(0),
+            }),
+        }
+    }
+
+    /// Enrollment and credentials.
+    #[must_use]
+    pub fn auth(&self) -> &Authority {
+        &self.inner.auth
+    }
+
+    /// The desired state.
+    #[must_use]
+    pub fn snapshots(&self) -> &Snapshots {
+        &self.inner.snapshots
+    }
+
+    /// What the gateway knows about devices.
+    #[must_use]
+    pub fn registry(&self) -> &Registry {
+        &self.inner.registry
+    }
+
+    /// Open Sync streams.
+    #[must_use]
+    pub fn sessions(&self) -> usize {
+        self.inner.sessions.load(Ordering::Relaxed)
+    }
+
+    /// The tonic service, to mount on a server; its Sync streams end when `shutdown` fires.
+    #[must_use]
+    pub fn service(&self, shutdown: CancellationToken) -> FleetServer<FleetService> {
+        FleetServer::new(FleetService {
+            inner: self.inner.clone(),
+            shutdown,
+        })
+        .max_decoding_message_size(4 * 1024 * 1024)
+    }
+
+    /// Serves on `listener` until `shutdown`; open streams end at once so agents reconnect
+    /// elsewhere.
+    ///
+    /// # Errors
+    /// When the server fails.
+    pub async fn serve(
+        &self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<(), tonic::transport::Error> {
+        let addr = listener.local_addr().ok();
+        info!(?addr, "gateway serving edgewise.v1.Fleet");
+        tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .max_concurrent_streams(Some(u32::MAX))
+            .tcp_nodelay(true)
+            .add_service(self.service(shutdown.clone()))
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(listener),
+                shutdown.cancelled_owned(),
+            )
+            .instrument(info_span!("gateway", ?addr))
+            .await
+    }
+
+    /// Binds `addr` and serves in a task; returns the bound address.
+    ///
+    /// # Errors
+    /// When the address cannot be bound.
+    pub async fn spawn(
+        &self,
+        addr: SocketAddr,
+        shutdown: CancellationToken,
+    ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+        let listener = TcpListener::bind(addr).await?;
+        let bound = listener.local_addr()?;
+        let gw = self.clone();
+        let task = tokio::spawn(async move {
+            if let Err(e) = gw.serve(listener, shutdown).await {
+                tracing::error!(error = %e, "gateway stopped");
+            }
+        });
+        Ok((bound, task))
+    }
+}
+
+/// The `Fleet` service implementation.
+pub struct FleetService {
+    inner: Arc<Inner>,
+    shutdown: CancellationToken,
+}
+
+type SyncStream = Pin<Box<dyn Stream<Item = Result<GatewayMessage, Status>> + Send>>;
+
+fn retry_hint(mut status: Status, after: Duration) -> Status {
+    if let Ok(v) = after.as_millis().to_string().parse() {
+        status.metadata_mut().insert(RETRY_AFTER_MS, v);
+    }
+    status
+}
+
+/// Releases a session slot when the stream's task ends, however it ends.
+struct SessionSlot(Arc<Inner>);
+
+impl Drop for SessionSlot {
+    fn drop(&mut self) {
+        self.0.sessions.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[tonic::async_trait]
+impl Fleet for FleetService {
+    async fn enroll(
+        &self,
+        request: Request<EnrollRequest>,
+    ) -> Result<Response<EnrollResponse>, Status> {
+        let req = request.into_inner();
+        let response = self.inner.auth.enroll(&req)?;
+        info!(device = %response.device_id, "device enrolled");
+        Ok(Response::new(response))
+    }
+
+    type SyncStream = SyncStream;
+
+    async fn sync(
+        &self,
+        request: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::SyncStream>, Status> {
+        let claims = self.inner.auth.verify(request.metadata())?;
+        tracing::debug!(device = %claims.sub, "Sync requested");
+        let open = self.inner.sessions.fetch_add(1, Ordering::Relaxed) + 1;
+        let slot = SessionSlot(self.inner.clone());
+        if open > self.inner.config.max_sessions {
+            return Err(retry_hint(
+                Status::resource_exhausted(
+                    "gateway is at its stream limit; retry later or elsewhere",
+                ),
+                Duration::from_secs(5),
+            ));
+        }
+        let mut inbound = request.into_inner();
+        let first = tokio::time::timeout(self.inner.config.hello_timeout, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no Hello within the hello timeout"))??;
+        let hello = match first.and_then(|m| m.kind) {
+            Some(agent_message::Kind::Hello(h)) => h,
+            Some(_) => {
+                return Err(Status::invalid_argument(
+                    "the first Sync message must be Hello",
+                ));
+            }
+            None => {
+                return Err(Status::invalid_argument(
+                    "the first Sync message must be Hello; got none",
+                ));
+            }
+        };
+        required("hello.device_id", &hello.device_id)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if hello.device_id != claims.sub {
+            return Err(Status::permission_denied(format!(
+                "hello.device_id {:?} is not the credential's device",
+                hello.device_id
+            )));
+        }
+        let facts_wire = hello
+            .facts
+            .as_ref()
+            .ok_or_else(|| Status::invalid_argument("hello.facts is required"))?;
+        let facts = DeviceFacts::try_from(facts_wire)
+            .map_err(|e| Status::invalid_argument(format!("hello.{e}")))?;
+        if hello.installed.len() > 256 {
+            return Err(Status::invalid_argument(
+                "hello.installed has more than 256 entries",
+            ));
+        }
+        let (tx, rx) = mpsc::channel(self.inner.config.stream_queue.max(1));
+        let snapshots = self.inner.snapshots.subscribe();
+        let snapshot = snapshots.borrow().clone();
+        let session = Session::new(
+            self.inner.clone(),
+            &claims,
+            &hello,
+            facts.clone(),
+            tx,
+            snapshot,
+        );
+        let shutdown = self.shutdown.clone();
+        self.inner.registry.connected(
+            &claims.sub,
+            session.labels().clone(),
+            facts,
+            hello.installed.clone(),
+            Some(hello.policy_version.clone()).filter(|v| !v.is_empty()),
+        );
+        let span = info_span!("sync", device = %claims.sub);
+        tokio::spawn(
+            async move {
+                let _slot = slot;
+                session.run(inbound, snapshots, shutdown).await;
+            }
+            .instrument(span),
+        );
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn upload_telemetry(
+        &self,
+        request: Request<TelemetryBatch>,
+    ) -> Result<Response<TelemetryAck>, Status> {
+        let _claims = self.inner.auth.verify(request.metadata())?;
+        Err(retry_hint(
+            Status::unavailable("this gateway has no telemetry sink configured"),
+            Duration::from_secs(30),
+        ))
+    }
+}

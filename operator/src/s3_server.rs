@@ -1,0 +1,143 @@
+//! An embedded S3-compatible server (s3s + s3s-fs over a directory) for the dev stack and
+//! the tests. It speaks real S3 with SigV4 authentication, including presigned URLs and
+//! `Range` requests. Not for production.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto::Builder as ConnBuilder;
+use s3s::auth::SimpleAuth;
+use s3s::service::S3ServiceBuilder;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info_span, warn};
+
+use crate::s3::S3Settings;
+
+/// A running embedded S3 server.
+#[derive(Debug)]
+pub struct EmbeddedS3 {
+    addr: SocketAddr,
+    access_key_id: String,
+    secret_access_key: String,
+    shutdown: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+/// Why the embedded server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The data directory could not be used.
+    #[error("S3 data directory {dir}: {message}")]
+    Storage {
+        /// The directory.
+        dir: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// The listen address could not be bound.
+    #[error("binding S3 listener on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl EmbeddedS3 {
+    /// Serves the buckets under `root` (one sub-directory per bucket) on `bind`.
+    ///
+    /// # Errors
+    /// [`Error`] when `root` is unusable or `bind` cannot be bound.
+    pub async fn start(
+        root: &Path,
+        bind: SocketAddr,
+        access_key_id: &str,
+        secret_access_key: &str,
+    ) -> Result<Self, Error> {
+        let storage = |message: String| Error::Storage {
+            dir: root.display().to_string(),
+            message,
+        };
+        std::fs::create_dir_all(root).map_err(|e| storage(e.to_string()))?;
+        let fs = s3s_fs::FileSystem::new(root).map_err(|e| storage(format!("{e:?}")))?;
+        let mut builder = S3ServiceBuilder::new(fs);
+        builder.set_auth(SimpleAuth::from_single(access_key_id, secret_access_key));
+        let service = builder.build();
+        let listener = TcpListener::bind(bind)
+            .await
+            .map_err(|source| Error::Bind { addr: bind, source })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| Error::Bind { addr: bind, source })?;
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
+        let task = tokio::spawn(
+            async move {
+                let http = ConnBuilder::new(TokioExecutor::new());
+                let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+                loop {
+                    let socket = tokio::select! {
+                        () = stop.cancelled() => break,
+                        accepted = listener.accept() => match accepted {
+                            Ok((socket, _)) => socket,
+                            Err(e) => {
+                                warn!(error = %e, "accepting S3 connection");
+                                continue;
+                            }
+                        },
+                    };
+                    let conn = http.serve_connection(TokioIo::new(socket), service.clone());
+                    let conn = graceful.watch(conn.into_owned());
+                    tokio::spawn(async move {
+                        let _ = conn.await;
+                    });
+                }
+                // Open downloads get a moment to finish; the directory is the state.
+                let _ =
+                    tokio::time::timeout(std::time::Duration::from_secs(2), graceful.shutdown())
+                        .await;
+            }
+            .instrument(info_span!("embedded_s3", %addr)),
+        );
+        Ok(EmbeddedS3 {
+            addr,
+            access_key_id: access_key_id.into(),
+            secret_access_key: secret_access_key.into(),
+            shutdown,
+            task,
+        })
+    }
+
+    /// The bound address.
+    #[must_use]
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://addr`.
+    #[must_use]
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Client settings for this server.
+    #[must_use]
+    pub fn settings(&self) -> S3Settings {
+        S3Settings::with_endpoint(
+            self.endpoint(),
+            &self.access_key_id,
+            &self.secret_access_key,
+        )
+    }
+
+    /// Stops accepting and waits for the server task.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = self.task.await;
+    }
+}

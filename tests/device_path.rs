@@ -1,0 +1,772 @@
+//! The device path end to end: gateway + agents over real gRPC on loopback, artifacts in a
+//! real S3-compatible server, presigned URLs checked by that server.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use ed25519_dalek::SigningKey;
+use edgewise_agent::identity::Identity;
+use edgewise_agent::simulate::{SimConfig, SimFleet};
+use edgewise_core::cohort::bucket;
+use edgewise_core::selector::DeviceSelector;
+use edgewise_core::variant::Requirements;
+use edgewise_operator::gateway::desired::cohort_salt;
+use edgewise_operator::gateway::{Change, DeviceClaims};
+use edgewise_proto::fleet::fleet_client::FleetClient;
+use edgewise_proto::fleet::{
+    Ack, AgentMessage, EnrollResponse, GatewayMessage, Hello, ModelState, ResourceKind,
+    agent_message,
+};
+use edgewise_tests::*;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+use tonic::transport::Channel;
+
+fn requirements_npu() -> Requirements {
+    Requirements {
+        platforms: vec!["android/arm64".into(), "linux/*".into()],
+        min_memory_mib: Some(6144),
+        accelerators: vec!["npu".into()],
+        min_agent_version: None,
+    }
+}
+
+fn requirements_cpu() -> Requirements {
+    Requirements {
+        min_memory_mib: Some(2048),
+        ..Requirements::default()
+    }
+}
+
+fn simple_policy() -> serde_json::Value {
+    serde_json::json!({
+        "targets": [
+            {"name": "on-device", "device": {"model": "assistant"}},
+            {"name": "cloud", "cloud": {"endpoint": "https://cloud.example.com/v1", "model": "big", "costPer1kTokensUsd": 0.002}}
+        ],
+        "rules": [
+            {"name": "private", "match": [{"attribute": "dataClass", "eq": "private"}], "route": "on-device"},
+            {"name": "long", "match": [{"attribute": "inputTokens", "gt": 4000}], "route": "cloud", "fallback": ["on-device"]}
+        ],
+        "default": {"route": "on-device", "fallback": ["cloud"]}
+    })
+}
+
+/// Publishes assistant 1.0.0 and 2.0.0 (an NPU and a CPU variant each).
+async fn publish_two_versions(h: &Harness) {
+    let mut versions = Vec::new();
+    for (version, seed) in [("1.0.0", 1u8), ("2.0.0", 2u8)] {
+        let npu = h
+            .put_artifact(
+                &format!("assistant/{version}/npu.gguf"),
+                artifact_bytes(96 * 1024, seed),
+            )
+            .await;
+        let cpu = h
+            .put_artifact(
+                &format!("assistant/{version}/cpu.onnx"),
+                artifact_bytes(64 * 1024, seed + 100),
+            )
+            .await;
+        versions.push(Change::ApplyVersion(model_version(
+            "assistant",
+            version,
+            vec![
+                variant("npu", npu, requirements_npu()),
+                variant("cpu", cpu, requirements_cpu()),
+            ],
+        )));
+    }
+    h.apply(versions);
+}
+
+async fn client(h: &Harness) -> FleetClient<Channel> {
+    FleetClient::connect(h.gateway_url())
+        .await
+        .expect("connects")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_agents_converge_and_split_between_canary_and_stable_by_cohort() {
+    let h = Harness::start().await;
+    publish_two_versions(&h).await;
+    let r = rollout(
+        "assistant-all",
+        "assistant",
+        DeviceSelector::default(),
+        "1.0.0",
+        Some("2.0.0"),
+        30,
+    );
+    let salt = cohort_salt(&r);
+    h.apply([
+        Change::ApplyRollout(r),
+        Change::ApplyPolicy(routing_policy("default", simple_policy())),
+    ]);
+
+    let fleet = SimFleet::start(&SimConfig {
+        devices: 60,
+        gateway: h.gateway_url(),
+        bootstrap_token: TOKEN.into(),
+        data_dir: h.dir.path().join("sim"),
+        backoff: quick_backoff(),
+        devices_per_connection: 20,
+    })
+    .expect("fleet starts");
+
+    let expect = |percent: u32, device_id: &str| {
+        if bucket(&salt, device_id) < (percent * 100) as u16 {
+            "2.0.0"
+        } else {
+            "1.0.0"
+        }
+    };
+    let converged = |percent: u32| {
+        let devices = fleet.devices().to_vec();
+        let expect = &expect;
+        async move {
+            devices
+                .iter()
+                .all(|d| {
+                    if d.facts.memory_mib < 2048 {
+                        d.board
+                            .all()
+                            .get("assistant")
+                            .is_some_and(|s| s.state == ModelState::Unsupported as i32)
+                    } else {
+                        d.active_version("assistant").as_deref()
+                            == Some(expect(percent, &d.device_id))
+                    }
+                })
+                .then_some(())
+        }
+    };
+    eventually(
+        Duration::from_secs(60),
+        "60 agents to converge at 30 %",
+        || converged(30),
+    )
+    .await;
+
+    let mut canary = 0;
+    for d in fleet.devices() {
+        if d.facts.memory_mib < 2048 {
+            let status = &d.board.all()["assistant"];
+            assert!(
+                status
+                    .error
+                    .contains("cpu: needs 2048 MiB memory, device has 1024 MiB"),
+                "{}",
+                status.error
+            );
+            continue;
+        }
+        let active = d.state.active("assistant").expect("active");
+        let want_variant = if d.facts.accelerators.is_empty() {
+            "cpu"
+        } else {
+            "npu"
+        };
+        assert_eq!(
+            active.variant, want_variant,
+            "{} has {:?}",
+            d.device_id, d.facts
+        );
+        canary += usize::from(active.version == "2.0.0");
+    }
+    assert!(
+        (4..=30).contains(&canary),
+        "{canary} of 54 devices on the canary at 30 %"
+    );
+
+    // Every device got the policy, and the gateway saw the acks.
+    eventually(Duration::from_secs(20), "policy acks", || async {
+        (fleet.summary().policies.values().sum::<usize>() == 60
+            && h.gateway
+                .registry()
+                .devices()
+                .iter()
+                .filter(|d| d.policy.running.is_some())
+                .count()
+                == 60)
+            .then_some(())
+    })
+    .await;
+
+    // Raising the percentage moves more devices to the canary; none moves back.
+    let before: BTreeMap<String, Option<String>> = fleet
+        .devices()
+        .iter()
+        .map(|d| (d.device_id.clone(), d.active_version("assistant")))
+        .collect();
+    h.apply([Change::ApplyRollout(rollout(
+        "assistant-all",
+        "assistant",
+        DeviceSelector::default(),
+        "1.0.0",
+        Some("2.0.0"),
+        70,
+    ))]);
+    eventually(Duration::from_secs(60), "convergence at 70 %", || {
+        converged(70)
+    })
+    .await;
+    for d in fleet.devices() {
+        if before[&d.device_id].as_deref() == Some("2.0.0") {
+            assert_eq!(d.active_version("assistant").as_deref(), Some("2.0.0"));
+        }
+    }
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_and_badly_signed_artifacts_are_never_activated() {
+    let h = Harness::start().await;
+    let publisher = SigningKey::from_bytes(&[7; 32]);
+    let impostor = SigningKey::from_bytes(&[8; 32]);
+
+    let mut good = h
+        .put_artifact("m/1.0.0/model.onnx", artifact_bytes(200_000, 1))
+        .await;
+    sign_artifact(&publisher, &mut good);
+    // The digest in the spec is of other bytes than the object holds.
+    let mut corrupt = h
+        .put_artifact("m/2.0.0/model.onnx", artifact_bytes(200_000, 2))
+        .await;
+    corrupt.sha256 = h
+        .put_artifact("m/unused", artifact_bytes(200_000, 3))
+        .await
+        .sha256;
+    sign_artifact(&publisher, &mut corrupt);
+    let mut forged = h
+        .put_artifact("m/3.0.0/model.onnx", artifact_bytes(200_000, 4))
+        .await;
+    sign_artifact(&impostor, &mut forged);
+    let any = Requirements::default();
+    h.apply([
+        Change::ApplyVersion(model_version(
+            "m",
+            "1.0.0",
+            vec![variant("cpu", good.clone(), any.clone())],
+        )),
+        Change::ApplyVersion(model_version(
+            "m",
+            "2.0.0",
+            vec![variant("cpu", corrupt.clone(), any.clone())],
+        )),
+        Change::ApplyVersion(model_version(
+            "m",
+            "3.0.0",
+            vec![variant("cpu", forged.clone(), any)],
+        )),
+        Change::ApplyRollout(rollout(
+            "m",
+            "m",
+            DeviceSelector::default(),
+            "1.0.0",
+            None,
+            100,
+        )),
+    ]);
+    let agent = TestAgent::start(
+        &h.dir.path().join("agent"),
+        &h.gateway_url(),
+        facts("linux", "x86_64", 4096, &[]),
+        Some(publisher.verifying_key()),
+    );
+    let device = agent.device.clone();
+    eventually(Duration::from_secs(30), "1.0.0 active", || async {
+        (device.active_version("m").as_deref() == Some("1.0.0")).then_some(())
+    })
+    .await;
+
+    for (version, artifact, words) in [
+        ("2.0.0", &corrupt, "SHA-256 mismatch"),
+        ("3.0.0", &forged, "signature"),
+    ] {
+        h.apply([Change::ApplyRollout(rollout(
+            "m",
+            "m",
+            DeviceSelector::default(),
+            version,
+            None,
+            100,
+        ))]);
+        let status = eventually(Duration::from_secs(30), "install failure", || async {
+            device
+                .board
+                .all()
+                .get("m")
+                .filter(|s| s.version == version && s.state == ModelState::Failed as i32)
+                .cloned()
+        })
+        .await;
+        assert!(status.error.contains(words), "{version}: {}", status.error);
+        assert_eq!(
+            device.active_version("m").as_deref(),
+            Some("1.0.0"),
+            "{version} must not activate"
+        );
+        assert!(
+            !device.content.has_blob(&artifact.sha256),
+            "{version} must not enter the store"
+        );
+        // The gateway learns of the failure, so rollout status can count it.
+        eventually(
+            Duration::from_secs(10),
+            "gateway sees the failure",
+            || async {
+                h.gateway
+                    .registry()
+                    .device(&device.device_id)
+                    .and_then(|r| r.models.get("m").cloned())
+                    .filter(|s| s.version == version && s.state == ModelState::Failed as i32)
+            },
+        )
+        .await;
+    }
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_policy_is_nacked_with_a_reason_and_the_previous_one_stays() {
+    let h = Harness::start().await;
+    h.apply([Change::ApplyPolicy(routing_policy("p", simple_policy()))]);
+    let agent = TestAgent::start(
+        &h.dir.path().join("agent"),
+        &h.gateway_url(),
+        facts("linux", "x86_64", 4096, &[]),
+        None,
+    );
+    let device = agent.device.clone();
+    let good = eventually(Duration::from_secs(20), "first policy", || async {
+        device.policy.version()
+    })
+    .await;
+
+    // A policy that passes the CRD schema but not the compiler: a fallback to nowhere.
+    let mut bad = simple_policy();
+    bad["rules"][1]["fallback"] = serde_json::json!(["nowhere"]);
+    h.apply([Change::ApplyPolicy(routing_policy("p", bad))]);
+    let record = eventually(Duration::from_secs(20), "NACK recorded", || async {
+        h.gateway
+            .registry()
+            .device(&device.device_id)
+            .filter(|r| r.policy.rejected.is_some())
+    })
+    .await;
+    let (rejected_version, reason) = record.policy.rejected.clone().expect("rejected");
+    assert_ne!(rejected_version, good);
+    assert!(
+        reason.contains("rules[1].fallback[0]: no target named \"nowhere\""),
+        "{reason}"
+    );
+    assert_eq!(
+        record.policy.running.as_deref(),
+        Some(good.as_str()),
+        "the NACK names the last good version"
+    );
+    assert_eq!(
+        device.policy.version().as_deref(),
+        Some(good.as_str()),
+        "the device keeps the last good policy"
+    );
+
+    // No resend loop: the rejected version is not pushed again.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        device
+            .stats
+            .policies_rejected
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+
+    // Routing still answers from the good policy.
+    let answer = device
+        .router
+        .decide(&edgewise_proto::router::DecideRequest {
+            request_id: "r1".into(),
+            data_class: Some("private".into()),
+            ..Default::default()
+        })
+        .expect("decides");
+    assert_eq!(
+        (answer.rule.as_str(), answer.policy_version.as_str()),
+        ("private", good.as_str())
+    );
+
+    // A fixed policy is accepted.
+    let mut fixed = simple_policy();
+    fixed["default"]["fallback"] = serde_json::json!([]);
+    h.apply([Change::ApplyPolicy(routing_policy("p", fixed))]);
+    eventually(Duration::from_secs(20), "fixed policy applied", || async {
+        device
+            .policy
+            .version()
+            .filter(|v| *v != good && *v != rejected_version)
+    })
+    .await;
+    agent.stop().await;
+}
+
+async fn enroll_new(h: &Harness) -> (Identity, EnrollResponse) {
+    let id = Identity::ephemeral();
+    let request = id.enroll_request(
+        TOKEN,
+        &facts("linux", "x86_64", 4096, &[]),
+        &BTreeMap::new(),
+    );
+    let response = client(h)
+        .await
+        .enroll(request)
+        .await
+        .expect("enrolls")
+        .into_inner();
+    (id, response)
+}
+
+fn hello(device_id: &str) -> Hello {
+    Hello {
+        device_id: device_id.into(),
+        agent_version: "0.1.0".into(),
+        facts: Some((&facts("linux", "x86_64", 4096, &[])).into()),
+        ..Hello::default()
+    }
+}
+
+/// Opens a Sync stream with `credential` and the given first messages; returns the status
+/// of the call or of the first stream item.
+async fn sync_with(
+    h: &Harness,
+    credential: &str,
+    first: Vec<AgentMessage>,
+) -> Result<(mpsc::Sender<AgentMessage>, tonic::Streaming<GatewayMessage>), tonic::Status> {
+    let (tx, rx) = mpsc::channel(8);
+    for m in first {
+        tx.send(m).await.expect("queue");
+    }
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {credential}").parse().expect("ascii"),
+    );
+    let stream = client(h).await.sync(request).await?.into_inner();
+    Ok((tx, stream))
+}
+
+fn msg(kind: agent_message::Kind) -> AgentMessage {
+    AgentMessage { kind: Some(kind) }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_expired_and_revoked_credentials_are_refused() {
+    let h = Harness::start().await;
+    let (id, enrolled) = enroll_new(&h).await;
+    let device = id.device_id().to_owned();
+
+    // Valid: the stream opens.
+    sync_with(
+        &h,
+        &enrolled.credential,
+        vec![msg(agent_message::Kind::Hello(hello(&device)))],
+    )
+    .await
+    .expect("valid credential");
+
+    let claims = h
+        .gateway
+        .auth()
+        .verify_credential(&enrolled.credential)
+        .expect("valid");
+    let forger = edgewise_operator::gateway::Authority::new(
+        b"another-key-another-key-another-k",
+        Duration::from_secs(60),
+    );
+    let forged = forger.sign(&claims).expect("signs");
+    let expired = h
+        .gateway
+        .auth()
+        .sign(&DeviceClaims {
+            exp: 1_000,
+            iat: 900,
+            ..claims.clone()
+        })
+        .expect("signs");
+    for (credential, words) in [
+        (forged, "signature"),
+        (expired, "expired"),
+        ("garbage".to_owned(), "credential rejected"),
+    ] {
+        let err = sync_with(
+            &h,
+            &credential,
+            vec![msg(agent_message::Kind::Hello(hello(&device)))],
+        )
+        .await
+        .expect_err("refused");
+        assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+        assert!(err.message().contains(words), "{words}: {}", err.message());
+    }
+
+    // Another device's id in Hello.
+    let (other, _) = enroll_new(&h).await;
+    let err = sync_with(
+        &h,
+        &enrolled.credential,
+        vec![msg(agent_message::Kind::Hello(hello(other.device_id())))],
+    )
+    .await
+    .expect_err("wrong device");
+    assert_eq!(err.code(), Code::PermissionDenied);
+
+    // Revocation applies to credentials already issued.
+    h.gateway.auth().revoke_device(&device);
+    let err = sync_with(
+        &h,
+        &enrolled.credential,
+        vec![msg(agent_message::Kind::Hello(hello(&device)))],
+    )
+    .await
+    .expect_err("revoked");
+    assert_eq!(
+        (err.code(), err.message()),
+        (Code::Unauthenticated, "credential revoked")
+    );
+
+    // Enrollment: a device cannot claim an id that is not its key's, nor forge a proof.
+    let mut c = client(&h).await;
+    let thief = Identity::ephemeral();
+    let mut req = thief.enroll_request(
+        TOKEN,
+        &facts("linux", "x86_64", 4096, &[]),
+        &BTreeMap::new(),
+    );
+    req.device_id = other.device_id().to_owned();
+    let err = c.enroll(req).await.expect_err("id theft");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("derived from public_key"),
+        "{}",
+        err.message()
+    );
+    let mut req = thief.enroll_request(
+        TOKEN,
+        &facts("linux", "x86_64", 4096, &[]),
+        &BTreeMap::new(),
+    );
+    req.proof[0] ^= 1;
+    assert_eq!(
+        c.enroll(req).await.expect_err("bad proof").code(),
+        Code::Unauthenticated
+    );
+    let req = thief.enroll_request(
+        "wrong-token",
+        &facts("linux", "x86_64", 4096, &[]),
+        &BTreeMap::new(),
+    );
+    let err = c.enroll(req).await.expect_err("bad token");
+    assert_eq!(
+        (err.code(), err.message()),
+        (Code::Unauthenticated, "unknown bootstrap token")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_messages_get_errors_naming_the_problem_and_other_streams_carry_on() {
+    let h = Harness::start().await;
+    h.apply([Change::ApplyPolicy(routing_policy("p", simple_policy()))]);
+    let healthy = TestAgent::start(
+        &h.dir.path().join("healthy"),
+        &h.gateway_url(),
+        facts("linux", "x86_64", 4096, &[]),
+        None,
+    );
+    let first = eventually(
+        Duration::from_secs(20),
+        "healthy agent's policy",
+        || async { healthy.device.policy.version() },
+    )
+    .await;
+
+    let (id, enrolled) = enroll_new(&h).await;
+    let device = id.device_id().to_owned();
+    let ack = |kind: i32| {
+        msg(agent_message::Kind::Ack(Ack {
+            kind,
+            nonce: "n".into(),
+            version: "v".into(),
+            error: String::new(),
+        }))
+    };
+    let mut no_facts = hello(&device);
+    no_facts.facts = None;
+    let mut bad_version = hello(&device);
+    if let Some(f) = bad_version.facts.as_mut() {
+        f.agent_version = "banana".into();
+    }
+    let mut long_os = hello(&device);
+    if let Some(f) = long_os.facts.as_mut() {
+        f.os = "x".repeat(300);
+    }
+    let cases = [
+        (
+            vec![ack(ResourceKind::Policy as i32)],
+            "the first Sync message must be Hello",
+        ),
+        (
+            vec![msg(agent_message::Kind::Hello(no_facts))],
+            "hello.facts is required",
+        ),
+        (
+            vec![msg(agent_message::Kind::Hello(bad_version))],
+            "hello.facts.agent_version",
+        ),
+        (
+            vec![msg(agent_message::Kind::Hello(long_os))],
+            "hello.facts.os is 300 bytes",
+        ),
+    ];
+    for (messages, words) in cases {
+        let err = sync_with(&h, &enrolled.credential, messages)
+            .await
+            .expect_err("rejected");
+        assert_eq!(err.code(), Code::InvalidArgument, "{words}: {err:?}");
+        assert!(err.message().contains(words), "{words}: {}", err.message());
+    }
+    // A bad message mid-stream ends that stream with an error naming the field.
+    let (tx, mut stream) = sync_with(
+        &h,
+        &enrolled.credential,
+        vec![msg(agent_message::Kind::Hello(hello(&device)))],
+    )
+    .await
+    .expect("opens");
+    tx.send(ack(7)).await.expect("queue");
+    let err = loop {
+        match stream.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("stream ended without an error"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("ack.kind 7"), "{}", err.message());
+
+    // The healthy agent's stream was not affected: it still receives updates.
+    let mut next = simple_policy();
+    next["default"]["fallback"] = serde_json::json!([]);
+    h.apply([Change::ApplyPolicy(routing_policy("p", next))]);
+    eventually(
+        Duration::from_secs(20),
+        "healthy agent gets the next policy",
+        || async { healthy.device.policy.version().filter(|v| *v != first) },
+    )
+    .await;
+    healthy.stop().await;
+}
+
+/// A Router client over the agent's Unix socket.
+async fn router_client(
+    socket: std::path::PathBuf,
+) -> edgewise_proto::router::router_client::RouterClient<Channel> {
+    let channel = tonic::transport::Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let socket = socket.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(socket).await?,
+                ))
+            }
+        }))
+        .await
+        .expect("connects to the router socket");
+    edgewise_proto::router::router_client::RouterClient::new(channel)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_started_offline_serves_decide_from_its_persisted_policy() {
+    let mut h = Harness::start().await;
+    h.apply([Change::ApplyPolicy(routing_policy("p", simple_policy()))]);
+    let dir = h.dir.path().join("agent");
+    let config = edgewise_agent::config::AgentConfig {
+        gateway: h.gateway_url(),
+        bootstrap_token: TOKEN.into(),
+        data_dir: dir.clone(),
+        router_socket: Some(dir.join("router.sock")),
+        publisher_key: None,
+        labels: BTreeMap::new(),
+        facts: facts("linux", "x86_64", 4096, &[]),
+        backoff: quick_backoff(),
+        durable: true,
+    };
+    // First run: online, receives and persists the policy.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let online = tokio::spawn(edgewise_agent::agent::run(config.clone(), stop.clone()));
+    let persisted = eventually(Duration::from_secs(20), "policy persisted", || async {
+        std::fs::read_to_string(dir.join("policy.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v["version"].as_str().map(str::to_owned))
+    })
+    .await;
+    stop.cancel();
+    online.await.expect("joins").expect("runs");
+
+    // Second run: the gateway is gone.
+    h.stop_gateway().await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let offline = tokio::spawn(edgewise_agent::agent::run(config.clone(), stop.clone()));
+    let socket = dir.join("router.sock");
+    eventually(Duration::from_secs(10), "router socket", || {
+        let socket = socket.clone();
+        async move { tokio::net::UnixStream::connect(socket).await.ok().map(drop) }
+    })
+    .await;
+    let mut router = router_client(socket).await;
+    let private = router
+        .decide(edgewise_proto::router::DecideRequest {
+            request_id: "r1".into(),
+            data_class: Some("private".into()),
+            ..Default::default()
+        })
+        .await
+        .expect("decides offline")
+        .into_inner();
+    assert_eq!(private.rule, "private");
+    assert_eq!(private.policy_version, persisted);
+    // Once the agent knows it is offline, a cloud rule falls back to the device.
+    let long = eventually(Duration::from_secs(10), "offline reroute", || {
+        let mut router = router.clone();
+        async move {
+            let answer = router
+                .decide(edgewise_proto::router::DecideRequest {
+                    request_id: "r2".into(),
+                    input_tokens: Some(9000),
+                    ..Default::default()
+                })
+                .await
+                .ok()?
+                .into_inner();
+            (answer.reroute == edgewise_proto::router::Reroute::Offline as i32).then_some(answer)
+        }
+    })
+    .await;
+    assert_eq!(long.rule, "long");
+    assert_eq!(long.target.map(|t| t.name).as_deref(), Some("on-device"));
+
+    // The status command sees the agent's view (status.json is rewritten within a second).
+    let status = eventually(Duration::from_secs(5), "status shows offline", || async {
+        edgewise_agent::status::render(&dir)
+            .ok()
+            .filter(|s| s.contains("Offline"))
+    })
+    .await;
+    assert!(
+        status.contains(&format!("policy      {persisted} from fleet/p")),
+        "{status}"
+    );
+    stop.cancel();
+    offline.await.expect("joins").expect("runs");
+}

@@ -1,0 +1,558 @@
+//! Harness for the end-to-end tests: a real S3-compatible server, a real gateway and real
+//! agents, all on loopback, with artifacts made by the tests.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use aws_sdk_s3::primitives::ByteStream;
+use base64::Engine;
+use ed25519_dalek::{Signer, SigningKey};
+use edgewise_agent::config::{AGENT_VERSION, Backoff};
+use edgewise_agent::device::{Device, DeviceParts};
+use edgewise_agent::identity::Identity;
+use edgewise_agent::policy::PolicyStore;
+use edgewise_agent::store::{ContentStore, ModelState};
+use edgewise_core::rollout::{Phase, RolloutState, RolloutStrategy, Step};
+use edgewise_core::selector::DeviceSelector;
+use edgewise_core::variant::{Artifact, DeviceFacts, ModelFormat, Requirements, Variant};
+use edgewise_core::version::Version;
+use edgewise_operator::crd::{
+    ModelRollout, ModelRolloutSpec, ModelRolloutStatus, ModelVersion, ModelVersionPhase,
+    ModelVersionSpec, ModelVersionStatus, RoutingPolicy, RoutingPolicySpec,
+};
+use edgewise_operator::gateway::{BootstrapToken, Change, Gateway, GatewayConfig};
+use edgewise_operator::s3_server::EmbeddedS3;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use sha2::{Digest, Sha256};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// Namespace of every test object.
+pub const NS: &str = "fleet";
+/// Bucket holding test artifacts.
+pub const BUCKET: &str = "models";
+/// The bootstrap token the harness accepts.
+pub const TOKEN: &str = "test-bootstrap-token";
+/// Gateway signing key.
+pub const SIGNING_KEY: &[u8] = b"0123456789abcdef0123456789abcdef-test-only";
+
+/// Logs to the test output when `RUST_LOG` is set.
+pub fn init_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+/// S3 + gateway on loopback.
+pub struct Harness {
+    /// Scratch directory (S3 data, agent data).
+    pub dir: tempfile::TempDir,
+    /// The S3 server.
+    pub s3: EmbeddedS3,
+    /// An S3 client for the tests.
+    pub s3_client: aws_sdk_s3::Client,
+    /// The gateway.
+    pub gateway: Gateway,
+    /// Its address.
+    pub gateway_addr: SocketAddr,
+    gateway_stop: CancellationToken,
+    gateway_task: Option<JoinHandle<()>>,
+}
+
+impl Harness {
+    /// Starts S3 (with the test bucket) and a gateway.
+    pub async fn start() -> Self {
+        Self::start_with(GatewayConfig::default()).await
+    }
+
+    /// Starts S3 and a gateway with `config` (the signing key is the harness's).
+    pub async fn start_with(mut config: GatewayConfig) -> Self {
+        init_logging();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s3 = EmbeddedS3::start(
+            &dir.path().join("s3"),
+            loopback(),
+            "test-access",
+            "test-secret-key",
+        )
+        .await
+        .expect("S3 starts");
+        let s3_client = s3.settings().client();
+        s3_client
+            .create_bucket()
+            .bucket(BUCKET)
+            .send()
+            .await
+            .expect("bucket");
+        config.signing_key = SIGNING_KEY.to_vec();
+        let gateway = Gateway::new(config, s3_client.clone());
+        gateway.auth().set_bootstrap_tokens(vec![BootstrapToken {
+            name: "test".into(),
+            token: TOKEN.into(),
+            labels: BTreeMap::from([("tier".to_owned(), "test".to_owned())]),
+        }]);
+        let stop = CancellationToken::new();
+        let (addr, task) = gateway
+            .spawn(loopback(), stop.clone())
+            .await
+            .expect("gateway binds");
+        Harness {
+            dir,
+            s3,
+            s3_client,
+            gateway,
+            gateway_addr: addr,
+            gateway_stop: stop,
+            gateway_task: Some(task),
+        }
+    }
+
+    /// `http://addr` of the gateway.
+    pub fn gateway_url(&self) -> String {
+        format!("http://{}", self.gateway_addr)
+    }
+
+    /// Stops the gateway (its streams end at once).
+    pub async fn stop_gateway(&mut self) {
+        self.gateway_stop.cancel();
+        if let Some(task) = self.gateway_task.take() {
+            let _ = task.await;
+        }
+    }
+
+    /// Starts the gateway again on the same address, with the same state.
+    pub async fn restart_gateway(&mut self) {
+        self.stop_gateway().await;
+        let stop = CancellationToken::new();
+        // The old listener is closed; rebinding the same port may need a moment.
+        let mut tries = 0;
+        let (addr, task) = loop {
+            match self.gateway.spawn(self.gateway_addr, stop.clone()).await {
+                Ok(bound) => break bound,
+                Err(e) if tries < 50 => {
+                    tries += 1;
+                    tracing::debug!(error = %e, "rebinding gateway");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("gateway rebind: {e}"),
+            }
+        };
+        self.gateway_addr = addr;
+        self.gateway_stop = stop;
+        self.gateway_task = Some(task);
+    }
+
+    /// Uploads bytes and returns the artifact describing them.
+    pub async fn put_artifact(&self, key: &str, bytes: Vec<u8>) -> Artifact {
+        let sha256 = hex::encode(Sha256::digest(&bytes));
+        let size_bytes = bytes.len() as u64;
+        self.s3_client
+            .put_object()
+            .bucket(BUCKET)
+            .key(key)
+            .body(ByteStream::from(bytes))
+            .send()
+            .await
+            .expect("put object");
+        Artifact {
+            uri: format!("s3://{BUCKET}/{key}"),
+            sha256,
+            size_bytes,
+            signature: None,
+        }
+    }
+
+    /// Applies desired-state changes to the gateway.
+    pub fn apply(&self, changes: impl IntoIterator<Item = Change>) {
+        self.gateway.snapshots().apply(changes);
+    }
+}
+
+/// `127.0.0.1:0`.
+pub fn loopback() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn artifact_bytes(len: usize, seed: u8) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len);
+    let mut block = Sha256::digest([seed]);
+    while out.len() < len {
+        out.extend_from_slice(&block);
+        block = Sha256::digest(block);
+    }
+    out.truncate(len);
+    out
+}
+
+/// Signs an artifact's digest with a publisher key, as the publishing pipeline would.
+pub fn sign_artifact(key: &SigningKey, artifact: &mut Artifact) {
+    let digest = hex::decode(&artifact.sha256).expect("hex");
+    artifact.signature =
+        Some(base64::engine::general_purpose::STANDARD.encode(key.sign(&digest).to_bytes()));
+}
+
+fn meta(name: &str) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.into()),
+        namespace: Some(NS.into()),
+        ..ObjectMeta::default()
+    }
+}
+
+/// A variant with requirements.
+pub fn variant(name: &str, artifact: Artifact, requires: Requirements) -> Variant {
+    Variant {
+        name: name.into(),
+        artifact,
+        format: ModelFormat::Onnx,
+        requires,
+    }
+}
+
+/// A verified (Ready) ModelVersion.
+pub fn model_version(model: &str, version: &str, variants: Vec<Variant>) -> ModelVersion {
+    let mut mv = ModelVersion::new(
+        &format!("{model}-{version}"),
+        ModelVersionSpec {
+            model: model.into(),
+            version: version.into(),
+            variants,
+            deprecated: None,
+        },
+    );
+    mv.metadata = meta(&format!("{model}-{version}"));
+    mv.status = Some(ModelVersionStatus {
+        phase: Some(ModelVersionPhase::Ready),
+        ..ModelVersionStatus::default()
+    });
+    mv
+}
+
+/// A rollout whose status says `stable`, `canary` at `percent`.
+pub fn rollout(
+    name: &str,
+    model: &str,
+    selector: DeviceSelector,
+    stable: &str,
+    canary: Option<&str>,
+    percent: u32,
+) -> ModelRollout {
+    let mut r = ModelRollout::new(
+        name,
+        ModelRolloutSpec {
+            model: model.into(),
+            selector,
+            strategy: RolloutStrategy {
+                version: canary.unwrap_or(stable).into(),
+                steps: vec![Step {
+                    set_percent: Some(100),
+                    ..Step::default()
+                }],
+                ..RolloutStrategy::default()
+            },
+        },
+    );
+    r.metadata = meta(name);
+    r.status = Some(ModelRolloutStatus {
+        state: RolloutState {
+            phase: Some(if canary.is_some() {
+                Phase::Progressing
+            } else {
+                Phase::Succeeded
+            }),
+            stable_version: Some(stable.into()),
+            canary_version: canary.map(Into::into),
+            percent: if canary.is_some() { percent } else { 100 },
+            ..RolloutState::default()
+        },
+        ..ModelRolloutStatus::default()
+    });
+    r
+}
+
+/// A RoutingPolicy from a JSON spec.
+pub fn routing_policy(name: &str, spec: serde_json::Value) -> RoutingPolicy {
+    let policy = serde_json::from_value(spec).expect("policy spec");
+    let mut rp = RoutingPolicy::new(name, RoutingPolicySpec { policy });
+    rp.metadata = meta(name);
+    rp
+}
+
+/// Facts of a device.
+pub fn facts(os: &str, arch: &str, memory_mib: u64, accelerators: &[&str]) -> DeviceFacts {
+    DeviceFacts {
+        os: os.into(),
+        arch: arch.into(),
+        memory_mib,
+        accelerators: accelerators.iter().map(|s| (*s).to_owned()).collect(),
+        agent_version: Version::parse(AGENT_VERSION).expect("semver"),
+    }
+}
+
+/// A fast backoff for tests.
+pub fn quick_backoff() -> Backoff {
+    Backoff {
+        initial: Duration::from_millis(100),
+        max: Duration::from_secs(2),
+    }
+}
+
+/// An in-process agent with its state under `dir`.
+pub struct TestAgent {
+    /// The device.
+    pub device: Arc<Device>,
+    stop: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl TestAgent {
+    /// Starts an agent against `gateway_url`.
+    pub fn start(
+        dir: &Path,
+        gateway_url: &str,
+        facts: DeviceFacts,
+        publisher: Option<ed25519_dalek::VerifyingKey>,
+    ) -> Self {
+        std::fs::create_dir_all(dir).expect("agent dir");
+        let device = Device::new(DeviceParts {
+            identity: Identity::load_or_create(dir, true).expect("identity"),
+            content: Arc::new(ContentStore::open(&dir.join("store"), true).expect("store")),
+            state: ModelState::load(&dir.join("models.json"), true).expect("state"),
+            policy: Arc::new(PolicyStore::load(&dir.join("policy.json"), true).expect("policy")),
+            facts,
+            labels: BTreeMap::new(),
+            publisher,
+            bootstrap_token: TOKEN.into(),
+            backoff: quick_backoff(),
+            collect_garbage: true,
+        });
+        let stop = CancellationToken::new();
+        let channel = edgewise_agent::gateway_channel(gateway_url).expect("channel");
+        let http = edgewise_agent::artifact_client().expect("http");
+        let tasks = vec![
+            tokio::spawn(edgewise_agent::installer::run(
+                device.clone(),
+                http,
+                stop.clone(),
+            )),
+            tokio::spawn(edgewise_agent::sync::run(
+                device.clone(),
+                channel,
+                stop.clone(),
+            )),
+        ];
+        TestAgent {
+            device,
+            stop,
+            tasks,
+        }
+    }
+
+    /// Stops it.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Polls `check` until it returns `Some` or `timeout` passes.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Path of a workspace binary built next to the test executables.
+pub fn workspace_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} not built; run `cargo build -p edgewise-agent` (the test command builds it)",
+        path.display()
+    );
+    path
+}
+
+/// A TCP proxy on loopback that can cut connections, throttle them and count what passes.
+pub mod proxy {
+    use std::net::SocketAddr;
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio::task::JoinHandle;
+
+    /// How the proxy treats connections.
+    #[derive(Clone, Debug, Default)]
+    pub struct Behaviour {
+        /// Cut each of the first `cuts` connections after this many downstream bytes.
+        pub cut_after: Option<u64>,
+        /// How many connections to cut.
+        pub cuts: usize,
+        /// Downstream bytes per second per connection, if throttled.
+        pub bytes_per_sec: Option<u64>,
+    }
+
+    /// What the proxy saw.
+    #[derive(Debug, Default)]
+    pub struct Counters {
+        /// Bytes sent from upstream to clients.
+        pub downstream_bytes: AtomicU64,
+        /// Connections accepted.
+        pub connections: AtomicUsize,
+        /// Accept times since the proxy started.
+        pub accepted_at: Mutex<Vec<Duration>>,
+    }
+
+    /// A running proxy.
+    pub struct Proxy {
+        /// Where clients connect.
+        pub addr: SocketAddr,
+        /// What it saw.
+        pub counters: Arc<Counters>,
+        task: JoinHandle<()>,
+    }
+
+    impl Drop for Proxy {
+        fn drop(&mut self) {
+            self.task.abort();
+        }
+    }
+
+    impl Proxy {
+        /// Proxies to `upstream`.
+        pub async fn start(upstream: SocketAddr, behaviour: Behaviour) -> Self {
+            let listener = TcpListener::bind(super::loopback())
+                .await
+                .expect("proxy binds");
+            let addr = listener.local_addr().expect("addr");
+            let counters = Arc::new(Counters::default());
+            let c = counters.clone();
+            let started = Instant::now();
+            let task = tokio::spawn(async move {
+                loop {
+                    let Ok((client, _)) = listener.accept().await else {
+                        return;
+                    };
+                    let n = c.connections.fetch_add(1, Ordering::SeqCst);
+                    c.accepted_at.lock().expect("lock").push(started.elapsed());
+                    let cut = (n < behaviour.cuts)
+                        .then_some(behaviour.cut_after)
+                        .flatten();
+                    let rate = behaviour.bytes_per_sec;
+                    let c = c.clone();
+                    tokio::spawn(async move {
+                        let Ok(server) = TcpStream::connect(upstream).await else {
+                            return;
+                        };
+                        let _ = client.set_nodelay(true);
+                        let _ = server.set_nodelay(true);
+                        let (mut cr, mut cw) = client.into_split();
+                        let (mut sr, mut sw) = server.into_split();
+                        let up = tokio::spawn(async move {
+                            let _ = tokio::io::copy(&mut cr, &mut sw).await;
+                            let _ = sw.shutdown().await;
+                        });
+                        let mut sent = 0u64;
+                        let mut buf = vec![0u8; 16 * 1024];
+                        let begun = Instant::now();
+                        loop {
+                            let want = match cut {
+                                Some(limit) if sent >= limit => break,
+                                Some(limit) => buf
+                                    .len()
+                                    .min(usize::try_from(limit - sent).unwrap_or(usize::MAX)),
+                                None => buf.len(),
+                            };
+                            let Ok(n) = sr.read(&mut buf[..want]).await else {
+                                break;
+                            };
+                            if n == 0 {
+                                break;
+                            }
+                            if cw.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                            sent += n as u64;
+                            c.downstream_bytes.fetch_add(n as u64, Ordering::SeqCst);
+                            if let Some(rate) = rate {
+                                let due = Duration::from_secs_f64(sent as f64 / rate as f64);
+                                if let Some(wait) = due.checked_sub(begun.elapsed()) {
+                                    tokio::time::sleep(wait).await;
+                                }
+                            }
+                        }
+                        up.abort();
+                    });
+                }
+            });
+            Proxy {
+                addr,
+                counters,
+                task,
+            }
+        }
+
+        /// `http://addr`.
+        pub fn url(&self) -> String {
+            format!("http://{}", self.addr)
+        }
+
+        /// Accept times so far.
+        pub fn accepted_at(&self) -> Vec<Duration> {
+            self.counters.accepted_at.lock().expect("lock").clone()
+        }
+    }
+}
+
+impl Harness {
+    /// A second gateway on the same S3 data whose presigned URLs point at `s3_endpoint`
+    /// (a proxy in front of the S3 server, say). Returns its URL and a stop token.
+    pub async fn extra_gateway(&self, s3_endpoint: &str) -> (Gateway, String, CancellationToken) {
+        let mut settings = self.s3.settings();
+        settings.endpoint = Some(s3_endpoint.to_owned());
+        let gateway = Gateway::new(
+            GatewayConfig {
+                signing_key: SIGNING_KEY.to_vec(),
+                ..GatewayConfig::default()
+            },
+            settings.client(),
+        );
+        gateway.auth().set_bootstrap_tokens(vec![BootstrapToken {
+            name: "test".into(),
+            token: TOKEN.into(),
+            labels: BTreeMap::new(),
+        }]);
+        let stop = CancellationToken::new();
+        let (addr, _task) = gateway
+            .spawn(loopback(), stop.clone())
+            .await
+            .expect("binds");
+        (gateway, format!("http://{addr}"), stop)
+    }
+}
