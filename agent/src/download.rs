@@ -67,6 +67,32 @@ impl FetchError {
 }
 
 const CHUNK: usize = 1 << 20;
+/// Written bytes between background flushes.
+const FLUSH_EVERY: u64 = 64 << 20;
+
+/// Flushes written data to disk in the background while the download goes on, so the
+/// fsync before activation only has the tail left to write instead of the whole artifact.
+#[derive(Default)]
+struct FlushBehind {
+    pending: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+impl FlushBehind {
+    async fn flush_behind(&mut self, file: &std::fs::File) -> std::io::Result<()> {
+        // At most one flush in flight: waiting here bounds dirty data to about two windows.
+        self.finish().await?;
+        let clone = file.try_clone()?;
+        self.pending = Some(tokio::task::spawn_blocking(move || clone.sync_data()));
+        Ok(())
+    }
+
+    async fn finish(&mut self) -> std::io::Result<()> {
+        match self.pending.take() {
+            Some(task) => task.await.map_err(std::io::Error::other)?,
+            None => Ok(()),
+        }
+    }
+}
 
 /// Downloads and verifies an artifact into the store, returning its path. A digest that
 /// is already in the store is returned at once. Every body byte received is added to
@@ -94,6 +120,7 @@ pub async fn fetch(
         .create(true)
         .append(true)
         .open(&partial_path)?;
+    let mut flusher = FlushBehind::default();
     if done < f.size {
         let mut request = http.get(f.url);
         if done > 0 {
@@ -147,6 +174,9 @@ pub async fn fetch(
                         done += buffer.len() as u64;
                         buffer.clear();
                         progress(done, f.size);
+                        if store.durable() && done % FLUSH_EVERY < CHUNK as u64 {
+                            flusher.flush_behind(&file).await?;
+                        }
                     }
                 }
                 Some(Err(e)) => {
@@ -193,6 +223,7 @@ pub async fn fetch(
             ));
         }
     }
+    flusher.finish().await?;
     if store.durable() {
         file.sync_all()?;
     }

@@ -2,7 +2,7 @@
 //! the installed models, online or offline, in-process or over a Unix socket.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
@@ -293,10 +293,11 @@ impl Router for RouterService {
 /// # Errors
 /// When the socket cannot be bound or the server fails.
 pub async fn serve_unix(
-    path: &Path,
+    path: PathBuf,
     router: Arc<LocalRouter>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    let path = path.as_path();
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }

@@ -25,7 +25,7 @@ use edgewise_proto::fleet::{
     AgentMessage, EnrollRequest, EnrollResponse, GatewayMessage, TelemetryAck, TelemetryBatch,
     agent_message,
 };
-use futures_util::Stream;
+use futures_util::{Stream, StreamExt};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
@@ -312,7 +312,9 @@ impl Fleet for FleetService {
             }
             .instrument(span),
         );
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(
+            ReceiverStream::new(rx).map(|m: session::Outbound| *m),
+        )))
     }
 
     async fn upload_telemetry(

@@ -23,6 +23,10 @@ use super::auth::DeviceClaims;
 use super::desired::{DesiredModel, DeviceContext, desired_for};
 use super::snapshot::{FleetSnapshot, Scope};
 
+/// A queued outbound message. Boxed because tokio's channel allocates slots in blocks of 32
+/// whatever the capacity, and an unboxed `Status` makes each block several KiB per stream.
+pub(super) type Outbound = Box<Result<GatewayMessage, Status>>;
+
 /// Most model statuses one report may carry.
 const MAX_STATUS_MODELS: usize = 64;
 
@@ -58,7 +62,7 @@ pub(super) struct Session {
     device_id: String,
     labels: BTreeMap<String, String>,
     facts: DeviceFacts,
-    out: mpsc::Sender<Result<GatewayMessage, Status>>,
+    out: mpsc::Sender<Outbound>,
     snapshot: Arc<FleetSnapshot>,
     desired: super::desired::Desired,
     /// Per model: what the device has or was last sent.
@@ -79,7 +83,7 @@ impl Session {
         claims: &DeviceClaims,
         hello: &Hello,
         facts: DeviceFacts,
-        out: mpsc::Sender<Result<GatewayMessage, Status>>,
+        out: mpsc::Sender<Outbound>,
         snapshot: Arc<FleetSnapshot>,
     ) -> Self {
         let mut labels = claims.targeting_labels();
@@ -138,7 +142,9 @@ impl Session {
         shutdown: tokio_util::sync::CancellationToken,
     ) {
         loop {
-            if self.push().await.is_err() {
+            // Boxed: pushing awaits presigning, whose future is large; inline it would sit
+            // in every idle stream's task.
+            if Box::pin(self.push()).await.is_err() {
                 break;
             }
             tokio::select! {
@@ -147,7 +153,7 @@ impl Session {
                     Ok(Some(m)) => {
                         if let Err(status) = self.handle(m) {
                             warn!(device = %self.device_id, error = %status.message(), "rejecting Sync message");
-                            let _ = self.out.send(Err(status)).await;
+                            let _ = self.out.send(Box::new(Err(status))).await;
                             break;
                         }
                     }
@@ -257,7 +263,7 @@ impl Session {
 
     async fn send(&self, kind: gateway_message::Kind) -> Result<(), ()> {
         self.out
-            .send(Ok(GatewayMessage { kind: Some(kind) }))
+            .send(Box::new(Ok(GatewayMessage { kind: Some(kind) })))
             .await
             .map_err(|_| ())
     }

@@ -1,0 +1,473 @@
+//! Device-path benchmarks (a bench binary, not timed tests). Run all with
+//!
+//! ```text
+//! cargo bench -p edgewise-tests --bench device_path
+//! ```
+//!
+//! or one with `-- fanout 10000`, `-- decide-uds`, `-- download`, `-- agent-rss`.
+//! Results go to stdout; `docs/benchmarks.md` records them.
+#![allow(missing_docs, clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use std::time::{Duration, Instant};
+
+use edgewise_agent::config::Backoff;
+use edgewise_agent::simulate::{SimConfig, SimFleet};
+use edgewise_core::policy::policy_version;
+use edgewise_core::selector::DeviceSelector;
+use edgewise_core::variant::{Artifact, Requirements};
+use edgewise_operator::gateway::{BootstrapToken, Change, Gateway, GatewayConfig};
+use edgewise_proto::router::DecideRequest;
+use edgewise_tests::*;
+use tokio::io::AsyncBufReadExt;
+use tokio_util::sync::CancellationToken;
+
+fn rss_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn policy(fallback: &[&str]) -> serde_json::Value {
+    serde_json::json!({
+        "targets": [
+            {"name": "on-device", "device": {"model": "assistant"}},
+            {"name": "cloud", "cloud": {"endpoint": "https://cloud.example.com/v1", "model": "big"}}
+        ],
+        "rules": [{"name": "private", "match": [{"attribute": "dataClass", "eq": "private"}], "route": "on-device"}],
+        "default": {"route": "on-device", "fallback": fallback}
+    })
+}
+
+/// The gateway in its own process, so its memory can be measured apart from the fleet.
+async fn gateway_child() {
+    let s3 =
+        edgewise_operator::s3::S3Settings::with_endpoint("http://127.0.0.1:9", "x", "y").client();
+    let gateway = Gateway::new(
+        GatewayConfig {
+            signing_key: SIGNING_KEY.to_vec(),
+            ..GatewayConfig::default()
+        },
+        s3,
+    );
+    gateway.auth().set_bootstrap_tokens(vec![BootstrapToken {
+        name: "bench".into(),
+        token: TOKEN.into(),
+        labels: BTreeMap::new(),
+    }]);
+    gateway
+        .snapshots()
+        .apply([Change::ApplyPolicy(routing_policy("p", policy(&["cloud"])))]);
+    let stop = CancellationToken::new();
+    let (addr, _task) = gateway.spawn(loopback(), stop.clone()).await.unwrap();
+    println!("{addr}");
+    let mut usr1 =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1()).unwrap();
+    let mut term =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).unwrap();
+    loop {
+        tokio::select! {
+            _ = usr1.recv() => gateway.snapshots().apply([Change::ApplyPolicy(routing_policy("p", policy(&[])))]),
+            _ = term.recv() => break,
+        }
+    }
+    stop.cancel();
+}
+
+async fn fanout(n: usize) {
+    let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
+        .arg("gateway-child")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = child.id().unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let addr = lines.next_line().await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let baseline = rss_kib(pid, "VmRSS:");
+    let dir = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let fleet = SimFleet::start(&SimConfig {
+        devices: n,
+        gateway: format!("http://{addr}"),
+        bootstrap_token: TOKEN.into(),
+        data_dir: dir.path().to_owned(),
+        backoff: Backoff {
+            initial: Duration::from_millis(500),
+            max: Duration::from_secs(5),
+        },
+        devices_per_connection: 100,
+    })
+    .unwrap();
+    let first: edgewise_core::policy::spec::RoutingPolicySpec =
+        serde_json::from_value(policy(&["cloud"])).unwrap();
+    let second: edgewise_core::policy::spec::RoutingPolicySpec =
+        serde_json::from_value(policy(&[])).unwrap();
+    let (v1, v2) = (policy_version(&first), policy_version(&second));
+    let all_on = |v: &str| {
+        fleet
+            .devices()
+            .iter()
+            .all(|d| d.policy.version().as_deref() == Some(v))
+    };
+    while !all_on(&v1) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let connected_in = started.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let loaded = rss_kib(pid, "VmRSS:");
+    let per_device = (loaded.saturating_sub(baseline) * 1024) as f64 / n as f64;
+
+    // Policy change → last ACK: the device applies and ACKs in the same step, so the time
+    // the last device runs the new version is the time of its ACK (± one poll).
+    let t0 = Instant::now();
+    Command::new("kill")
+        .args(["-USR1", &pid.to_string()])
+        .status()
+        .unwrap();
+    while !all_on(&v2) {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let fanout = t0.elapsed();
+    println!(
+        "fanout n={n}: connect+enroll+first policy {:.2} s; policy change -> last ACK {:.1} ms; gateway RSS {} -> {} KiB ({:.1} KiB per idle device)",
+        connected_in.as_secs_f64(),
+        fanout.as_secs_f64() * 1000.0,
+        baseline,
+        loaded,
+        per_device / 1024.0
+    );
+    fleet.stop().await;
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    let _ = child.wait().await;
+}
+
+/// An app asking a real `edgewise-agent run` process over its Unix socket, as apps do. The
+/// agent starts offline with a persisted 20-rule policy.
+async fn decide_uds() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let spec: edgewise_core::policy::spec::RoutingPolicySpec =
+        serde_yaml_like(include_str!("../../core/fixtures/policy-20-rules.yaml"));
+    let file =
+        serde_json::json!({"version": policy_version(&spec), "source": "bench/p", "spec": spec});
+    std::fs::write(data.join("policy.json"), serde_json::to_vec(&file).unwrap()).unwrap();
+    std::fs::write(dir.path().join("token"), TOKEN).unwrap();
+    let socket = dir.path().join("router.sock");
+    std::fs::write(
+        dir.path().join("agent.toml"),
+        format!(
+            "gateway = \"http://127.0.0.1:9\"\nbootstrap_token_file = \"{}\"\ndata_dir = \"{}\"\nrouter_socket = \"{}\"\n",
+            dir.path().join("token").display(),
+            data.display(),
+            socket.display()
+        ),
+    )
+    .unwrap();
+    let mut agent = Command::new(workspace_binary("edgewise-agent"))
+        .args(["run", "--config"])
+        .arg(dir.path().join("agent.toml"))
+        .env("RUST_LOG", "error")
+        .spawn()
+        .unwrap();
+    while tokio::net::UnixStream::connect(&socket).await.is_err() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The app side on one thread, as a typical app client would run.
+    let socket2 = socket.clone();
+    let samples = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let channel = tonic::transport::Endpoint::from_static("http://localhost")
+                .connect_with_connector(tower::service_fn(move |_| {
+                    let s = socket2.clone();
+                    async move {
+                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                            tokio::net::UnixStream::connect(s).await?,
+                        ))
+                    }
+                }))
+                .await
+                .unwrap();
+            let mut client = edgewise_proto::router::router_client::RouterClient::new(channel);
+            let tasks = [
+                "chat",
+                "autocomplete",
+                "reasoning",
+                "translate",
+                "summarize",
+                "poetry",
+            ];
+            let mut samples = Vec::with_capacity(20_000);
+            for i in 0..22_000 {
+                let req = DecideRequest {
+                    request_id: format!("req-{i}"),
+                    task: Some(tasks[i % tasks.len()].into()),
+                    data_class: Some(if i % 7 == 0 { "private" } else { "public" }.into()),
+                    input_tokens: Some((i as u32 * 37) % 12_000),
+                    ..Default::default()
+                };
+                let t = Instant::now();
+                client.decide(req).await.unwrap();
+                if i >= 2_000 {
+                    samples.push(t.elapsed());
+                }
+            }
+            samples
+        })
+    })
+    .join()
+    .unwrap();
+    let mut samples = samples;
+    samples.sort();
+    let pct = |p: f64| samples[((samples.len() as f64 - 1.0) * p) as usize].as_secs_f64() * 1e6;
+    println!(
+        "decide over Unix socket (app process -> edgewise-agent process, 20-rule policy, sequential, 20k calls): p50 {:.1} us, p99 {:.1} us",
+        pct(0.50),
+        pct(0.99)
+    );
+    let _ = agent.kill();
+    let _ = agent.wait();
+}
+
+fn serde_yaml_like(text: &str) -> edgewise_core::policy::spec::RoutingPolicySpec {
+    serde_yaml_ng::from_str(text).unwrap()
+}
+
+/// Uploads `size` bytes of pseudo-random data as `bucket/key`.
+async fn put_large(h: &Harness, key: &str, size: u64) -> Artifact {
+    let path = h.dir.path().join("upload.bin");
+    let artifact = write_file(&path, key, size);
+    h.s3_client
+        .put_object()
+        .bucket(BUCKET)
+        .key(key)
+        .body(
+            aws_sdk_s3::primitives::ByteStream::from_path(&path)
+                .await
+                .unwrap(),
+        )
+        .send()
+        .await
+        .unwrap();
+    std::fs::remove_file(&path).unwrap();
+    artifact
+}
+
+/// Writes `size` bytes of pseudo-random data to `path`.
+fn write_file(path: &Path, key: &str, size: u64) -> Artifact {
+    use sha2::Digest;
+    use std::io::Write;
+    let mut file = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path).unwrap());
+    let mut hasher = sha2::Sha256::new();
+    let mut block = [0u8; 1 << 16];
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut written = 0;
+    while written < size {
+        for chunk in block.chunks_mut(8) {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            chunk.copy_from_slice(&state.to_le_bytes());
+        }
+        let n = (size - written).min(block.len() as u64) as usize;
+        file.write_all(&block[..n]).unwrap();
+        hasher.update(&block[..n]);
+        written += n as u64;
+    }
+    file.flush().unwrap();
+    Artifact {
+        uri: format!("s3://{BUCKET}/{key}"),
+        sha256: hex::encode(hasher.finalize()),
+        size_bytes: size,
+        signature: None,
+    }
+}
+
+async fn download() {
+    const GIB: u64 = 1 << 30;
+    let h = Harness::start().await;
+    let artifact = put_large(&h, "bench/1gib.bin", GIB).await;
+    let presigner = edgewise_operator::gateway::presign::Presigner::new(
+        h.s3_client.clone(),
+        Duration::from_secs(3600),
+    );
+    let url = presigner.url(&artifact).await.unwrap().url;
+
+    let http = edgewise_agent::artifact_client().unwrap();
+    let mut rates = Vec::new();
+    for durable in [true, false] {
+        let store = edgewise_agent::store::ContentStore::open(
+            &h.dir.path().join(format!("agent-store-{durable}")),
+            durable,
+        )
+        .unwrap();
+        let counter = std::sync::atomic::AtomicU64::new(0);
+        let t = Instant::now();
+        edgewise_agent::download::fetch(
+            &http,
+            &store,
+            edgewise_agent::download::Fetch {
+                url: &url,
+                sha256: &artifact.sha256,
+                size: artifact.size_bytes,
+                signature: None,
+                publisher: None,
+            },
+            |_, _| {},
+            &counter,
+        )
+        .await
+        .unwrap();
+        rates.push(GIB as f64 / t.elapsed().as_secs_f64() / 1e9);
+        std::fs::remove_dir_all(h.dir.path().join(format!("agent-store-{durable}"))).unwrap();
+    }
+    let (ours, ours_no_fsync) = (rates[0], rates[1]);
+
+    let t = Instant::now();
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!("curl -s '{url}' | sha256sum"))
+        .output()
+        .unwrap();
+    let curl = GIB as f64 / t.elapsed().as_secs_f64() / 1e9;
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with(&artifact.sha256),
+        "curl saw the same bytes"
+    );
+
+    let out = Command::new("openssl")
+        .args([
+            "speed", "-evp", "sha256", "-bytes", "16384", "-seconds", "3",
+        ])
+        .stderr(Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let openssl = text
+        .lines()
+        .find(|l| l.starts_with("sha256"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.trim_end_matches('k').parse::<f64>().ok())
+        .map_or(0.0, |kbps| kbps * 1000.0 / 1e9);
+    println!(
+        "download+verify 1 GiB from loopback S3: edgewise {ours:.2} GB/s (without the final fsync {ours_no_fsync:.2} GB/s), curl|sha256sum {curl:.2} GB/s, openssl sha256 {openssl:.2} GB/s (ratio to openssl {:.2}, {:.2} without fsync)",
+        ours / openssl,
+        ours_no_fsync / openssl
+    );
+}
+
+async fn agent_rss() {
+    const GIB: u64 = 1 << 30;
+    let h = Harness::start().await;
+    let artifact = put_large(&h, "bench/model.bin", GIB).await;
+    h.apply([
+        Change::ApplyPolicy(routing_policy("p", policy(&["cloud"]))),
+        Change::ApplyVersion(model_version(
+            "m",
+            "1.0.0",
+            vec![variant("cpu", artifact, Requirements::default())],
+        )),
+    ]);
+    let dir = h.dir.path().join("agent");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("token"), TOKEN).unwrap();
+    std::fs::write(
+        dir.join("agent.toml"),
+        format!(
+            "gateway = \"{}\"\nbootstrap_token_file = \"{}\"\ndata_dir = \"{}\"\n",
+            h.gateway_url(),
+            dir.join("token").display(),
+            dir.join("data").display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(workspace_binary("edgewise-agent"))
+        .args(["run", "--config"])
+        .arg(dir.join("agent.toml"))
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    while !dir.join("data/policy.json").exists() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let idle = rss_kib(pid, "VmRSS:");
+    let idle_peak = rss_kib(pid, "VmHWM:");
+    h.apply([Change::ApplyRollout(rollout(
+        "m",
+        "m",
+        DeviceSelector::default(),
+        "1.0.0",
+        None,
+        100,
+    ))]);
+    let t = Instant::now();
+    let mut peak = 0;
+    while !std::fs::read_to_string(dir.join("data/models.json"))
+        .unwrap_or_default()
+        .contains("1.0.0")
+    {
+        peak = peak.max(rss_kib(pid, "VmRSS:"));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "download did not finish"
+        );
+    }
+    let hwm = rss_kib(pid, "VmHWM:");
+    println!(
+        "agent RSS: idle {:.1} MiB (peak so far {:.1} MiB); while downloading 1 GiB: max sampled {:.1} MiB, VmHWM {:.1} MiB; download+activate {:.1} s",
+        idle as f64 / 1024.0,
+        idle_peak as f64 / 1024.0,
+        peak as f64 / 1024.0,
+        hwm as f64 / 1024.0,
+        t.elapsed().as_secs_f64()
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        match args.first().map(String::as_str) {
+            Some("gateway-child") => gateway_child().await,
+            Some("fanout") => {
+                fanout(args.get(1).and_then(|n| n.parse().ok()).unwrap_or(1000)).await
+            }
+            Some("decide-uds") => decide_uds().await,
+            Some("download") => download().await,
+            Some("agent-rss") => agent_rss().await,
+            _ => {
+                decide_uds().await;
+                fanout(1_000).await;
+                fanout(10_000).await;
+                download().await;
+                agent_rss().await;
+            }
+        }
+    });
+}
