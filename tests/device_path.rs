@@ -112,6 +112,8 @@ async fn sixty_agents_converge_and_split_between_canary_and_stable_by_cohort() {
         data_dir: h.dir.path().join("sim"),
         backoff: quick_backoff(),
         devices_per_connection: 20,
+        telemetry: false,
+        traffic: None,
     })
     .expect("fleet starts");
 

@@ -14,6 +14,7 @@ use crate::identity::{Identity, IdentityError};
 use crate::policy::PolicyStore;
 use crate::status::StatusFile;
 use crate::store::{ContentStore, ModelState};
+use crate::telemetry::{BufferConfig, BufferError, TelemetryBuffer};
 
 /// Why the agent could not start.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +56,17 @@ pub fn open_device(config: &AgentConfig) -> Result<Arc<Device>, StartError> {
     let state = ModelState::load(&dir.join("models.json"), config.durable).map_err(state_err)?;
     let policy =
         Arc::new(PolicyStore::load(&dir.join("policy.json"), config.durable).map_err(state_err)?);
+    let telemetry = TelemetryBuffer::open(
+        &dir.join("telemetry"),
+        BufferConfig {
+            durable: config.durable,
+            ..BufferConfig::default()
+        },
+    )
+    .map_err(|e| match e {
+        BufferError::Io(source) => state_err(source),
+        BufferError::Closed => state_err(std::io::Error::other("telemetry buffer closed")),
+    })?;
     Ok(Device::new(DeviceParts {
         identity,
         content,
@@ -66,6 +78,7 @@ pub fn open_device(config: &AgentConfig) -> Result<Arc<Device>, StartError> {
         bootstrap_token: config.bootstrap_token.clone(),
         backoff: config.backoff,
         collect_garbage: true,
+        telemetry: Some(telemetry),
     }))
 }
 
@@ -108,6 +121,14 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         http,
         shutdown.clone(),
     ));
+    if let Some(buffer) = device.telemetry.clone() {
+        tasks.spawn(crate::telemetry::uploader::run(
+            device.clone(),
+            buffer,
+            channel.clone(),
+            shutdown.clone(),
+        ));
+    }
     tasks.spawn(crate::sync::run(device.clone(), channel, shutdown.clone()));
     tasks.spawn(write_status(
         device.clone(),

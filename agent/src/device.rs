@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex};
 use ed25519_dalek::VerifyingKey;
 use edgewise_core::variant::DeviceFacts;
 use edgewise_proto::fleet::{
-    InstalledModel, ModelAssignment, ModelState as WireState, ModelStatus,
+    InstalledModel, ModelAssignment, ModelEvent, ModelEventKind, ModelState as WireState,
+    ModelStatus,
 };
 use tokio::sync::{Notify, watch};
 
@@ -18,6 +19,14 @@ use crate::identity::Identity;
 use crate::policy::PolicyStore;
 use crate::router::{LocalRouter, ModelsView};
 use crate::store::{ContentStore, ModelState};
+use crate::telemetry::{Event, TelemetryBuffer};
+
+/// A fresh event id: 128 random bits in hex, fixed when the event is made so that every
+/// retry of its batch carries the same id.
+#[must_use]
+pub fn new_event_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
 
 /// Connection state, for `edgewise-agent status`.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -152,6 +161,8 @@ pub struct Device {
     pub collect_garbage: bool,
     /// Counters.
     pub stats: DeviceStats,
+    /// Durable telemetry buffer, if this device reports telemetry.
+    pub telemetry: Option<Arc<TelemetryBuffer>>,
 }
 
 /// Parts to build a [`Device`] from.
@@ -177,13 +188,18 @@ pub struct DeviceParts {
     pub backoff: Backoff,
     /// Collect garbage after activation.
     pub collect_garbage: bool,
+    /// Telemetry buffer.
+    pub telemetry: Option<Arc<TelemetryBuffer>>,
 }
 
 impl Device {
     /// Assembles a device.
     #[must_use]
     pub fn new(parts: DeviceParts) -> Arc<Self> {
-        let router = Arc::new(LocalRouter::new(parts.policy.clone()));
+        let router = Arc::new(LocalRouter::new(
+            parts.policy.clone(),
+            parts.telemetry.clone(),
+        ));
         router.set_models(ModelsView::from_state(&parts.state.snapshot()));
         let device_id = parts.identity.device_id().to_owned();
         Arc::new(Device {
@@ -204,6 +220,7 @@ impl Device {
             refresh: Notify::new(),
             collect_garbage: parts.collect_garbage,
             stats: DeviceStats::default(),
+            telemetry: parts.telemetry,
         })
     }
 
@@ -231,6 +248,36 @@ impl Device {
     #[must_use]
     pub fn active_version(&self, model: &str) -> Option<String> {
         self.state.active(model).map(|i| i.version)
+    }
+
+    /// Buffers a model life-cycle event for upload.
+    pub async fn record_model_event(
+        &self,
+        kind: ModelEventKind,
+        model: &str,
+        a: &ModelAssignment,
+        duration_ms: u64,
+        bytes: u64,
+        error: String,
+    ) {
+        let Some(buffer) = &self.telemetry else {
+            return;
+        };
+        let event = ModelEvent {
+            event_id: new_event_id(),
+            time_unix_ms: crate::identity::now_unix_ms(),
+            kind: kind as i32,
+            model: model.to_owned(),
+            version: a.version.clone(),
+            variant: a.variant.clone(),
+            duration_ms,
+            bytes,
+            error,
+            rollout: a.rollout.clone(),
+        };
+        if let Err(e) = buffer.append(vec![Event::Model(event)]).await {
+            tracing::warn!(error = %e, "buffering a model event");
+        }
     }
 
     /// Records a status for a model.

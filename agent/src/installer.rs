@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use edgewise_proto::fleet::{ModelAssignment, ModelState as WireState};
+use edgewise_proto::fleet::{ModelAssignment, ModelEventKind, ModelState as WireState};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -57,6 +57,7 @@ async fn install(device: &Device, http: &reqwest::Client, model: &str, a: &Model
         );
         return;
     }
+    let started = std::time::Instant::now();
     let current = device.state.snapshot().models.get(model).cloned();
     if current
         .as_ref()
@@ -80,6 +81,9 @@ async fn install(device: &Device, http: &reqwest::Client, model: &str, a: &Model
                 info!(%model, version = %a.version, "rolled back to the previous version");
                 publish(device);
                 device.report(model, a, WireState::Active, a.size_bytes, String::new());
+                device
+                    .record_model_event(ModelEventKind::RolledBack, model, a, 0, 0, String::new())
+                    .await;
             }
             Err(e) => device.report(model, a, WireState::Failed, 0, format!("rollback: {e}")),
         }
@@ -92,6 +96,16 @@ async fn install(device: &Device, http: &reqwest::Client, model: &str, a: &Model
         signature: Some(a.signature.as_str()),
         publisher: device.publisher.as_ref(),
     };
+    device
+        .record_model_event(
+            ModelEventKind::DownloadStarted,
+            model,
+            a,
+            0,
+            0,
+            String::new(),
+        )
+        .await;
     let mut last_reported = 0u64;
     let step = (a.size_bytes / 20).max(1);
     let mut attempt = 0;
@@ -118,6 +132,16 @@ async fn install(device: &Device, http: &reqwest::Client, model: &str, a: &Model
                     warn!(error = %io, "recording the failed digest");
                 }
                 device.report(model, a, WireState::Failed, 0, e.to_string());
+                device
+                    .record_model_event(
+                        ModelEventKind::InstallFailed,
+                        model,
+                        a,
+                        elapsed_ms(started),
+                        0,
+                        e.to_string(),
+                    )
+                    .await;
                 return;
             }
             Err(FetchError::Refused(code)) => {
@@ -137,6 +161,16 @@ async fn install(device: &Device, http: &reqwest::Client, model: &str, a: &Model
                 }
                 if attempt >= ATTEMPTS {
                     device.report(model, a, WireState::Failed, 0, e.to_string());
+                    device
+                        .record_model_event(
+                            ModelEventKind::InstallFailed,
+                            model,
+                            a,
+                            elapsed_ms(started),
+                            0,
+                            e.to_string(),
+                        )
+                        .await;
                     return;
                 }
                 // Short, growing pauses: the store is usually just a blip away.
@@ -144,6 +178,16 @@ async fn install(device: &Device, http: &reqwest::Client, model: &str, a: &Model
             }
         }
     };
+    device
+        .record_model_event(
+            ModelEventKind::Downloaded,
+            model,
+            a,
+            elapsed_ms(started),
+            a.size_bytes,
+            String::new(),
+        )
+        .await;
     let install = Install {
         version: a.version.clone(),
         variant: a.variant.clone(),
@@ -151,12 +195,23 @@ async fn install(device: &Device, http: &reqwest::Client, model: &str, a: &Model
         sha256: a.sha256.clone(),
         size_bytes: a.size_bytes,
         path,
+        rollout: a.rollout.clone(),
     };
     match device.state.activate(model, install) {
         Ok(_) => {
             info!(%model, version = %a.version, variant = %a.variant, "activated");
             publish(device);
             device.report(model, a, WireState::Active, a.size_bytes, String::new());
+            device
+                .record_model_event(
+                    ModelEventKind::Activated,
+                    model,
+                    a,
+                    elapsed_ms(started),
+                    0,
+                    String::new(),
+                )
+                .await;
             if device.collect_garbage {
                 // Keep what is installed and what is still wanted (its partial may resume).
                 let mut keep = device.state.referenced();
@@ -166,8 +221,24 @@ async fn install(device: &Device, http: &reqwest::Client, model: &str, a: &Model
                 }
             }
         }
-        Err(e) => device.report(model, a, WireState::Failed, 0, format!("activation: {e}")),
+        Err(e) => {
+            device.report(model, a, WireState::Failed, 0, format!("activation: {e}"));
+            device
+                .record_model_event(
+                    ModelEventKind::InstallFailed,
+                    model,
+                    a,
+                    elapsed_ms(started),
+                    0,
+                    format!("activation: {e}"),
+                )
+                .await;
+        }
     }
+}
+
+fn elapsed_ms(since: std::time::Instant) -> u64 {
+    u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
 fn publish(device: &Device) {

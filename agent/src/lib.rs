@@ -27,6 +27,7 @@ pub mod simulate;
 pub mod status;
 pub mod store;
 pub mod sync;
+pub mod telemetry;
 
 /// A channel to the gateway that dials lazily and redials on demand.
 ///

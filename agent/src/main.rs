@@ -108,6 +108,8 @@ fn main() -> ExitCode {
                         max: Duration::from_secs(30),
                     },
                     devices_per_connection,
+                    telemetry: true,
+                    traffic: Some(edgewise_agent::simulate::Traffic::default()),
                 };
                 let fleet = match SimFleet::start(&config) {
                     Ok(f) => f,

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use edgewise_core::policy::{Network, Request, TargetKind};
 use edgewise_proto::convert::{InstalledModels, decide_response};
+use edgewise_proto::fleet::InferenceEvent;
 use edgewise_proto::router::router_server::{Router, RouterServer};
 use edgewise_proto::router::{
     DecideRequest, DecideResponse, LocalModel, ModelsSnapshot, Outcome, ReportResponse,
@@ -21,14 +22,18 @@ use tokio_stream::wrappers::{UnixListenerStream, WatchStream};
 use tokio_util::sync::CancellationToken;
 use tonic::{Status, async_trait};
 
+use crate::device::new_event_id;
 use crate::policy::PolicyStore;
 use crate::store::ModelsFile;
+use crate::telemetry::{BufferError, Event, TelemetryBuffer};
 
 /// Active models by family, as apps see them.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ModelsView {
     /// By model family.
     pub models: BTreeMap<String, LocalModel>,
+    /// The rollout that installed each, for telemetry.
+    pub rollouts: BTreeMap<String, String>,
 }
 
 impl ModelsView {
@@ -53,6 +58,11 @@ impl ModelsView {
                         },
                     )
                 })
+                .collect(),
+            rollouts: file
+                .models
+                .iter()
+                .map(|(name, slots)| (name.clone(), slots.active.rollout.clone()))
                 .collect(),
         }
     }
@@ -88,6 +98,7 @@ struct DailyUsage {
 #[derive(Debug)]
 pub struct LocalRouter {
     policy: Arc<PolicyStore>,
+    telemetry: Option<Arc<TelemetryBuffer>>,
     models: watch::Sender<Arc<ModelsView>>,
     network: AtomicU8,
     usage: Mutex<DailyUsage>,
@@ -98,11 +109,12 @@ fn utc_day() -> i64 {
 }
 
 impl LocalRouter {
-    /// A router over `policy`.
+    /// A router over `policy`, reporting outcomes into `telemetry`.
     #[must_use]
-    pub fn new(policy: Arc<PolicyStore>) -> Self {
+    pub fn new(policy: Arc<PolicyStore>, telemetry: Option<Arc<TelemetryBuffer>>) -> Self {
         LocalRouter {
             policy,
+            telemetry,
             models: watch::Sender::new(Arc::new(ModelsView::default())),
             network: AtomicU8::new(0),
             usage: Mutex::new(DailyUsage::default()),
@@ -199,22 +211,62 @@ impl LocalRouter {
         Ok(decide_response(&decision, &*models))
     }
 
-    /// Takes an outcome: counts cloud usage for budgets.
-    pub fn report(&self, outcome: &Outcome) {
+    /// Takes an outcome: counts cloud usage for budgets and buffers it as telemetry;
+    /// resolves once the event is on disk.
+    ///
+    /// # Errors
+    /// When the telemetry buffer cannot store the event.
+    pub async fn report(&self, outcome: &Outcome) -> Result<(), BufferError> {
         let Some(policy) = self.policy.current() else {
-            return;
+            return Ok(());
         };
-        let cost = policy
-            .compiled
-            .targets()
+        let targets = policy.compiled.targets();
+        let cost = targets
             .iter()
-            .find_map(|t| match &t.kind {
+            .find(|t| *t.name == *outcome.target)
+            .and_then(|t| match &t.kind {
                 TargetKind::Cloud {
                     cost_per_1k_tokens_usd,
                     ..
-                } if *t.name == *outcome.target => Some(*cost_per_1k_tokens_usd),
-                _ => None,
+                } => Some(*cost_per_1k_tokens_usd),
+                TargetKind::Device { .. } => None,
             });
+        let tokens = f64::from(outcome.input_tokens + outcome.output_tokens);
+        if let Some(buffer) = &self.telemetry {
+            // The model family is the device target's: the app's model, whichever target ran.
+            let family = targets.iter().find_map(|t| match &t.kind {
+                TargetKind::Device { model } => Some(model.to_string()),
+                TargetKind::Cloud { .. } => None,
+            });
+            let models = self.models.borrow().clone();
+            let local = family.as_deref().and_then(|m| models.models.get(m));
+            let event = InferenceEvent {
+                event_id: new_event_id(),
+                time_unix_ms: crate::identity::now_unix_ms() - outcome.latency_ms.max(0.0) as i64,
+                model: family.clone().unwrap_or_default(),
+                version: local.map(|m| m.version.clone()).unwrap_or_default(),
+                variant: local.map(|m| m.variant.clone()).unwrap_or_default(),
+                target: outcome.target.clone(),
+                on_device: cost.is_none(),
+                rule: outcome.rule.clone(),
+                policy_version: outcome.policy_version.clone(),
+                latency_ms: outcome.latency_ms,
+                ok: outcome.ok,
+                fallback_used: outcome.fallback_used,
+                error: outcome.error.clone(),
+                input_tokens: outcome.input_tokens,
+                output_tokens: outcome.output_tokens,
+                cost_usd: cost.map_or(0.0, |per_1k| per_1k * tokens / 1000.0),
+                shadow: i32::try_from(outcome.shadow_agreement).unwrap_or(0),
+                task: outcome.task.clone(),
+                data_class: outcome.data_class.clone(),
+                rollout: family
+                    .as_deref()
+                    .and_then(|m| models.rollouts.get(m).cloned())
+                    .unwrap_or_default(),
+            };
+            buffer.append(vec![Event::Inference(event)]).await?;
+        }
         if let Some(per_1k) = cost {
             let mut usage = self
                 .usage
@@ -228,9 +280,9 @@ impl LocalRouter {
                 };
             }
             usage.cloud_requests += 1;
-            usage.cloud_spend_usd +=
-                per_1k * f64::from(outcome.input_tokens + outcome.output_tokens) / 1000.0;
+            usage.cloud_spend_usd += per_1k * tokens / 1000.0;
         }
+        Ok(())
     }
 }
 
@@ -269,7 +321,10 @@ impl Router for RouterService {
         &self,
         request: tonic::Request<Outcome>,
     ) -> Result<tonic::Response<ReportResponse>, Status> {
-        self.router.report(request.get_ref());
+        self.router
+            .report(request.get_ref())
+            .await
+            .map_err(|e| Status::unavailable(format!("outcome not stored: {e}")))?;
         Ok(tonic::Response::new(ReportResponse {}))
     }
 

@@ -19,6 +19,7 @@ use crate::device::{Connection, Device, DeviceParts};
 use crate::identity::Identity;
 use crate::policy::PolicyStore;
 use crate::store::{ContentStore, ModelState};
+use crate::telemetry::{BufferConfig, TelemetryBuffer};
 
 /// What to simulate.
 #[derive(Clone, Debug)]
@@ -35,6 +36,37 @@ pub struct SimConfig {
     pub backoff: Backoff,
     /// Devices sharing one HTTP/2 connection to the gateway.
     pub devices_per_connection: usize,
+    /// Give each device a telemetry buffer and uploader.
+    pub telemetry: bool,
+    /// Synthetic inference traffic (needs `telemetry`).
+    pub traffic: Option<Traffic>,
+}
+
+/// Synthetic inference traffic: each device asks its router and reports an outcome.
+#[derive(Clone, Debug)]
+pub struct Traffic {
+    /// Requests per second per device.
+    pub requests_per_sec: f64,
+    /// Median on-device latency, ms.
+    pub device_latency_ms: f64,
+    /// Median cloud latency, ms.
+    pub cloud_latency_ms: f64,
+    /// Per model version: latency multiplier (a slow canary, say).
+    pub slow_versions: BTreeMap<String, f64>,
+    /// Per model version: error rate (default 0.5 %).
+    pub error_rates: BTreeMap<String, f64>,
+}
+
+impl Default for Traffic {
+    fn default() -> Self {
+        Traffic {
+            requests_per_sec: 2.0,
+            device_latency_ms: 40.0,
+            cloud_latency_ms: 250.0,
+            slow_versions: BTreeMap::new(),
+            error_rates: BTreeMap::new(),
+        }
+    }
 }
 
 /// Deterministic, varied hardware: 30 % Android phones with an NPU, 60 % Linux gateways on
@@ -130,6 +162,28 @@ impl SimFleet {
             let Some(channel) = channel.clone() else {
                 continue;
             };
+            let telemetry = if config.telemetry {
+                Some(
+                    TelemetryBuffer::open(
+                        &config
+                            .data_dir
+                            .join("devices")
+                            .join(i.to_string())
+                            .join("telemetry"),
+                        BufferConfig {
+                            max_bytes: 16 << 20,
+                            segment_bytes: 1 << 20,
+                            durable: false,
+                        },
+                    )
+                    .map_err(|e| StartError::State {
+                        dir: config.data_dir.clone(),
+                        source: std::io::Error::other(e.to_string()),
+                    })?,
+                )
+            } else {
+                None
+            };
             let device = Device::new(DeviceParts {
                 identity: Identity::ephemeral(),
                 content: content.clone(),
@@ -141,7 +195,19 @@ impl SimFleet {
                 bootstrap_token: config.bootstrap_token.clone(),
                 backoff: config.backoff,
                 collect_garbage: false,
+                telemetry: telemetry.clone(),
             });
+            if let Some(buffer) = telemetry {
+                tasks.spawn(crate::telemetry::uploader::run(
+                    device.clone(),
+                    buffer,
+                    channel.clone(),
+                    shutdown.clone(),
+                ));
+                if let Some(traffic) = config.traffic.clone() {
+                    tasks.spawn(generate(device.clone(), traffic, shutdown.clone()));
+                }
+            }
             tasks.spawn(crate::installer::run(
                 device.clone(),
                 http.clone(),
@@ -190,5 +256,104 @@ impl SimFleet {
     pub async fn stop(mut self) {
         self.shutdown.cancel();
         while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+const TASKS: [&str; 6] = [
+    "chat",
+    "autocomplete",
+    "summarize",
+    "translate",
+    "reasoning",
+    "caption",
+];
+
+/// One device's synthetic traffic: decide, "run" the request with a latency drawn around
+/// the target's median (slower for versions marked slow), report the outcome.
+async fn generate(device: Arc<Device>, traffic: Traffic, shutdown: CancellationToken) {
+    use edgewise_proto::router::{DecideRequest, Outcome, target};
+    let period = std::time::Duration::from_secs_f64(1.0 / traffic.requests_per_sec.max(0.001));
+    // Spread devices over the first period so the fleet does not tick in lockstep.
+    let offset = period.mul_f64(rand::random::<f64>());
+    tokio::select! {
+        () = shutdown.cancelled() => return,
+        () = tokio::time::sleep(offset) => {}
+    }
+    let mut tick = tokio::time::interval(period);
+    let mut n = 0u64;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        n += 1;
+        let request = DecideRequest {
+            request_id: format!("{}-{n}", device.device_id),
+            task: Some(TASKS[rand::random_range(0..TASKS.len())].into()),
+            data_class: Some(
+                if rand::random::<f64>() < 0.1 {
+                    "private"
+                } else {
+                    "public"
+                }
+                .into(),
+            ),
+            input_tokens: Some(rand::random_range(10..12_000)),
+            complexity: Some(rand::random::<f32>()),
+            ..DecideRequest::default()
+        };
+        let Ok(decision) = device.router.decide(&request) else {
+            continue; // no policy yet
+        };
+        let Some(target) = decision.target else {
+            continue;
+        };
+        let on_device = matches!(target.kind, Some(target::Kind::Device(_)));
+        let version = match &target.kind {
+            Some(target::Kind::Device(d)) => d.version.clone(),
+            _ => String::new(),
+        };
+        let median = if on_device {
+            traffic.device_latency_ms * traffic.slow_versions.get(&version).copied().unwrap_or(1.0)
+        } else {
+            traffic.cloud_latency_ms
+        };
+        // Log-normal-ish spread around the median.
+        let latency = median
+            * (0.6 + 0.8 * rand::random::<f64>())
+            * if rand::random::<f64>() < 0.05 {
+                2.5
+            } else {
+                1.0
+            };
+        let error_rate = traffic.error_rates.get(&version).copied().unwrap_or(0.005);
+        let ok = rand::random::<f64>() >= error_rate;
+        let shadow = if decision.shadow.is_some() {
+            if rand::random::<f64>() < 0.93 { 1 } else { 2 }
+        } else {
+            0
+        };
+        let outcome = Outcome {
+            request_id: request.request_id.clone(),
+            target: target.name.clone(),
+            rule: decision.rule.clone(),
+            policy_version: decision.policy_version.clone(),
+            latency_ms: latency,
+            ok,
+            fallback_used: !ok && !decision.fallback.is_empty(),
+            error: if ok {
+                String::new()
+            } else {
+                "inference failed".into()
+            },
+            input_tokens: request.input_tokens.unwrap_or(0),
+            output_tokens: rand::random_range(5..400),
+            shadow_agreement: shadow,
+            task: request.task.clone().unwrap_or_default(),
+            data_class: request.data_class.clone().unwrap_or_default(),
+        };
+        if let Err(e) = device.router.report(&outcome).await {
+            tracing::warn!(error = %e, "buffering a synthetic outcome");
+        }
     }
 }

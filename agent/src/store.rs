@@ -31,6 +31,9 @@ pub struct Install {
     pub size_bytes: u64,
     /// Path of the artifact.
     pub path: PathBuf,
+    /// ModelRollout (`namespace/name`) that assigned it; tags its telemetry.
+    #[serde(default)]
+    pub rollout: String,
 }
 
 /// Active and previous install of one model.
@@ -291,6 +294,7 @@ mod tests {
             sha256: sha.into(),
             size_bytes: 5,
             path,
+            rollout: "ns/r".into(),
         }
     }
 

@@ -3,7 +3,9 @@
 
 pub mod admission;
 pub mod cli;
+pub mod clickhouse_server;
 pub mod crd;
 pub mod gateway;
 pub mod s3;
 pub mod s3_server;
+pub mod telemetry;

@@ -105,6 +105,8 @@ async fn fanout(n: usize) {
             max: Duration::from_secs(5),
         },
         devices_per_connection: 100,
+        telemetry: false,
+        traffic: None,
     })
     .unwrap();
     let first: edgewise_core::policy::spec::RoutingPolicySpec =

@@ -26,6 +26,7 @@ use edgewise_operator::crd::{
 };
 use edgewise_operator::gateway::{BootstrapToken, Change, Gateway, GatewayConfig};
 use edgewise_operator::s3_server::EmbeddedS3;
+use edgewise_operator::telemetry::ingest::{SinkConfig, TelemetrySink};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use sha2::{Digest, Sha256};
 use tokio::task::JoinHandle;
@@ -71,7 +72,23 @@ impl Harness {
     }
 
     /// Starts S3 and a gateway with `config` (the signing key is the harness's).
-    pub async fn start_with(mut config: GatewayConfig) -> Self {
+    pub async fn start_with(config: GatewayConfig) -> Self {
+        Self::start_full(config, None).await
+    }
+
+    /// Starts S3 and a gateway that writes telemetry into ClickHouse at `clickhouse`.
+    pub async fn start_with_telemetry(clickhouse: &str, sink: SinkConfig) -> Self {
+        Self::start_full(
+            GatewayConfig::default(),
+            Some((clickhouse.to_owned(), sink)),
+        )
+        .await
+    }
+
+    async fn start_full(
+        mut config: GatewayConfig,
+        telemetry: Option<(String, SinkConfig)>,
+    ) -> Self {
         init_logging();
         let dir = tempfile::tempdir().expect("tempdir");
         let s3 = EmbeddedS3::start(
@@ -90,7 +107,13 @@ impl Harness {
             .await
             .expect("bucket");
         config.signing_key = SIGNING_KEY.to_vec();
-        let gateway = Gateway::new(config, s3_client.clone());
+        let mut gateway = Gateway::new(config, s3_client.clone());
+        if let Some((url, sink)) = telemetry {
+            gateway = gateway.with_telemetry(TelemetrySink::start(
+                edgewise_operator::telemetry::client(&url),
+                sink,
+            ));
+        }
         gateway.auth().set_bootstrap_tokens(vec![BootstrapToken {
             name: "test".into(),
             token: TOKEN.into(),
@@ -331,6 +354,7 @@ impl TestAgent {
             bootstrap_token: TOKEN.into(),
             backoff: quick_backoff(),
             collect_garbage: true,
+            telemetry: None,
         });
         let stop = CancellationToken::new();
         let channel = edgewise_agent::gateway_channel(gateway_url).expect("channel");
@@ -554,5 +578,48 @@ impl Harness {
             .await
             .expect("binds");
         (gateway, format!("http://{addr}"), stop)
+    }
+}
+
+/// A real ClickHouse server (Debian's `clickhouse-server`) with the Edgewise schema.
+pub struct ClickHouse {
+    /// Its data lives here.
+    pub dir: tempfile::TempDir,
+    /// The server.
+    pub server: edgewise_operator::clickhouse_server::ClickHouseServer,
+    /// A client.
+    pub client: clickhouse::Client,
+}
+
+impl ClickHouse {
+    /// Starts a server and applies the migrations.
+    pub async fn start() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let server = edgewise_operator::clickhouse_server::ClickHouseServer::start(dir.path())
+            .await
+            .expect("clickhouse-server starts (the test command installs it)");
+        let client = edgewise_operator::telemetry::client(&server.url());
+        edgewise_operator::telemetry::schema::migrate(&client)
+            .await
+            .expect("migrates");
+        ClickHouse {
+            dir,
+            server,
+            client,
+        }
+    }
+
+    /// `http://…` of the server.
+    pub fn url(&self) -> String {
+        self.server.url()
+    }
+
+    /// A single `u64` from a query.
+    pub async fn count(&self, sql: &str) -> u64 {
+        self.client
+            .query(sql)
+            .fetch_one::<u64>()
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
     }
 }

@@ -37,6 +37,54 @@ pub use auth::{Authority, BootstrapToken, DeviceClaims};
 pub use registry::{DeviceRecord, Registry};
 pub use snapshot::{Change, FleetSnapshot, Snapshots};
 
+use crate::telemetry::ingest::TelemetrySink;
+use crate::telemetry::rows::DeviceStatusRow;
+
+impl Inner {
+    /// Sends a device's current record to `device_status` (coalesced by the sink).
+    fn publish_status(&self, device_id: &str) {
+        let (Some(sink), Some(record)) = (&self.telemetry, self.registry.device(device_id)) else {
+            return;
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let mut installed: std::collections::BTreeMap<String, String> = record
+            .installed
+            .iter()
+            .filter(|m| m.active)
+            .map(|m| (m.model.clone(), m.version.clone()))
+            .collect();
+        for (model, status) in &record.models {
+            if status.state() == edgewise_proto::fleet::ModelState::Active {
+                installed.insert(model.clone(), status.version.clone());
+            }
+        }
+        let facts = record.facts.clone();
+        sink.device_status(DeviceStatusRow {
+            device_id: record.device_id.clone(),
+            updated_at: u32::try_from(now.as_secs()).unwrap_or(u32::MAX),
+            updated_ms: u64::try_from(now.as_millis()).unwrap_or(u64::MAX),
+            connected: u8::from(record.connected),
+            agent_version: facts
+                .as_ref()
+                .map(|f| f.agent_version.to_string())
+                .unwrap_or_default(),
+            os: facts.as_ref().map(|f| f.os.clone()).unwrap_or_default(),
+            arch: facts.as_ref().map(|f| f.arch.clone()).unwrap_or_default(),
+            memory_mib: facts.as_ref().map_or(0, |f| f.memory_mib),
+            accelerators: facts.map(|f| f.accelerators).unwrap_or_default(),
+            label_keys: record.labels.keys().cloned().collect(),
+            label_values: record.labels.values().cloned().collect(),
+            installed_models: installed.keys().cloned().collect(),
+            installed_versions: installed.values().cloned().collect(),
+            policy_version: record.policy.running.unwrap_or_default(),
+            connects: record.connects,
+            gateway: self.config.name.clone(),
+        });
+    }
+}
+
 use presign::Presigner;
 use session::Session;
 
@@ -55,6 +103,8 @@ pub struct GatewayConfig {
     pub hello_timeout: Duration,
     /// Outbound messages buffered per stream before the stream's task waits.
     pub stream_queue: usize,
+    /// This replica's name, recorded with telemetry and device status.
+    pub name: String,
 }
 
 impl Default for GatewayConfig {
@@ -66,6 +116,7 @@ impl Default for GatewayConfig {
             max_sessions: 100_000,
             hello_timeout: Duration::from_secs(10),
             stream_queue: 4,
+            name: "gateway".into(),
         }
     }
 }
@@ -74,6 +125,7 @@ impl Default for GatewayConfig {
 pub const RETRY_AFTER_MS: &str = "retry-after-ms";
 
 struct Inner {
+    telemetry: Option<Arc<TelemetrySink>>,
     config: GatewayConfig,
     auth: Authority,
     snapshots: Snapshots,
@@ -104,6 +156,7 @@ impl Gateway {
         let presigner = Presigner::new(s3, config.presign_ttl);
         Gateway {
             inner: Arc::new(Inner {
+                telemetry: None,
                 config,
                 auth,
                 snapshots: Snapshots::default(),
@@ -112,6 +165,21 @@ impl Gateway {
                 sessions: AtomicUsize::new(0),
             }),
         }
+    }
+
+    /// Sends telemetry and device status to `sink` (before serving).
+    #[must_use]
+    pub fn with_telemetry(mut self, sink: Arc<TelemetrySink>) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.telemetry = Some(sink);
+        }
+        self
+    }
+
+    /// The telemetry sink, if any.
+    #[must_use]
+    pub fn telemetry(&self) -> Option<&Arc<TelemetrySink>> {
+        self.inner.telemetry.as_ref()
     }
 
     /// Enrollment and credentials.
@@ -304,6 +372,7 @@ impl Fleet for FleetService {
             hello.installed.clone(),
             Some(hello.policy_version.clone()).filter(|v| !v.is_empty()),
         );
+        self.inner.publish_status(&claims.sub);
         let span = info_span!("sync", device = %claims.sub);
         tokio::spawn(
             async move {
@@ -321,10 +390,20 @@ impl Fleet for FleetService {
         &self,
         request: Request<TelemetryBatch>,
     ) -> Result<Response<TelemetryAck>, Status> {
-        let _claims = self.inner.auth.verify(request.metadata())?;
-        Err(retry_hint(
-            Status::unavailable("this gateway has no telemetry sink configured"),
-            Duration::from_secs(30),
-        ))
+        let claims = self.inner.auth.verify(request.metadata())?;
+        let Some(sink) = &self.inner.telemetry else {
+            return Err(retry_hint(
+                Status::unavailable("this gateway has no telemetry sink configured"),
+                Duration::from_secs(30),
+            ));
+        };
+        let batch = request.into_inner();
+        let batch_id = batch.batch_id.clone();
+        let (accepted, duplicate) = sink.submit(&claims.sub, batch).await?;
+        Ok(Response::new(TelemetryAck {
+            batch_id,
+            accepted,
+            duplicate,
+        }))
     }
 }

@@ -173,6 +173,7 @@ impl Session {
             }
         }
         self.gw.registry.disconnected(&self.device_id);
+        self.gw.publish_status(&self.device_id);
     }
 
     /// Takes a new snapshot; recomputes only if one of the changes since the last one
@@ -400,7 +401,14 @@ impl Session {
                 ));
             }
         }
+        let activated = report
+            .models
+            .iter()
+            .any(|m| m.state() == edgewise_proto::fleet::ModelState::Active);
         self.gw.registry.status(&self.device_id, report.models);
+        if activated {
+            self.gw.publish_status(&self.device_id);
+        }
         Ok(())
     }
 }

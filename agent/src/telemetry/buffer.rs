@@ -1,0 +1,622 @@
+//! The durable telemetry buffer: bounded, crash-safe, append-only.
+//!
+//! Events are appended as records to segment files (`seg-<seq>.log`, rolled at a size) and
+//! uploaded from a persisted cursor; a batch leaves the buffer only when the gateway has
+//! acknowledged it. Appends are group-committed: a writer thread takes every append queued
+//! while the previous fsync ran, writes them and fsyncs once.
+//!
+//! Record: `magic u32 | length u32 | crc32 u32 | payload` (little endian). On open, a torn
+//! tail (a crash mid-write) is cut; a corrupted record inside a segment is skipped by
+//! scanning for the next valid magic, so the good records around it are kept, and the loss
+//! is counted. When the buffer exceeds its bound the oldest segments are dropped and the
+//! number of dropped events is reported upstream with the next batch: never silent.
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, mpsc};
+
+use edgewise_proto::fleet::{InferenceEvent, ModelEvent};
+use prost::Message;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, oneshot};
+
+use crate::fsutil::{atomic_write, read_json, sync_dir};
+
+const MAGIC: u32 = 0xEDE1_B0F0;
+const HEADER: usize = 12;
+/// Largest record accepted when reading back; anything larger is corruption.
+const MAX_RECORD: usize = 1 << 20;
+
+/// One buffered event.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    /// A routed request.
+    Inference(InferenceEvent),
+    /// A model life-cycle event.
+    Model(ModelEvent),
+}
+
+impl Event {
+    fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            Event::Inference(e) => {
+                out.push(1);
+                e.encode(out).unwrap_or_default();
+            }
+            Event::Model(e) => {
+                out.push(2);
+                e.encode(out).unwrap_or_default();
+            }
+        }
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        let (kind, rest) = bytes.split_first()?;
+        match kind {
+            1 => InferenceEvent::decode(rest).ok().map(Event::Inference),
+            2 => ModelEvent::decode(rest).ok().map(Event::Model),
+            _ => None,
+        }
+    }
+}
+
+/// Sizes of the buffer.
+#[derive(Clone, Debug)]
+pub struct BufferConfig {
+    /// Largest total size on disk before the oldest segments are dropped.
+    pub max_bytes: u64,
+    /// Size at which a segment is sealed and a new one begun.
+    pub segment_bytes: u64,
+    /// fsync each group commit (off only in the simulator).
+    pub durable: bool,
+}
+
+impl Default for BufferConfig {
+    fn default() -> Self {
+        BufferConfig {
+            max_bytes: 256 << 20,
+            segment_bytes: 8 << 20,
+            durable: true,
+        }
+    }
+}
+
+/// A position in the buffer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Position {
+    /// Segment sequence number.
+    pub segment: u64,
+    /// Byte offset in it.
+    pub offset: u64,
+}
+
+/// A batch being uploaded; persisted so a restart resends the same batch with the same id.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct InFlight {
+    id: String,
+    start: Position,
+    end: Position,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct CursorFile {
+    acked: Position,
+    #[serde(default)]
+    inflight: Option<InFlight>,
+    /// Events lost (dropped for space or corrupted) and not yet reported upstream.
+    #[serde(default)]
+    unreported_drops: u64,
+}
+
+/// A batch ready to upload.
+#[derive(Clone, Debug)]
+pub struct Batch {
+    /// Stable id: a retry of this batch carries it again.
+    pub id: String,
+    /// The events.
+    pub events: Vec<Event>,
+    /// Events lost since the last acknowledged batch, to report with this one.
+    pub dropped: u64,
+    end: Position,
+}
+
+/// Why the buffer failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BufferError {
+    /// Disk I/O.
+    #[error("telemetry buffer: {0}")]
+    Io(#[from] std::io::Error),
+    /// The writer thread is gone.
+    #[error("telemetry buffer is closed")]
+    Closed,
+}
+
+struct Segment {
+    seq: u64,
+    len: u64,
+}
+
+struct State {
+    dir: PathBuf,
+    config: BufferConfig,
+    segments: VecDeque<Segment>,
+    active: File,
+    cursor: CursorFile,
+}
+
+type Commit = (Vec<Event>, oneshot::Sender<Result<(), String>>);
+
+/// The buffer. Cheap to share behind an `Arc`.
+pub struct TelemetryBuffer {
+    state: Arc<Mutex<State>>,
+    writer: Mutex<Option<mpsc::Sender<Commit>>>,
+    appended: Arc<Notify>,
+}
+
+impl std::fmt::Debug for TelemetryBuffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TelemetryBuffer").finish_non_exhaustive()
+    }
+}
+
+fn segment_path(dir: &Path, seq: u64) -> PathBuf {
+    dir.join(format!("seg-{seq:016x}.log"))
+}
+
+/// Valid records of a segment: `(offset, payload range)`, and how many corrupt regions were
+/// skipped. `tail` is where the last valid record ends.
+struct Scan {
+    records: Vec<(u64, std::ops::Range<usize>)>,
+    corrupt: u64,
+    tail: u64,
+}
+
+fn scan(bytes: &[u8], from: usize) -> Scan {
+    let mut records = Vec::new();
+    let mut corrupt = 0;
+    let mut at = from;
+    let mut tail = from as u64;
+    let mut in_garbage = false;
+    while at + HEADER <= bytes.len() {
+        let word =
+            |i: usize| u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
+        let valid = word(at) == MAGIC && {
+            let len = word(at + 4) as usize;
+            len <= MAX_RECORD
+                && at + HEADER + len <= bytes.len()
+                && crc32fast::hash(&bytes[at + HEADER..at + HEADER + len]) == word(at + 8)
+        };
+        if valid {
+            let len = word(at + 4) as usize;
+            records.push((at as u64, at + HEADER..at + HEADER + len));
+            at += HEADER + len;
+            tail = at as u64;
+            in_garbage = false;
+        } else {
+            if !in_garbage {
+                corrupt += 1;
+                in_garbage = true;
+            }
+            at += 1;
+        }
+    }
+    Scan {
+        records,
+        corrupt,
+        tail,
+    }
+}
+
+impl TelemetryBuffer {
+    /// Opens (creating) the buffer in `dir`, recovering from a crash: the active segment's
+    /// torn tail is cut and the cursor kept.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn open(dir: &Path, config: BufferConfig) -> Result<Arc<Self>, BufferError> {
+        std::fs::create_dir_all(dir)?;
+        let mut seqs: Vec<u64> = std::fs::read_dir(dir)?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.strip_prefix("seg-")
+                    .and_then(|n| n.strip_suffix(".log"))
+                    .and_then(|n| u64::from_str_radix(n, 16).ok())
+            })
+            .collect();
+        seqs.sort_unstable();
+        let mut segments: VecDeque<Segment> = VecDeque::new();
+        for &seq in &seqs {
+            let len = std::fs::metadata(segment_path(dir, seq))?.len();
+            segments.push_back(Segment { seq, len });
+        }
+        // The last segment is where a crash leaves a torn record: cut everything after the
+        // last valid record (corruption before it is skipped when reading).
+        if let Some(last) = segments.back_mut() {
+            let path = segment_path(dir, last.seq);
+            let tail = scan(&std::fs::read(&path)?, 0).tail;
+            if tail < last.len {
+                OpenOptions::new().write(true).open(&path)?.set_len(tail)?;
+                last.len = tail;
+            }
+        }
+        if segments.is_empty() {
+            File::create(segment_path(dir, 0))?;
+            segments.push_back(Segment { seq: 0, len: 0 });
+        }
+        let mut cursor: CursorFile = read_json(&dir.join("cursor.json"))?.unwrap_or_default();
+        if let Some(first) = segments.front()
+            && cursor.acked.segment < first.seq
+        {
+            cursor.acked = Position {
+                segment: first.seq,
+                offset: 0,
+            };
+        }
+        let active_seq = segments.back().map_or(0, |s| s.seq);
+        let active = OpenOptions::new()
+            .append(true)
+            .open(segment_path(dir, active_seq))?;
+        let state = Arc::new(Mutex::new(State {
+            dir: dir.to_owned(),
+            config,
+            segments,
+            active,
+            cursor,
+        }));
+        let appended = Arc::new(Notify::new());
+        let (tx, rx) = mpsc::channel::<Commit>();
+        let writer_state = state.clone();
+        let writer_notify = appended.clone();
+        std::thread::Builder::new()
+            .name("telemetry-writer".into())
+            .spawn(move || writer(&writer_state, &rx, &writer_notify))?;
+        Ok(Arc::new(TelemetryBuffer {
+            state,
+            writer: Mutex::new(Some(tx)),
+            appended,
+        }))
+    }
+
+    /// Appends events; resolves once they are on disk (group commit).
+    ///
+    /// # Errors
+    /// [`BufferError`] when the write or fsync failed; the events are then not buffered.
+    pub async fn append(&self, events: Vec<Event>) -> Result<(), BufferError> {
+        let (tx, rx) = oneshot::channel();
+        self.writer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .ok_or(BufferError::Closed)?
+            .send((events, tx))
+            .map_err(|_| BufferError::Closed)?;
+        rx.await
+            .map_err(|_| BufferError::Closed)?
+            .map_err(|e| BufferError::Io(std::io::Error::other(e)))
+    }
+
+    /// Waits until something is appended.
+    pub async fn appended(&self) {
+        self.appended.notified().await;
+    }
+
+    /// The next batch to upload (at most `max_events`), or `None` when all is acknowledged.
+    /// Until it is acknowledged the same batch, with the same id, is returned again.
+    ///
+    /// # Errors
+    /// I/O errors reading segments.
+    pub fn next_batch(&self, max_events: usize) -> Result<Option<Batch>, BufferError> {
+        let mut st = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let start = st.cursor.acked;
+        let mut events = Vec::new();
+        let mut end = start;
+        let mut corrupt = 0;
+        // A batch in flight is resent exactly as it was, whatever `max_events` is now.
+        let limit = st
+            .cursor
+            .inflight
+            .as_ref()
+            .filter(|f| f.start == start)
+            .map(|f| f.end);
+        let max_events = if limit.is_some() {
+            usize::MAX
+        } else {
+            max_events
+        };
+        let segs: Vec<(u64, u64)> = st.segments.iter().map(|s| (s.seq, s.len)).collect();
+        'segments: for (seq, len) in segs {
+            if seq < start.segment {
+                continue;
+            }
+            let from = if seq == start.segment {
+                start.offset
+            } else {
+                0
+            };
+            if from >= len {
+                end = Position {
+                    segment: seq,
+                    offset: len,
+                };
+                continue;
+            }
+            let bytes = std::fs::read(segment_path(&st.dir, seq))?;
+            let bytes = &bytes[..(len as usize).min(bytes.len())];
+            let s = scan(bytes, from as usize);
+            corrupt += s.corrupt;
+            for (offset, range) in s.records {
+                let here = Position {
+                    segment: seq,
+                    offset,
+                };
+                if limit.is_some_and(|l| here >= l) || events.len() >= max_events {
+                    end = here;
+                    break 'segments;
+                }
+                if let Some(e) = Event::decode(&bytes[range]) {
+                    events.push(e);
+                } else {
+                    corrupt += 1;
+                }
+            }
+            end = Position {
+                segment: seq,
+                offset: len,
+            };
+        }
+        if corrupt > 0 {
+            st.cursor.unreported_drops += corrupt;
+        }
+        if events.is_empty() {
+            if end != start || corrupt > 0 {
+                st.cursor.acked = end;
+                st.cursor.inflight = None;
+                let cursor = st.cursor.clone();
+                persist_cursor(&st.dir, &cursor, st.config.durable)?;
+            }
+            // Drops alone still go upstream, in an otherwise empty batch.
+            if st.cursor.unreported_drops == 0 {
+                return Ok(None);
+            }
+        }
+        let inflight = match st
+            .cursor
+            .inflight
+            .clone()
+            .filter(|f| f.start == start && f.end == end)
+        {
+            Some(f) => f,
+            None => {
+                let f = InFlight {
+                    id: format!(
+                        "{:016x}-{:016x}-{:016x}",
+                        start.segment,
+                        start.offset,
+                        rand::random::<u64>()
+                    ),
+                    start,
+                    end,
+                };
+                st.cursor.inflight = Some(f.clone());
+                let cursor = st.cursor.clone();
+                persist_cursor(&st.dir, &cursor, st.config.durable)?;
+                f
+            }
+        };
+        Ok(Some(Batch {
+            id: inflight.id,
+            events,
+            dropped: st.cursor.unreported_drops,
+            end,
+        }))
+    }
+
+    /// Marks a batch delivered: its events leave the buffer and its drops are reported.
+    ///
+    /// # Errors
+    /// I/O errors persisting the cursor.
+    pub fn ack(&self, batch: &Batch) -> Result<(), BufferError> {
+        let mut st = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if st.cursor.inflight.as_ref().is_none_or(|f| f.id != batch.id) {
+            return Ok(()); // stale ack: the batch was already acknowledged
+        }
+        st.cursor.acked = batch.end;
+        st.cursor.inflight = None;
+        st.cursor.unreported_drops = st.cursor.unreported_drops.saturating_sub(batch.dropped);
+        let cursor = st.cursor.clone();
+        persist_cursor(&st.dir, &cursor, st.config.durable)?;
+        // Whole segments behind the cursor are done.
+        while st.segments.len() > 1
+            && st
+                .segments
+                .front()
+                .is_some_and(|s| s.seq < st.cursor.acked.segment)
+        {
+            if let Some(s) = st.segments.pop_front() {
+                std::fs::remove_file(segment_path(&st.dir, s.seq))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops a batch the gateway refused as invalid: its events count as lost (and are
+    /// reported as such with the next batch), so a bad record cannot block the buffer.
+    ///
+    /// # Errors
+    /// I/O errors persisting the cursor.
+    pub fn reject(&self, batch: &Batch) -> Result<(), BufferError> {
+        // Acknowledged without its drop count: those were not delivered either.
+        let rejected = Batch {
+            dropped: 0,
+            ..batch.clone()
+        };
+        self.ack(&rejected)?;
+        let mut st = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        st.cursor.unreported_drops += batch.events.len() as u64;
+        let cursor = st.cursor.clone();
+        persist_cursor(&st.dir, &cursor, st.config.durable)?;
+        Ok(())
+    }
+
+    /// Whether everything appended has been acknowledged and every loss reported. Reads
+    /// only: it does not start a batch.
+    #[must_use]
+    pub fn is_drained(&self) -> bool {
+        let st = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let acked = st.cursor.acked;
+        let unread: u64 = st
+            .segments
+            .iter()
+            .map(|s| match s.seq.cmp(&acked.segment) {
+                std::cmp::Ordering::Less => 0,
+                std::cmp::Ordering::Equal => s.len.saturating_sub(acked.offset),
+                std::cmp::Ordering::Greater => s.len,
+            })
+            .sum();
+        unread == 0 && st.cursor.unreported_drops == 0
+    }
+
+    /// Events lost and not yet reported.
+    #[must_use]
+    pub fn unreported_drops(&self) -> u64 {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .cursor
+            .unreported_drops
+    }
+
+    /// Bytes on disk.
+    #[must_use]
+    pub fn bytes(&self) -> u64 {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .segments
+            .iter()
+            .map(|s| s.len)
+            .sum()
+    }
+
+    /// Stops the writer thread (appends fail afterwards).
+    pub fn close(&self) {
+        self.writer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+    }
+}
+
+fn persist_cursor(dir: &Path, cursor: &CursorFile, durable: bool) -> std::io::Result<()> {
+    let bytes = serde_json::to_vec(cursor).map_err(std::io::Error::other)?;
+    atomic_write(&dir.join("cursor.json"), &bytes, durable)
+}
+
+/// The group-commit loop.
+fn writer(state: &Mutex<State>, rx: &mpsc::Receiver<Commit>, appended: &Notify) {
+    let mut buf = Vec::with_capacity(1 << 20);
+    while let Ok(first) = rx.recv() {
+        let mut group = vec![first];
+        while let Ok(more) = rx.try_recv() {
+            group.push(more);
+        }
+        buf.clear();
+        for (events, _) in &group {
+            for e in events {
+                let start = buf.len();
+                buf.extend_from_slice(&[0; HEADER]);
+                e.encode(&mut buf);
+                let len = buf.len() - start - HEADER;
+                let crc = crc32fast::hash(&buf[start + HEADER..]);
+                buf[start..start + 4].copy_from_slice(&MAGIC.to_le_bytes());
+                buf[start + 4..start + 8].copy_from_slice(&(len as u32).to_le_bytes());
+                buf[start + 8..start + 12].copy_from_slice(&crc.to_le_bytes());
+            }
+        }
+        let result = {
+            let mut st = state
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            commit(&mut st, &buf)
+        };
+        let outcome = result.map_err(|e| e.to_string());
+        for (_, done) in group {
+            let _ = done.send(outcome.clone());
+        }
+        appended.notify_one();
+    }
+}
+
+fn commit(st: &mut State, bytes: &[u8]) -> std::io::Result<()> {
+    if bytes.is_empty() {
+        return Ok(());
+    }
+    st.active.write_all(bytes)?;
+    if st.config.durable {
+        st.active.sync_data()?;
+    }
+    if let Some(active) = st.segments.back_mut() {
+        active.len += bytes.len() as u64;
+    }
+    let active = st.segments.back().map_or((0, 0), |s| (s.seq, s.len));
+    if active.1 >= st.config.segment_bytes {
+        let seq = active.0 + 1;
+        st.active = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(segment_path(&st.dir, seq))?;
+        if st.config.durable {
+            sync_dir(&st.dir)?;
+        }
+        st.segments.push_back(Segment { seq, len: 0 });
+    }
+    enforce_bound(st)
+}
+
+/// Drops the oldest sealed segments while the buffer is over its bound, counting the
+/// events in them that were never acknowledged.
+fn enforce_bound(st: &mut State) -> std::io::Result<()> {
+    while st.segments.iter().map(|s| s.len).sum::<u64>() > st.config.max_bytes
+        && st.segments.len() > 1
+    {
+        let Some(oldest) = st.segments.pop_front() else {
+            break;
+        };
+        let path = segment_path(&st.dir, oldest.seq);
+        if oldest.seq >= st.cursor.acked.segment {
+            let bytes = std::fs::read(&path)?;
+            let from = if oldest.seq == st.cursor.acked.segment {
+                st.cursor.acked.offset as usize
+            } else {
+                0
+            };
+            let lost = scan(&bytes, from.min(bytes.len())).records.len() as u64;
+            st.cursor.unreported_drops += lost;
+            let next = st.segments.front().map_or(oldest.seq + 1, |s| s.seq);
+            st.cursor.acked = Position {
+                segment: next,
+                offset: 0,
+            };
+            st.cursor.inflight = None;
+            let cursor = st.cursor.clone();
+            persist_cursor(&st.dir, &cursor, st.config.durable)?;
+        }
+        std::fs::remove_file(path)?;
+    }
+    Ok(())
+}

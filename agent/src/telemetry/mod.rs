@@ -1,0 +1,10 @@
+//! Telemetry from the device: every routing outcome and model event goes into a durable,
+//! bounded buffer ([`buffer`]) and is uploaded in acknowledged batches ([`uploader`]).
+
+pub mod buffer;
+pub mod uploader;
+
+pub use buffer::{Batch, BufferConfig, BufferError, Event, TelemetryBuffer};
+
+#[cfg(test)]
+mod tests;

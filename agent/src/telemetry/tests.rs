@@ -1,0 +1,202 @@
+use std::io::Write;
+
+use edgewise_proto::fleet::InferenceEvent;
+
+use super::*;
+
+fn event(i: u64) -> Event {
+    Event::Inference(InferenceEvent {
+        event_id: format!("e-{i}"),
+        time_unix_ms: 1_800_000_000_000 + i as i64,
+        model: "assistant".into(),
+        version: "1.0.0".into(),
+        latency_ms: i as f64,
+        ok: true,
+        ..InferenceEvent::default()
+    })
+}
+
+fn ids(events: &[Event]) -> Vec<String> {
+    events
+        .iter()
+        .map(|e| match e {
+            Event::Inference(i) => i.event_id.clone(),
+            Event::Model(m) => m.event_id.clone(),
+        })
+        .collect()
+}
+
+fn small(durable: bool) -> BufferConfig {
+    BufferConfig {
+        max_bytes: 1 << 20,
+        segment_bytes: 4 << 10,
+        durable,
+    }
+}
+
+#[tokio::test]
+async fn batches_survive_restarts_and_leave_only_when_acknowledged() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let buf = TelemetryBuffer::open(dir.path(), small(true)).expect("opens");
+    buf.append((0..100).map(event).collect())
+        .await
+        .expect("appends");
+    let first = buf.next_batch(40).expect("reads").expect("batch");
+    assert_eq!(first.events.len(), 40);
+    // Not acknowledged: the same batch, with the same id, comes back, also after a restart.
+    assert_eq!(
+        buf.next_batch(40).expect("reads").expect("batch").id,
+        first.id
+    );
+    buf.close();
+    drop(buf);
+    let buf = TelemetryBuffer::open(dir.path(), small(true)).expect("reopens");
+    let again = buf.next_batch(40).expect("reads").expect("batch");
+    assert_eq!(
+        (again.id.as_str(), ids(&again.events)),
+        (first.id.as_str(), ids(&first.events))
+    );
+    buf.ack(&again).expect("acks");
+    let mut seen = ids(&again.events);
+    while let Some(b) = buf.next_batch(25).expect("reads") {
+        seen.extend(ids(&b.events));
+        buf.ack(&b).expect("acks");
+    }
+    assert_eq!(seen, (0..100).map(|i| format!("e-{i}")).collect::<Vec<_>>());
+    assert!(buf.next_batch(10).expect("reads").is_none());
+}
+
+#[tokio::test]
+async fn a_torn_tail_is_cut_and_everything_before_it_kept() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let buf = TelemetryBuffer::open(dir.path(), small(true)).expect("opens");
+    buf.append((0..10).map(event).collect())
+        .await
+        .expect("appends");
+    buf.close();
+    drop(buf);
+    // A crash mid-write: half a record at the end of the active segment.
+    let seg = std::fs::read_dir(dir.path())
+        .expect("dir")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .max()
+        .expect("a segment");
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&seg)
+        .expect("open");
+    f.write_all(&0xEDE1_B0F0u32.to_le_bytes()).expect("write");
+    f.write_all(&[200, 0, 0, 0, 1, 2, 3]).expect("write");
+    drop(f);
+    let buf = TelemetryBuffer::open(dir.path(), small(true)).expect("recovers");
+    buf.append(vec![event(10)])
+        .await
+        .expect("appends after recovery");
+    let b = buf.next_batch(100).expect("reads").expect("batch");
+    assert_eq!(
+        ids(&b.events),
+        (0..=10).map(|i| format!("e-{i}")).collect::<Vec<_>>()
+    );
+    assert_eq!(b.dropped, 0, "a torn tail is not a lost acknowledged event");
+}
+
+#[tokio::test]
+async fn a_corrupted_segment_keeps_the_good_records_around_the_damage() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let buf = TelemetryBuffer::open(dir.path(), small(false)).expect("opens");
+    buf.append((0..30).map(event).collect())
+        .await
+        .expect("appends");
+    buf.close();
+    drop(buf);
+    let seg = dir.path().join("seg-0000000000000000.log");
+    let mut bytes = std::fs::read(&seg).expect("read");
+    let third = bytes.len() / 3;
+    for b in &mut bytes[third..third + 20] {
+        *b ^= 0xff;
+    }
+    std::fs::write(&seg, &bytes).expect("write");
+    let buf = TelemetryBuffer::open(dir.path(), small(false)).expect("opens");
+    let b = buf.next_batch(100).expect("reads").expect("batch");
+    let got = ids(&b.events);
+    assert!(
+        got.len() >= 27 && got.len() < 30,
+        "kept {} of 30",
+        got.len()
+    );
+    assert_eq!(
+        got.first().map(String::as_str),
+        Some("e-0"),
+        "records before the damage kept"
+    );
+    assert_eq!(
+        got.last().map(String::as_str),
+        Some("e-29"),
+        "records after the damage kept"
+    );
+    assert_eq!(b.dropped, 1, "the damaged region is reported");
+}
+
+#[tokio::test]
+async fn when_full_the_oldest_are_dropped_and_counted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = BufferConfig {
+        max_bytes: 16 << 10,
+        segment_bytes: 2 << 10,
+        durable: false,
+    };
+    let buf = TelemetryBuffer::open(dir.path(), config).expect("opens");
+    for chunk in 0..20 {
+        buf.append((chunk * 50..(chunk + 1) * 50).map(event).collect())
+            .await
+            .expect("appends");
+    }
+    assert!(
+        buf.bytes() <= (16 << 10) + (2 << 10),
+        "bounded: {} bytes",
+        buf.bytes()
+    );
+    let mut kept = Vec::new();
+    let mut reported = 0;
+    while let Some(b) = buf.next_batch(5_000).expect("reads") {
+        kept.extend(ids(&b.events));
+        reported += b.dropped;
+        buf.ack(&b).expect("acks");
+    }
+    assert_eq!(
+        kept.len() as u64 + reported,
+        1_000,
+        "every event is either delivered or counted as dropped"
+    );
+    assert!(reported > 0);
+    assert_eq!(
+        kept.last().map(String::as_str),
+        Some("e-999"),
+        "the newest are kept"
+    );
+    assert_eq!(buf.unreported_drops(), 0);
+}
+
+#[tokio::test]
+async fn concurrent_appends_are_group_committed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let buf = TelemetryBuffer::open(dir.path(), BufferConfig::default()).expect("opens");
+    let mut tasks = Vec::new();
+    for t in 0..8u64 {
+        let buf = buf.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..50 {
+                buf.append(vec![event(t * 1000 + i)])
+                    .await
+                    .expect("appends");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("joins");
+    }
+    let b = buf.next_batch(10_000).expect("reads").expect("batch");
+    assert_eq!(b.events.len(), 400);
+}

@@ -1,0 +1,200 @@
+//! Gate metrics, device counts and version skew: SQL over the telemetry tables.
+//!
+//! Windows are in event time (`time`), not arrival time, so events a device uploads late,
+//! after days offline, land in the window they belong to. Every query reads with `FINAL`, so
+//! a batch delivered twice is counted once.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use clickhouse::{Client, Row};
+use edgewise_core::rollout::{GateMetrics, Metric, MetricSet};
+use serde::Deserialize;
+
+/// On-device inference metrics of one version of one rollout over `[from, to)`.
+pub const INFERENCE_METRICS_SQL: &str = "SELECT
+    count() AS samples,
+    uniqExact(device_id) AS devices,
+    quantileExact(0.5)(latency_ms) AS p50,
+    quantileExact(0.95)(latency_ms) AS p95,
+    quantileExact(0.99)(latency_ms) AS p99,
+    countIf(ok = 0) AS errors,
+    countIf(fallback_used = 1) AS fallbacks,
+    countIf(shadow = 'agree') AS agreements,
+    countIf(shadow != 'none') AS shadows
+FROM edgewise.inference_events FINAL
+WHERE rollout = ? AND model = ? AND version = ? AND on_device = 1
+  AND time >= toDateTime(?) AND time < toDateTime(?)";
+
+/// Install outcomes of one version of one rollout over `[from, to)`.
+pub const INSTALL_METRICS_SQL: &str = "SELECT
+    countIf(kind = 'install_failed') AS failed,
+    countIf(kind IN ('activated', 'install_failed')) AS attempts,
+    uniqExact(device_id) AS devices
+FROM edgewise.model_events FINAL
+WHERE rollout = ? AND model = ? AND version = ?
+  AND time >= toDateTime(?) AND time < toDateTime(?)";
+
+/// Version skew of a model: devices per installed version, from the latest device status.
+pub const VERSION_SKEW_SQL: &str = "SELECT
+    installed_versions[indexOf(installed_models, ?)] AS version,
+    count() AS devices
+FROM edgewise.device_status FINAL
+WHERE has(installed_models, ?)
+GROUP BY version
+ORDER BY version";
+
+#[derive(Debug, Row, Deserialize)]
+struct InferenceAgg {
+    samples: u64,
+    devices: u64,
+    p50: f64,
+    p95: f64,
+    p99: f64,
+    errors: u64,
+    fallbacks: u64,
+    agreements: u64,
+    shadows: u64,
+}
+
+#[derive(Debug, Row, Deserialize)]
+struct InstallAgg {
+    failed: u64,
+    attempts: u64,
+    devices: u64,
+}
+
+#[derive(Debug, Row, Deserialize)]
+struct SkewRow {
+    version: String,
+    devices: u64,
+}
+
+/// Which slice of telemetry: one version in one rollout.
+#[derive(Clone, Copy, Debug)]
+pub struct Slice<'a> {
+    /// `namespace/name` of the rollout.
+    pub rollout: &'a str,
+    /// Model family.
+    pub model: &'a str,
+    /// Version.
+    pub version: &'a str,
+}
+
+fn unix(t: SystemTime) -> u32 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX))
+}
+
+fn ratio(n: u64, d: u64) -> Option<f64> {
+    (d > 0).then(|| n as f64 / d as f64)
+}
+
+/// The metrics of one slice over `[from, to)`. A metric with no data is absent.
+///
+/// # Errors
+/// ClickHouse errors.
+pub async fn metric_set(
+    client: &Client,
+    slice: Slice<'_>,
+    from: SystemTime,
+    to: SystemTime,
+) -> Result<MetricSet, clickhouse::error::Error> {
+    let i: InferenceAgg = client
+        .query(INFERENCE_METRICS_SQL)
+        .bind(slice.rollout)
+        .bind(slice.model)
+        .bind(slice.version)
+        .bind(unix(from))
+        .bind(unix(to))
+        .fetch_one()
+        .await?;
+    let m: InstallAgg = client
+        .query(INSTALL_METRICS_SQL)
+        .bind(slice.rollout)
+        .bind(slice.model)
+        .bind(slice.version)
+        .bind(unix(from))
+        .bind(unix(to))
+        .fetch_one()
+        .await?;
+    let mut values = BTreeMap::new();
+    if i.samples > 0 {
+        values.insert(Metric::LatencyP50Ms, i.p50);
+        values.insert(Metric::LatencyP95Ms, i.p95);
+        values.insert(Metric::LatencyP99Ms, i.p99);
+    }
+    for (metric, value) in [
+        (Metric::ErrorRate, ratio(i.errors, i.samples)),
+        (Metric::FallbackRate, ratio(i.fallbacks, i.samples)),
+        (Metric::CloudAgreementRate, ratio(i.agreements, i.shadows)),
+        (Metric::InstallFailureRate, ratio(m.failed, m.attempts)),
+    ] {
+        if let Some(v) = value {
+            values.insert(metric, v);
+        }
+    }
+    Ok(MetricSet {
+        values,
+        samples: i.samples,
+        devices: i.devices.max(m.devices),
+    })
+}
+
+/// Canary vs stable over the `window` ending at `now`.
+///
+/// # Errors
+/// ClickHouse errors.
+pub async fn gate_metrics(
+    client: &Client,
+    rollout: &str,
+    model: &str,
+    canary: &str,
+    stable: &str,
+    window: Duration,
+    now: SystemTime,
+) -> Result<GateMetrics, clickhouse::error::Error> {
+    let from = now.checked_sub(window).unwrap_or(UNIX_EPOCH);
+    // The window's end is exclusive; include the current second.
+    let to = now + Duration::from_secs(1);
+    let canary = metric_set(
+        client,
+        Slice {
+            rollout,
+            model,
+            version: canary,
+        },
+        from,
+        to,
+    )
+    .await?;
+    let baseline = metric_set(
+        client,
+        Slice {
+            rollout,
+            model,
+            version: stable,
+        },
+        from,
+        to,
+    )
+    .await?;
+    Ok(GateMetrics { canary, baseline })
+}
+
+/// Devices per installed version of `model`.
+///
+/// # Errors
+/// ClickHouse errors.
+pub async fn version_skew(
+    client: &Client,
+    model: &str,
+) -> Result<Vec<(String, u64)>, clickhouse::error::Error> {
+    let rows: Vec<SkewRow> = client
+        .query(VERSION_SKEW_SQL)
+        .bind(model)
+        .bind(model)
+        .fetch_all()
+        .await?;
+    Ok(rows.into_iter().map(|r| (r.version, r.devices)).collect())
+}

@@ -1,0 +1,717 @@
+//! Telemetry end to end against a real ClickHouse server (Debian's 18.16, started by the
+//! tests): exactly-once counting, back-pressure without loss, exact gate metrics, and every
+//! statement also run on a current engine (chdb).
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use edgewise_agent::device::Device;
+use edgewise_agent::simulate::{SimConfig, SimFleet};
+use edgewise_agent::telemetry::{BufferConfig, Event, TelemetryBuffer};
+use edgewise_core::rollout::Metric;
+use edgewise_operator::telemetry::gates::{self, Slice};
+use edgewise_operator::telemetry::ingest::{SinkConfig, TelemetrySink};
+use edgewise_operator::telemetry::rows::DeviceStatusRow;
+use edgewise_operator::telemetry::schema;
+use edgewise_proto::fleet::fleet_client::FleetClient;
+use edgewise_proto::fleet::{InferenceEvent, ModelEvent, ModelEventKind, TelemetryBatch};
+use edgewise_tests::*;
+use tonic::Code;
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as i64
+}
+
+#[allow(clippy::too_many_arguments)]
+fn inference(
+    id: String,
+    version: &str,
+    time_ms: i64,
+    latency: f64,
+    ok: bool,
+    fallback: bool,
+    shadow: i32,
+) -> InferenceEvent {
+    InferenceEvent {
+        event_id: id,
+        time_unix_ms: time_ms,
+        model: "assistant".into(),
+        version: version.into(),
+        variant: "cpu".into(),
+        target: "on-device".into(),
+        on_device: true,
+        rule: "default".into(),
+        policy_version: "p1".into(),
+        latency_ms: latency,
+        ok,
+        fallback_used: fallback,
+        shadow,
+        rollout: "fleet/assistant".into(),
+        task: "chat".into(),
+        data_class: "public".into(),
+        ..InferenceEvent::default()
+    }
+}
+
+fn model_event(id: String, version: &str, time_ms: i64, kind: ModelEventKind) -> ModelEvent {
+    ModelEvent {
+        event_id: id,
+        time_unix_ms: time_ms,
+        kind: kind as i32,
+        model: "assistant".into(),
+        version: version.into(),
+        variant: "cpu".into(),
+        rollout: "fleet/assistant".into(),
+        ..ModelEvent::default()
+    }
+}
+
+fn batch(
+    device: &str,
+    id: &str,
+    inference: Vec<InferenceEvent>,
+    model_events: Vec<ModelEvent>,
+) -> TelemetryBatch {
+    TelemetryBatch {
+        batch_id: id.into(),
+        device_id: device.into(),
+        inference,
+        model_events,
+        dropped_events: 0,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrations_are_idempotent_and_record_what_they_applied() {
+    let ch = ClickHouse::start().await;
+    // ClickHouse::start migrated once; again is a no-op.
+    let again = schema::migrate(&ch.client).await.expect("migrates again");
+    assert!(again.applied.is_empty(), "{again:?}");
+    assert!(
+        again.server.starts_with("18.16"),
+        "tests run on Debian's 18.16: {}",
+        again.server
+    );
+    assert_eq!(again.skipped, [2], "TTL waits for a server that has it");
+    assert_eq!(
+        ch.count("SELECT count() FROM edgewise.schema_migrations FINAL")
+            .await,
+        1
+    );
+    for table in [
+        "inference_events",
+        "model_events",
+        "device_status",
+        "telemetry_batches",
+    ] {
+        assert_eq!(
+            ch.count(&format!(
+                "SELECT count() FROM system.tables WHERE database = 'edgewise' AND name = '{table}'"
+            ))
+            .await,
+            1,
+            "{table}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gate_metrics_are_exact_late_events_land_in_their_window_and_retries_count_once() {
+    let ch = ClickHouse::start().await;
+    let sink = TelemetrySink::start(ch.client.clone(), SinkConfig::default());
+    let now = now_ms();
+    // Canary 2.0.0: latencies 1..=100 ms from 10 devices; 5 errors, 3 fallbacks, 20 shadows
+    // of which 18 agree. Baseline 1.0.0: latencies 101..=200 ms, no errors.
+    for d in 0..10 {
+        let device = format!("dev-{d}");
+        let canary: Vec<InferenceEvent> = (0..10)
+            .map(|i| {
+                let n = d * 10 + i; // 0..100
+                let shadow = if n < 20 {
+                    if n < 18 { 1 } else { 2 }
+                } else {
+                    0
+                };
+                inference(
+                    format!("c-{n}"),
+                    "2.0.0",
+                    now - 60_000,
+                    f64::from(n + 1),
+                    n >= 5,
+                    n < 3,
+                    shadow,
+                )
+            })
+            .collect();
+        let baseline: Vec<InferenceEvent> = (0..10)
+            .map(|i| {
+                let n = d * 10 + i;
+                inference(
+                    format!("b-{n}"),
+                    "1.0.0",
+                    now - 60_000,
+                    f64::from(n + 101),
+                    true,
+                    false,
+                    0,
+                )
+            })
+            .collect();
+        let installs = vec![model_event(
+            format!("m-{d}"),
+            "2.0.0",
+            now - 120_000,
+            if d < 2 {
+                ModelEventKind::InstallFailed
+            } else {
+                ModelEventKind::Activated
+            },
+        )];
+        let mut all = canary;
+        all.extend(baseline);
+        sink.submit(
+            &device,
+            batch(&device, &format!("batch-{d}"), all, installs),
+        )
+        .await
+        .expect("stored");
+    }
+    // A batch retried after a lost ack: the same events again.
+    let retry = batch(
+        "dev-0",
+        "batch-0",
+        vec![inference(
+            "c-0".into(),
+            "2.0.0",
+            now - 60_000,
+            1.0,
+            false,
+            true,
+            1,
+        )],
+        vec![],
+    );
+    let (_, duplicate) = sink.submit("dev-0", retry).await.expect("stored");
+    assert!(duplicate, "the replica recognises the retry");
+    // A late event: uploaded now, but it happened 5 minutes ago (inside a 10-minute window)…
+    sink.submit(
+        "dev-late",
+        batch(
+            "dev-late",
+            "late",
+            vec![inference(
+                "late-1".into(),
+                "2.0.0",
+                now - 300_000,
+                1000.0,
+                true,
+                false,
+                0,
+            )],
+            vec![],
+        ),
+    )
+    .await
+    .expect("stored");
+    // …and one from 2 hours ago, outside the window.
+    sink.submit(
+        "dev-old",
+        batch(
+            "dev-old",
+            "old",
+            vec![inference(
+                "old-1".into(),
+                "2.0.0",
+                now - 7_200_000,
+                5000.0,
+                false,
+                false,
+                0,
+            )],
+            vec![],
+        ),
+    )
+    .await
+    .expect("stored");
+
+    let m = gates::gate_metrics(
+        &ch.client,
+        "fleet/assistant",
+        "assistant",
+        "2.0.0",
+        "1.0.0",
+        Duration::from_secs(600),
+        SystemTime::now(),
+    )
+    .await
+    .expect("queries");
+    // 101 canary samples in the window: 1..=100 and the late 1000 ms one. quantileExact
+    // takes the element at floor(level × n) of the sorted values.
+    assert_eq!(m.canary.samples, 101);
+    assert_eq!(m.canary.devices, 11);
+    assert_eq!(m.canary.values[&Metric::LatencyP50Ms], 51.0);
+    assert_eq!(m.canary.values[&Metric::LatencyP95Ms], 96.0);
+    assert_eq!(m.canary.values[&Metric::LatencyP99Ms], 100.0);
+    assert_eq!(m.canary.values[&Metric::ErrorRate], 5.0 / 101.0);
+    assert_eq!(m.canary.values[&Metric::FallbackRate], 3.0 / 101.0);
+    assert_eq!(m.canary.values[&Metric::CloudAgreementRate], 18.0 / 20.0);
+    assert_eq!(m.canary.values[&Metric::InstallFailureRate], 2.0 / 10.0);
+    assert_eq!(m.baseline.samples, 100);
+    assert_eq!(m.baseline.values[&Metric::LatencyP50Ms], 151.0);
+    assert_eq!(m.baseline.values[&Metric::ErrorRate], 0.0);
+    assert!(
+        !m.baseline.values.contains_key(&Metric::CloudAgreementRate),
+        "no shadows, no value"
+    );
+
+    // An empty slice has no values rather than zeros.
+    let empty = gates::metric_set(
+        &ch.client,
+        Slice {
+            rollout: "fleet/assistant",
+            model: "assistant",
+            version: "9.9.9",
+        },
+        SystemTime::now() - Duration::from_secs(600),
+        SystemTime::now(),
+    )
+    .await
+    .expect("queries");
+    assert_eq!((empty.samples, empty.values.len()), (0, 0));
+
+    // Version skew from device status, latest status per device wins.
+    let status = |device: &str, version: &str, ms: u64| DeviceStatusRow {
+        device_id: device.into(),
+        updated_at: (ms / 1000) as u32,
+        updated_ms: ms,
+        connected: 1,
+        installed_models: vec!["assistant".into()],
+        installed_versions: vec![version.into()],
+        ..DeviceStatusRow::default()
+    };
+    let t = now as u64;
+    for (device, version) in [("a", "1.0.0"), ("b", "1.0.0"), ("c", "2.0.0")] {
+        sink.device_status(status(device, version, t));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    sink.device_status(status("b", "2.0.0", t + 10));
+    let skew = eventually(Duration::from_secs(10), "skew", || async {
+        let s = gates::version_skew(&ch.client, "assistant").await.ok()?;
+        (s == [("1.0.0".to_owned(), 1), ("2.0.0".to_owned(), 2)]).then_some(s)
+    })
+    .await;
+    assert_eq!(skew.len(), 2);
+}
+
+/// Simulated devices with durable buffers and uploaders, pointed at `gateway_url`.
+fn fleet(h: &Harness, devices: usize) -> SimFleet {
+    SimFleet::start(&SimConfig {
+        devices,
+        gateway: h.gateway_url(),
+        bootstrap_token: TOKEN.into(),
+        data_dir: h.dir.path().join("sim"),
+        backoff: quick_backoff(),
+        devices_per_connection: 10,
+        telemetry: true,
+        traffic: None,
+    })
+    .expect("fleet starts")
+}
+
+async fn append(device: &Arc<Device>, from: usize, n: usize) {
+    let buffer = device.telemetry.as_ref().expect("telemetry");
+    let now = now_ms();
+    let events: Vec<Event> = (from..from + n)
+        .map(|i| {
+            Event::Inference(inference(
+                format!("{}-{i}", device.device_id),
+                "1.0.0",
+                now - 1000,
+                10.0,
+                true,
+                false,
+                0,
+            ))
+        })
+        .collect();
+    for chunk in events.chunks(2_500) {
+        buffer.append(chunk.to_vec()).await.expect("appends");
+    }
+}
+
+async fn drained(fleet: &SimFleet) -> bool {
+    fleet
+        .devices()
+        .iter()
+        .all(|d| d.telemetry.as_ref().is_some_and(|b| b.is_drained()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_agents_times_ten_thousand_events_arrive_exactly_once() {
+    let ch = ClickHouse::start().await;
+    let h = Harness::start_with_telemetry(&ch.url(), SinkConfig::default()).await;
+    let fleet = fleet(&h, 50);
+    for d in fleet.devices() {
+        append(d, 0, 10_000).await;
+    }
+    eventually(
+        Duration::from_secs(120),
+        "every buffer to drain",
+        || async { drained(&fleet).await.then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        ch.count("SELECT count() FROM edgewise.inference_events FINAL")
+            .await,
+        500_000
+    );
+    assert_eq!(
+        ch.count("SELECT uniqExact(device_id, event_id) FROM edgewise.inference_events")
+            .await,
+        500_000
+    );
+    assert_eq!(
+        ch.count("SELECT sum(inference_events) FROM edgewise.telemetry_batches FINAL")
+            .await,
+        500_000
+    );
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clickhouse_down_under_load_loses_nothing_and_counts_nothing_twice() {
+    let mut ch = ClickHouse::start().await;
+    let sink = SinkConfig {
+        max_queued_rows: 20_000,
+        ..SinkConfig::default()
+    };
+    let h = Harness::start_with_telemetry(&ch.url(), sink.clone()).await;
+    let fleet = fleet(&h, 20);
+    let mut total = 0;
+    for round in 0..6 {
+        for d in fleet.devices() {
+            append(d, round * 1_000, 1_000).await;
+        }
+        total += 20 * 1_000;
+        if round == 2 {
+            ch.server.stop().await;
+            tokio::time::sleep(Duration::from_secs(3)).await;
+        }
+        if round == 4 {
+            ch.server.restart().await.expect("restarts");
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    eventually(
+        Duration::from_secs(120),
+        "every buffer to drain",
+        || async { drained(&fleet).await.then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        ch.count("SELECT count() FROM edgewise.inference_events FINAL")
+            .await,
+        total as u64,
+        "nothing lost"
+    );
+    assert_eq!(
+        ch.count("SELECT uniqExact(device_id, event_id) FROM edgewise.inference_events")
+            .await,
+        total as u64,
+        "nothing counted twice"
+    );
+    let stats = h.gateway.telemetry().expect("sink").stats();
+    assert!(
+        stats.pushed_back.load(Ordering::Relaxed) > 0,
+        "the gateway pushed back while ClickHouse was down"
+    );
+    assert!(stats.insert_failures.load(Ordering::Relaxed) > 0);
+    let high = stats.queued_rows_high_water.load(Ordering::Relaxed);
+    assert!(
+        high <= sink.max_queued_rows,
+        "gateway memory bounded: {high} rows queued at most"
+    );
+    fleet.stop().await;
+}
+
+async fn upload(
+    url: &str,
+    credential: &str,
+    b: TelemetryBatch,
+) -> Result<edgewise_proto::fleet::TelemetryAck, tonic::Status> {
+    let mut client = FleetClient::connect(url.to_owned())
+        .await
+        .expect("connects");
+    let mut request = tonic::Request::new(b);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {credential}").parse().expect("ascii"),
+    );
+    client
+        .upload_telemetry(request)
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_retried_after_a_lost_ack_even_to_another_gateway_is_counted_once() {
+    let ch = ClickHouse::start().await;
+    let a = Harness::start_with_telemetry(&ch.url(), SinkConfig::default()).await;
+    let b = Harness::start_with_telemetry(&ch.url(), SinkConfig::default()).await;
+    let id = edgewise_agent::identity::Identity::ephemeral();
+    let enrolled = FleetClient::connect(a.gateway_url())
+        .await
+        .expect("connects")
+        .enroll(id.enroll_request(
+            TOKEN,
+            &facts("linux", "x86_64", 4096, &[]),
+            &Default::default(),
+        ))
+        .await
+        .expect("enrolls")
+        .into_inner();
+    let now = now_ms();
+    let events: Vec<InferenceEvent> = (0..500)
+        .map(|i| inference(format!("e-{i}"), "1.0.0", now - 1000, 5.0, true, false, 0))
+        .collect();
+    let one = batch(id.device_id(), "b-1", events, vec![]);
+    let first = upload(&a.gateway_url(), &enrolled.credential, one.clone())
+        .await
+        .expect("stored on A");
+    assert_eq!((first.accepted, first.duplicate), (500, false));
+    // The ack was lost: the agent retries on A, then (A gone from its view) on B.
+    assert!(
+        upload(&a.gateway_url(), &enrolled.credential, one.clone())
+            .await
+            .expect("again on A")
+            .duplicate
+    );
+    upload(&b.gateway_url(), &enrolled.credential, one)
+        .await
+        .expect("again on B");
+    assert_eq!(
+        ch.count("SELECT count() FROM edgewise.inference_events FINAL")
+            .await,
+        500
+    );
+    assert_eq!(
+        ch.count("SELECT count() FROM edgewise.telemetry_batches FINAL")
+            .await,
+        1
+    );
+    let m = gates::metric_set(
+        &ch.client,
+        Slice {
+            rollout: "fleet/assistant",
+            model: "assistant",
+            version: "1.0.0",
+        },
+        SystemTime::now() - Duration::from_secs(600),
+        SystemTime::now() + Duration::from_secs(1),
+    )
+    .await
+    .expect("queries");
+    assert_eq!(m.samples, 500, "gate metrics count it once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_batches_are_rejected_naming_the_problem() {
+    let ch = ClickHouse::start().await;
+    let h = Harness::start_with_telemetry(&ch.url(), SinkConfig::default()).await;
+    let id = edgewise_agent::identity::Identity::ephemeral();
+    let enrolled = FleetClient::connect(h.gateway_url())
+        .await
+        .expect("connects")
+        .enroll(id.enroll_request(
+            TOKEN,
+            &facts("linux", "x86_64", 4096, &[]),
+            &Default::default(),
+        ))
+        .await
+        .expect("enrolls")
+        .into_inner();
+    let now = now_ms();
+    let good = || inference("ok".into(), "1.0.0", now, 5.0, true, false, 0);
+    let mut nan = good();
+    nan.latency_ms = f64::NAN;
+    let mut future = good();
+    future.time_unix_ms = now + 86_400_000;
+    let mut no_id = good();
+    no_id.event_id.clear();
+    let cases = [
+        (
+            batch(id.device_id(), "x", vec![good(), nan], vec![]),
+            Code::InvalidArgument,
+            "inference[1].latency_ms",
+        ),
+        (
+            batch(id.device_id(), "x", vec![future], vec![]),
+            Code::InvalidArgument,
+            "inference[0].time_unix_ms",
+        ),
+        (
+            batch(id.device_id(), "x", vec![no_id], vec![]),
+            Code::InvalidArgument,
+            "inference[0].event_id is required",
+        ),
+        (
+            batch(id.device_id(), "", vec![good()], vec![]),
+            Code::InvalidArgument,
+            "batch_id is required",
+        ),
+        (
+            batch("dev-someone-else", "x", vec![good()], vec![]),
+            Code::PermissionDenied,
+            "not the credential's device",
+        ),
+        (
+            batch(
+                id.device_id(),
+                "x",
+                vec![],
+                vec![ModelEvent {
+                    kind: 99,
+                    ..model_event("m".into(), "1.0.0", now, ModelEventKind::Activated)
+                }],
+            ),
+            Code::InvalidArgument,
+            "model_events[0].kind",
+        ),
+    ];
+    for (b, code, words) in cases {
+        let err = upload(&h.gateway_url(), &enrolled.credential, b)
+            .await
+            .expect_err("rejected");
+        assert_eq!(err.code(), code, "{words}: {err:?}");
+        assert!(err.message().contains(words), "{words}: {}", err.message());
+    }
+    // A good batch still goes through.
+    upload(
+        &h.gateway_url(),
+        &enrolled.credential,
+        batch(id.device_id(), "good", vec![good()], vec![]),
+    )
+    .await
+    .expect("stored");
+    assert_eq!(
+        ch.count("SELECT count() FROM edgewise.inference_events FINAL")
+            .await,
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_buffer_drops_the_oldest_and_the_drop_count_reaches_clickhouse() {
+    let ch = ClickHouse::start().await;
+    let mut h = Harness::start_with_telemetry(&ch.url(), SinkConfig::default()).await;
+    let dir = h.dir.path().join("device");
+    // A device whose uploads cannot get through while it buffers 5,000 events in 64 KiB.
+    h.stop_gateway().await;
+    let buffer = TelemetryBuffer::open(
+        &dir.join("telemetry"),
+        BufferConfig {
+            max_bytes: 64 << 10,
+            segment_bytes: 8 << 10,
+            durable: true,
+        },
+    )
+    .expect("opens");
+    let now = now_ms();
+    for chunk in 0..50 {
+        let events = (chunk * 100..(chunk + 1) * 100)
+            .map(|i| {
+                Event::Inference(inference(
+                    format!("e-{i}"),
+                    "1.0.0",
+                    now - 1000,
+                    5.0,
+                    true,
+                    false,
+                    0,
+                ))
+            })
+            .collect();
+        buffer.append(events).await.expect("appends");
+    }
+    let dropped = buffer.unreported_drops();
+    assert!(dropped > 0, "the bound forced drops");
+    h.restart_gateway().await;
+    let agent = TestAgentWithTelemetry::start(&dir, &h.gateway_url(), buffer);
+    eventually(Duration::from_secs(60), "buffer drained", || async {
+        agent.buffer.is_drained().then_some(())
+    })
+    .await;
+    let delivered = ch
+        .count("SELECT count() FROM edgewise.inference_events FINAL")
+        .await;
+    let reported = ch
+        .count("SELECT sum(dropped_events) FROM edgewise.telemetry_batches FINAL")
+        .await;
+    assert_eq!(reported, dropped, "the drop count arrived in ClickHouse");
+    assert_eq!(
+        delivered + reported,
+        5_000,
+        "every event is delivered or counted as dropped"
+    );
+    agent.stop().await;
+}
+
+/// One in-process agent that uploads from a given buffer.
+struct TestAgentWithTelemetry {
+    buffer: Arc<TelemetryBuffer>,
+    stop: tokio_util::sync::CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl TestAgentWithTelemetry {
+    fn start(dir: &std::path::Path, gateway: &str, buffer: Arc<TelemetryBuffer>) -> Self {
+        use edgewise_agent::device::DeviceParts;
+        let device = Device::new(DeviceParts {
+            identity: edgewise_agent::identity::Identity::load_or_create(dir, true)
+                .expect("identity"),
+            content: Arc::new(
+                edgewise_agent::store::ContentStore::open(&dir.join("store"), true).expect("store"),
+            ),
+            state: edgewise_agent::store::ModelState::ephemeral(),
+            policy: Arc::new(edgewise_agent::policy::PolicyStore::ephemeral()),
+            facts: facts("linux", "x86_64", 4096, &[]),
+            labels: Default::default(),
+            publisher: None,
+            bootstrap_token: TOKEN.into(),
+            backoff: quick_backoff(),
+            collect_garbage: false,
+            telemetry: Some(buffer.clone()),
+        });
+        let stop = tokio_util::sync::CancellationToken::new();
+        let channel = edgewise_agent::gateway_channel(gateway).expect("channel");
+        let tasks = vec![
+            tokio::spawn(edgewise_agent::sync::run(
+                device.clone(),
+                channel.clone(),
+                stop.clone(),
+            )),
+            tokio::spawn(edgewise_agent::telemetry::uploader::run(
+                device,
+                buffer.clone(),
+                channel,
+                stop.clone(),
+            )),
+        ];
+        TestAgentWithTelemetry {
+            buffer,
+            stop,
+            tasks,
+        }
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
