@@ -715,3 +715,32 @@ impl TestAgentWithTelemetry {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_migrate_command_applies_the_schema_and_can_run_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = edgewise_operator::clickhouse_server::ClickHouseServer::start(dir.path())
+        .await
+        .expect("starts");
+    for round in 0..2 {
+        let out = std::process::Command::new(workspace_binary("edgewise-operator"))
+            .args(["migrate", "--clickhouse-url", &server.url()])
+            .output()
+            .expect("runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let applied = if round == 0 {
+            "applied [1]"
+        } else {
+            "applied []"
+        };
+        assert!(
+            stdout.contains(applied) && stdout.contains("skipped [2]"),
+            "round {round}: {stdout}"
+        );
+    }
+}

@@ -19,6 +19,27 @@ pub struct Cli {
 pub enum Command {
     /// Print every Edgewise CRD as multi-document YAML (the same as `crds/`).
     Crds,
+    /// Create or upgrade the ClickHouse schema (database `edgewise`); safe to repeat.
+    Migrate {
+        /// ClickHouse HTTP URL.
+        #[arg(
+            long,
+            env = "EDGEWISE_CLICKHOUSE_URL",
+            default_value = "http://127.0.0.1:8123"
+        )]
+        clickhouse_url: String,
+        /// ClickHouse user.
+        #[arg(long, env = "EDGEWISE_CLICKHOUSE_USER", default_value = "default")]
+        clickhouse_user: String,
+        /// ClickHouse password.
+        #[arg(
+            long,
+            env = "EDGEWISE_CLICKHOUSE_PASSWORD",
+            default_value = "",
+            hide_env_values = true
+        )]
+        clickhouse_password: String,
+    },
 }
 
 /// Errors the command line reports before exiting non-zero.
@@ -30,17 +51,37 @@ pub enum Error {
     /// Writing to stdout failed.
     #[error("writing output: {0}")]
     Io(#[from] std::io::Error),
+    /// Migrating failed.
+    #[error(transparent)]
+    Migrate(#[from] crate::telemetry::schema::Error),
 }
 
 /// Runs the parsed command.
 ///
 /// # Errors
 /// Whatever the subcommand reports.
-pub fn run(cli: Cli) -> Result<(), Error> {
+pub async fn run(cli: Cli) -> Result<(), Error> {
     match cli.command {
         Command::Crds => {
             let yaml = crate::crd::to_yaml(&crate::crd::all())?;
             std::io::stdout().lock().write_all(yaml.as_bytes())?;
+            Ok(())
+        }
+        Command::Migrate {
+            clickhouse_url,
+            clickhouse_user,
+            clickhouse_password,
+        } => {
+            let _obs = crate::observability::init("edgewise-operator");
+            let client = crate::telemetry::client(&clickhouse_url)
+                .with_user(clickhouse_user)
+                .with_password(clickhouse_password);
+            let report = crate::telemetry::schema::migrate(&client).await?;
+            tracing::info!(server = %report.server, applied = ?report.applied, skipped = ?report.skipped, "schema up to date");
+            println!(
+                "ClickHouse {}: applied {:?}, skipped {:?} (unsupported by this server)",
+                report.server, report.applied, report.skipped
+            );
             Ok(())
         }
     }

@@ -6,6 +6,7 @@ pub mod cli;
 pub mod clickhouse_server;
 pub mod crd;
 pub mod gateway;
+pub mod observability;
 pub mod s3;
 pub mod s3_server;
 pub mod telemetry;

@@ -70,6 +70,10 @@ pub struct SinkStats {
     pub pushed_back: AtomicU64,
     /// Milliseconds spent in the last INSERT round.
     pub last_insert_ms: AtomicU64,
+    /// Rows in the last INSERT round.
+    pub last_insert_rows: AtomicU64,
+    /// Milliseconds spent pushing back because ClickHouse was failing.
+    pub backpressure_ms: AtomicU64,
 }
 
 struct Pending {
@@ -416,10 +420,7 @@ where
     Ok(n)
 }
 
-async fn flush(
-    client: &Client,
-    group: &mut [Pending],
-) -> Result<usize, clickhouse::error::Error> {
+async fn flush(client: &Client, group: &mut [Pending]) -> Result<usize, clickhouse::error::Error> {
     let inference = group
         .iter_mut()
         .flat_map(|p| std::mem::take(&mut p.inference))
@@ -471,6 +472,7 @@ async fn writer(
         match result {
             Ok(n) => {
                 stats.rows_inserted.fetch_add(n as u64, Ordering::Relaxed);
+                stats.last_insert_rows.store(n as u64, Ordering::Relaxed);
                 debug!(rows = n, batches = group.len(), "telemetry inserted");
                 for p in group {
                     let _ = p.done.send(Ok(()));
@@ -489,9 +491,14 @@ async fn writer(
                     stats.queued_rows.fetch_sub(p.rows(), Ordering::Relaxed);
                     let _ = p.done.send(Err(message.clone()));
                 }
+                let down = Instant::now();
                 while client.query("SELECT 1").execute().await.is_err() {
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
+                stats.backpressure_ms.fetch_add(
+                    u64::try_from(down.elapsed().as_millis()).unwrap_or(u64::MAX),
+                    Ordering::Relaxed,
+                );
                 healthy.store(true, Ordering::Relaxed);
                 warn!("telemetry store answers again");
             }
