@@ -5,6 +5,7 @@ pub mod admission;
 pub mod cli;
 pub mod clickhouse_server;
 pub mod crd;
+pub mod devapi;
 pub mod gateway;
 pub mod observability;
 pub mod s3;

@@ -1,0 +1,407 @@
+//! The dev stack's Kubernetes-compatible endpoint, driven by kube-rs as a controller would:
+//! CRUD, status, all three patch types, finalizers, generation, selectors, conflicts, watch
+//! with bookmarks and resumption, 410 Gone, admission (schema and CEL) and persistence.
+
+use std::time::Duration;
+
+use edgewise_operator::crd::{ModelRollout, ModelVersion, ModelVersionPhase, ModelVersionStatus};
+use edgewise_operator::devapi::DevApi;
+use edgewise_tests::*;
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
+use kube::api::{
+    Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams,
+};
+use kube::{Client, Config};
+use serde_json::json;
+
+async fn client(api: &DevApi) -> Client {
+    let config = Config::new(api.url().parse().expect("url"));
+    Client::try_from(config).expect("client")
+}
+
+fn example(name: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../examples")
+            .join(name),
+    )
+    .expect("example");
+    serde_yaml_ng::from_str(&text).expect("yaml")
+}
+
+async fn start(dir: &std::path::Path) -> (DevApi, Client) {
+    init_logging();
+    let api = DevApi::start_with(dir, loopback(), Duration::from_millis(200), 50)
+        .await
+        .expect("starts");
+    let c = client(&api).await;
+    let ns: Api<Namespace> = Api::all(c.clone());
+    if ns.get_opt("edgewise").await.expect("get ns").is_none() {
+        ns.create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "edgewise"}})).expect("ns"),
+        )
+        .await
+        .expect("creates the namespace");
+    }
+    (api, c)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crud_status_patches_generation_and_conflicts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, c) = start(dir.path()).await;
+    let mvs: Api<ModelVersion> = Api::namespaced(c.clone(), "edgewise");
+    let mv: ModelVersion = serde_json::from_value(example("modelversion.yaml")).expect("typed");
+    let created = mvs
+        .create(&PostParams::default(), &mv)
+        .await
+        .expect("creates");
+    assert_eq!(created.metadata.generation, Some(1));
+    assert!(created.metadata.uid.is_some() && created.metadata.resource_version.is_some());
+    let dup = mvs
+        .create(&PostParams::default(), &mv)
+        .await
+        .expect_err("exists");
+    assert!(
+        matches!(dup, kube::Error::Api(ref s) if s.code == 409 && s.reason == "AlreadyExists"),
+        "{dup:?}"
+    );
+
+    // Status is its own subresource: writing it keeps the spec and the generation.
+    let status = json!({"status": {"phase": "Ready", "verified": "2/2"}});
+    let after = mvs
+        .patch_status(
+            "assistant-2.1.0",
+            &PatchParams::default(),
+            &Patch::Merge(&status),
+        )
+        .await
+        .expect("status");
+    assert_eq!(
+        after.status.as_ref().and_then(|s| s.phase),
+        Some(ModelVersionPhase::Ready)
+    );
+    assert_eq!(after.metadata.generation, Some(1));
+    // …and the main resource ignores status.
+    let mut attempt = after.clone();
+    attempt.status = Some(ModelVersionStatus {
+        phase: Some(ModelVersionPhase::Failed),
+        ..ModelVersionStatus::default()
+    });
+    let replaced = mvs
+        .replace("assistant-2.1.0", &PostParams::default(), &attempt)
+        .await
+        .expect("replace");
+    assert_eq!(
+        replaced.status.and_then(|s| s.phase),
+        Some(ModelVersionPhase::Ready)
+    );
+
+    // A stale resourceVersion conflicts.
+    let mut stale = after.clone();
+    stale.metadata.resource_version = Some("1".into());
+    let err = mvs
+        .replace("assistant-2.1.0", &PostParams::default(), &stale)
+        .await
+        .expect_err("conflict");
+    assert!(
+        matches!(err, kube::Error::Api(ref s) if s.code == 409),
+        "{err:?}"
+    );
+
+    // Deprecating is a spec change: generation moves. JSON patch, merge patch and apply all work.
+    let deprecated = json!({"spec": {"deprecated": {"reason": "accuracy regression", "removeAfter": "2027-03-01"}}});
+    let p = mvs
+        .patch(
+            "assistant-2.1.0",
+            &PatchParams::default(),
+            &Patch::Merge(&deprecated),
+        )
+        .await
+        .expect("merge");
+    assert_eq!(p.metadata.generation, Some(2));
+    let jp: json_patch::Patch = serde_json::from_value(
+        json!([{"op": "add", "path": "/metadata/labels/tier", "value": "gold"}]),
+    )
+    .expect("patch");
+    let p = mvs
+        .patch(
+            "assistant-2.1.0",
+            &PatchParams::default(),
+            &Patch::Json::<()>(jp),
+        )
+        .await
+        .expect("json patch");
+    assert_eq!(
+        p.metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("tier"))
+            .map(String::as_str),
+        Some("gold")
+    );
+    assert_eq!(p.metadata.generation, Some(2), "metadata is not spec");
+    let apply = json!({"apiVersion": "edgewise.dev/v1alpha1", "kind": "ModelVersion", "metadata": {"name": "assistant-2.1.0", "labels": {"owner": "ml"}}});
+    let p = mvs
+        .patch(
+            "assistant-2.1.0",
+            &PatchParams::apply("edgewise-test").force(),
+            &Patch::Apply(&apply),
+        )
+        .await
+        .expect("apply");
+    assert_eq!(
+        p.metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("owner"))
+            .map(String::as_str),
+        Some("ml")
+    );
+
+    // Admission: the immutability rule and the schema, with the field named.
+    let change = json!({"spec": {"variants": [{"name": "x", "format": "onnx", "artifact": {"uri": "s3://models/other.onnx", "sha256": "0".repeat(64), "sizeBytes": 1}}]}});
+    let err = mvs
+        .patch(
+            "assistant-2.1.0",
+            &PatchParams::default(),
+            &Patch::Merge(&change),
+        )
+        .await
+        .expect_err("immutable");
+    assert!(
+        matches!(err, kube::Error::Api(ref s) if s.code == 422 && s.message.contains("immutable")),
+        "{err:?}"
+    );
+    let mut bad = example("modelversion.yaml");
+    bad["metadata"]["name"] = json!("bad");
+    bad["spec"]["variants"][0]["artifact"]["sha256"] = json!("abc");
+    let err = mvs
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(bad).expect("typed"),
+        )
+        .await
+        .expect_err("schema");
+    assert!(
+        matches!(err, kube::Error::Api(ref s) if s.code == 422 && s.message.contains("spec.variants[0].artifact.sha256")),
+        "{err:?}"
+    );
+    let mut bad = example("modelrollout.yaml");
+    bad["spec"]["steps"] = json!([{"setPercent": 50}, {"setPercent": 10}]);
+    let mros: Api<ModelRollout> = Api::namespaced(c.clone(), "edgewise");
+    let err = mros
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(bad).expect("typed"),
+        )
+        .await
+        .expect_err("CEL");
+    assert!(
+        matches!(err, kube::Error::Api(ref s) if s.code == 422 && s.message.contains("never decrease")),
+        "{err:?}"
+    );
+
+    // Selectors.
+    let by_label = mvs
+        .list(&ListParams::default().labels("tier=gold"))
+        .await
+        .expect("list");
+    assert_eq!(by_label.items.len(), 1);
+    assert!(
+        mvs.list(&ListParams::default().labels("tier=silver"))
+            .await
+            .expect("list")
+            .items
+            .is_empty()
+    );
+    let by_name = mvs
+        .list(&ListParams::default().fields("metadata.name=assistant-2.1.0"))
+        .await
+        .expect("list");
+    assert_eq!(by_name.items.len(), 1);
+
+    // A namespace that does not exist.
+    let other: Api<ConfigMap> = Api::namespaced(c.clone(), "nowhere");
+    let err = other
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "x"}})).expect("cm"),
+        )
+        .await
+        .expect_err("no namespace");
+    assert!(
+        matches!(err, kube::Error::Api(ref s) if s.code == 404),
+        "{err:?}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finalizers_hold_deletion_until_removed_and_state_survives_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, c) = start(dir.path()).await;
+    let cms: Api<ConfigMap> = Api::namespaced(c.clone(), "edgewise");
+    let cm = json!({"metadata": {"name": "held", "finalizers": ["edgewise.dev/cleanup"]}, "data": {"a": "1"}});
+    cms.create(
+        &PostParams::default(),
+        &serde_json::from_value(cm).expect("cm"),
+    )
+    .await
+    .expect("creates");
+    cms.delete("held", &DeleteParams::default())
+        .await
+        .expect("deletes");
+    let held = cms.get("held").await.expect("still there");
+    assert!(held.metadata.deletion_timestamp.is_some());
+    let clear = json!({"metadata": {"finalizers": null}});
+    cms.patch("held", &PatchParams::default(), &Patch::Merge(&clear))
+        .await
+        .expect("clears");
+    assert!(
+        cms.get_opt("held").await.expect("get").is_none(),
+        "gone once finalized"
+    );
+
+    cms.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": "kept"}, "data": {"k": "v"}}))
+            .expect("cm"),
+    )
+    .await
+    .expect("creates");
+    let rv = cms
+        .get("kept")
+        .await
+        .expect("get")
+        .metadata
+        .resource_version
+        .expect("rv");
+    server.stop().await;
+    let (server, c) = start(dir.path()).await;
+    let cms: Api<ConfigMap> = Api::namespaced(c, "edgewise");
+    let kept = cms.get("kept").await.expect("survives a restart");
+    assert_eq!(kept.metadata.resource_version.as_deref(), Some(rv.as_str()));
+    assert_eq!(
+        kept.data.and_then(|d| d.get("k").cloned()).as_deref(),
+        Some("v")
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watches_stream_changes_send_bookmarks_resume_and_expire() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, c) = start(dir.path()).await;
+    let cms: Api<ConfigMap> = Api::namespaced(c.clone(), "edgewise");
+    let list = cms.list(&ListParams::default()).await.expect("list");
+    let rv = list.metadata.resource_version.expect("rv");
+    let mut stream = cms
+        .watch(&WatchParams::default(), &rv)
+        .await
+        .expect("watch")
+        .boxed();
+    cms.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": "w"}})).expect("cm"),
+    )
+    .await
+    .expect("creates");
+    cms.patch(
+        "w",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"data": {"x": "1"}})),
+    )
+    .await
+    .expect("patches");
+    cms.delete("w", &DeleteParams::default())
+        .await
+        .expect("deletes");
+    let mut seen = Vec::new();
+    let mut bookmark = false;
+    while seen.len() < 3 || !bookmark {
+        match tokio::time::timeout(Duration::from_secs(5), stream.next())
+            .await
+            .expect("an event in time")
+            .expect("open")
+            .expect("ok")
+        {
+            WatchEvent::Added(o) | WatchEvent::Modified(o) | WatchEvent::Deleted(o) => {
+                seen.push(o.metadata.name.unwrap_or_default())
+            }
+            WatchEvent::Bookmark(_) => bookmark = true,
+            WatchEvent::Error(e) => panic!("{e:?}"),
+        }
+    }
+    assert_eq!(seen, ["w", "w", "w"]);
+
+    // Resuming from the list's resourceVersion replays what happened since.
+    let mut resumed = cms
+        .watch(&WatchParams::default(), &rv)
+        .await
+        .expect("watch")
+        .boxed();
+    let mut kinds = Vec::new();
+    while kinds.len() < 3 {
+        match resumed.next().await.expect("open").expect("ok") {
+            WatchEvent::Added(_) => kinds.push("ADDED"),
+            WatchEvent::Modified(_) => kinds.push("MODIFIED"),
+            WatchEvent::Deleted(_) => kinds.push("DELETED"),
+            _ => {}
+        }
+    }
+    assert_eq!(kinds, ["ADDED", "MODIFIED", "DELETED"]);
+
+    // The log keeps 50 events here: a resourceVersion older than that is Gone.
+    for i in 0..60 {
+        cms.create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": format!("n{i}")}})).expect("cm"),
+        )
+        .await
+        .expect("creates");
+    }
+    let mut old = cms
+        .watch(&WatchParams::default(), &rv)
+        .await
+        .expect("watch")
+        .boxed();
+    match old.next().await.expect("an answer").expect("ok") {
+        WatchEvent::Error(e) => assert_eq!(e.code, 410, "{e:?}"),
+        other => panic!("expected 410 Gone, got {other:?}"),
+    }
+
+    // kube-runtime's watcher (what reflectors use) lists and then follows.
+    let events = kube::runtime::watcher(
+        cms.clone(),
+        kube::runtime::watcher::Config::default().labels("app=x"),
+    );
+    let mut events = Box::pin(events);
+    cms.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": "labelled", "labels": {"app": "x"}}}))
+            .expect("cm"),
+    )
+    .await
+    .expect("creates");
+    let found = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(e) = events.next().await {
+            match e.expect("watcher") {
+                kube::runtime::watcher::Event::Apply(o)
+                | kube::runtime::watcher::Event::InitApply(o)
+                    if o.metadata.name.as_deref() == Some("labelled") =>
+                {
+                    return true;
+                }
+                _ => {}
+            }
+        }
+        false
+    })
+    .await
+    .expect("in time");
+    assert!(found);
+    server.stop().await;
+}
