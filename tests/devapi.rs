@@ -405,3 +405,163 @@ async fn watches_stream_changes_send_bookmarks_resume_and_expire() {
     assert!(found);
     server.stop().await;
 }
+
+/// Runs kubectl against the dev API; returns stdout, panicking with stderr on failure.
+fn kubectl(kubeconfig: &std::path::Path, args: &[&str]) -> String {
+    let out = std::process::Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(args)
+        .output()
+        .expect("kubectl 1.32 is on the machine");
+    assert!(
+        out.status.success(),
+        "kubectl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_drives_the_dev_api_like_a_cluster() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let api = DevApi::start_with(dir.path(), loopback(), Duration::from_millis(500), 1000)
+        .await
+        .expect("starts");
+    let kc = dir.path().join("kubeconfig");
+    std::fs::write(&kc, api.kubeconfig()).expect("kubeconfig");
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let ns = dir.path().join("ns.yaml");
+    std::fs::write(
+        &ns,
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: edgewise\n",
+    )
+    .expect("ns");
+    let kc2 = kc.clone();
+    let run = move |args: Vec<String>| {
+        let kc = kc2.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                kubectl(&kc, &args.iter().map(String::as_str).collect::<Vec<_>>())
+            })
+            .await
+            .expect("joins")
+        }
+    };
+    let s = |v: &[&str]| v.iter().map(|x| (*x).to_owned()).collect::<Vec<String>>();
+    run(s(&["apply", "-f", ns.to_str().expect("utf-8")])).await;
+    let applied = run(s(&[
+        "apply",
+        "-n",
+        "edgewise",
+        "-f",
+        examples.to_str().expect("utf-8"),
+    ]))
+    .await;
+    assert!(
+        applied.contains("modelversion.edgewise.dev/assistant-2.1.0 created"),
+        "{applied}"
+    );
+
+    let got = run(s(&["get", "mv,mro,rp", "-n", "edgewise"])).await;
+    for column in [
+        "MODEL", "VERSION", "PHASE", "STABLE", "CANARY", "PERCENT", "PRIORITY", "ACKED",
+    ] {
+        assert!(
+            got.contains(column),
+            "printer column {column} missing:\n{got}"
+        );
+    }
+    assert!(
+        run(s(&["get", "edgewise", "-n", "edgewise"]))
+            .await
+            .contains("assistant-eu-beta"),
+        "category edgewise"
+    );
+    let described = run(s(&[
+        "describe",
+        "mro",
+        "assistant-eu-beta",
+        "-n",
+        "edgewise",
+    ]))
+    .await;
+    assert!(
+        described.contains("Set Percent") && described.contains("Kind:         ModelRollout"),
+        "{described}"
+    );
+
+    // get -w sees an update made while it watches.
+    let watch = tokio::task::spawn_blocking({
+        let kc = kc.clone();
+        move || {
+            std::process::Command::new("timeout")
+                .args(["6", "kubectl", "--kubeconfig"])
+                .arg(&kc)
+                .args([
+                    "get",
+                    "mro",
+                    "-n",
+                    "edgewise",
+                    "-w",
+                    "--output-watch-events",
+                ])
+                .output()
+                .expect("runs")
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    run(s(&[
+        "patch",
+        "mro",
+        "assistant-eu-beta",
+        "-n",
+        "edgewise",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"paused":true}}"#,
+    ]))
+    .await;
+    let watched = String::from_utf8_lossy(&watch.await.expect("joins").stdout).into_owned();
+    assert!(
+        watched.contains("MODIFIED") && watched.contains("assistant-eu-beta"),
+        "{watched}"
+    );
+
+    // Admission errors reach kubectl with the field named.
+    let out = std::process::Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(&kc)
+        .args([
+            "patch",
+            "mro",
+            "assistant-eu-beta",
+            "-n",
+            "edgewise",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"spec":{"steps":[{"setPercent":50},{"setPercent":10}]}}"#,
+        ])
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("spec.steps: steps[].setPercent must never decrease")
+    );
+
+    let explained = run(s(&["explain", "modelrollouts.spec.steps"])).await;
+    assert!(
+        explained.contains("setPercent") || explained.contains("steps"),
+        "{explained}"
+    );
+    run(s(&["delete", "rp", "assistant-default", "-n", "edgewise"])).await;
+    assert!(
+        !run(s(&["get", "rp", "-n", "edgewise"]))
+            .await
+            .contains("assistant-default")
+    );
+    api.stop().await;
+}

@@ -266,6 +266,7 @@ async fn handle(
         },
         ["apis", group, version] => ok_json(StatusCode::OK, &api.resource_list(group, version)),
         ["openapi", "v3"] => ok_json(StatusCode::OK, &api.openapi_index()),
+        ["openapi", "v3", "api", "v1"] => ok_json(StatusCode::OK, &api.openapi("", "v1")),
         ["openapi", "v3", "apis", group, version] => {
             ok_json(StatusCode::OK, &api.openapi(group, version))
         }
@@ -350,8 +351,13 @@ impl Api {
         json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": list})
     }
 
+    /// Group-versions with OpenAPI documents: every group, and core `v1` as `api/v1`.
     fn openapi_index(&self) -> Value {
         let mut paths = serde_json::Map::new();
+        paths.insert(
+            "api/v1".into(),
+            json!({"serverRelativeURL": "/openapi/v3/api/v1?hash=edgewise"}),
+        );
         for (g, v) in self.groups() {
             paths.insert(
                 format!("apis/{g}/{v}"),
@@ -361,26 +367,54 @@ impl Api {
         json!({"paths": paths})
     }
 
+    /// An OpenAPI v3 document: schemas (for `kubectl explain`) and, per resource, the
+    /// create and patch operations with their `fieldValidation` parameter, which is how
+    /// kubectl learns that this server validates (so it needs no v2 document).
     fn openapi(&self, group: &str, version: &str) -> Value {
         let mut schemas = serde_json::Map::new();
+        let mut paths = serde_json::Map::new();
         for r in self
             .resources
             .iter()
             .filter(|r| r.group == group && r.version == version)
         {
-            let mut schema = r
-                .schema
-                .clone()
-                .unwrap_or_else(|| json!({"type": "object"}));
-            schema["x-kubernetes-group-version-kind"] =
-                json!([{"group": group, "version": version, "kind": r.kind}]);
-            let reversed: Vec<&str> = group.split('.').rev().collect();
-            schemas.insert(
-                format!("{}.{version}.{}", reversed.join("."), r.kind),
-                schema,
+            let gvk = json!({"group": group, "version": version, "kind": r.kind});
+            let mut schema = r.schema.clone().unwrap_or_else(
+                || json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true}),
+            );
+            schema["x-kubernetes-group-version-kind"] = json!([gvk.clone()]);
+            let prefix: Vec<&str> = if group.is_empty() {
+                vec!["io", "k8s", "api", "core"]
+            } else {
+                group.split('.').rev().collect()
+            };
+            let name = format!("{}.{version}.{}", prefix.join("."), r.kind);
+            schemas.insert(name.clone(), schema);
+            let base = if group.is_empty() {
+                format!("/api/{version}")
+            } else {
+                format!("/apis/{group}/{version}")
+            };
+            let collection = if r.namespaced {
+                format!("{base}/namespaces/{{namespace}}/{}", r.plural)
+            } else {
+                format!("{base}/{}", r.plural)
+            };
+            let op = |action: &str| {
+                json!({
+                    "x-kubernetes-action": action,
+                    "x-kubernetes-group-version-kind": gvk,
+                    "parameters": [{"name": "fieldValidation", "in": "query", "schema": {"type": "string", "uniqueItems": true}}],
+                    "responses": {"200": {"description": "OK", "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{name}")}}}}}
+                })
+            };
+            paths.insert(collection.clone(), json!({"post": op("post")}));
+            paths.insert(
+                format!("{collection}/{{name}}"),
+                json!({"patch": op("patch"), "put": op("put")}),
             );
         }
-        json!({"openapi": "3.0.0", "info": {"title": "Edgewise dev API", "version": "v1.32.0"}, "paths": {}, "components": {"schemas": schemas}})
+        json!({"openapi": "3.0.0", "info": {"title": "Edgewise dev API", "version": "v1.32.0"}, "paths": paths, "components": {"schemas": schemas}})
     }
 
     fn target<'a>(&'a self, group: &str, version: &str, rest: &[&str]) -> Option<Target<'a>> {
@@ -449,7 +483,7 @@ impl Api {
             .unwrap_or("application/json");
         match (method.clone(), t.name.clone()) {
             (Method::GET, None) if q.get("watch").is_some_and(|w| w == "true" || w == "1") => {
-                self.watch(&t, q)
+                self.watch(&t, q, table)
             }
             (Method::GET, None) => self.list(&t, q, table),
             (Method::GET, Some(name)) => {
@@ -898,7 +932,12 @@ impl Api {
         }
     }
 
-    fn watch(self: &Arc<Self>, t: &Target<'_>, q: &BTreeMap<String, String>) -> Response {
+    fn watch(
+        self: &Arc<Self>,
+        t: &Target<'_>,
+        q: &BTreeMap<String, String>,
+        table: bool,
+    ) -> Response {
         let (labels, fields) = match Self::selectors(q) {
             Ok(s) => s,
             Err(e) => return e,
@@ -918,7 +957,15 @@ impl Api {
                 && fields.matches(o)
         };
         let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(256);
-        let line = |kind: &str, object: &Value| {
+        // kubectl get -w asks for Table events: one row per event.
+        let tabler = self.clone();
+        let table_resource = t.resource.clone();
+        let line = move |kind: &str, object: &Value| {
+            let object = if table && kind != "ERROR" && kind != "BOOKMARK" {
+                tabler.table(&table_resource, std::slice::from_ref(object), 0)
+            } else {
+                object.clone()
+            };
             Ok(Bytes::from(format!(
                 "{}\n",
                 json!({"type": kind, "object": object})
