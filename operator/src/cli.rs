@@ -19,6 +19,9 @@ pub struct Cli {
 pub enum Command {
     /// Print every Edgewise CRD as multi-document YAML (the same as `crds/`).
     Crds,
+    /// Run everything on one machine: dev Kubernetes API, S3, ClickHouse, controllers,
+    /// gateway and a simulated fleet.
+    Dev(crate::dev::DevOptions),
     /// Create or upgrade the ClickHouse schema (database `edgewise`); safe to repeat.
     Migrate {
         /// ClickHouse HTTP URL.
@@ -54,6 +57,9 @@ pub enum Error {
     /// Migrating failed.
     #[error(transparent)]
     Migrate(#[from] crate::telemetry::schema::Error),
+    /// The dev stack failed.
+    #[error(transparent)]
+    Dev(#[from] crate::dev::Error),
 }
 
 /// Runs the parsed command.
@@ -65,6 +71,17 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
         Command::Crds => {
             let yaml = crate::crd::to_yaml(&crate::crd::all())?;
             std::io::stdout().lock().write_all(yaml.as_bytes())?;
+            Ok(())
+        }
+        Command::Dev(opts) => {
+            let _obs = crate::observability::init("edgewise-operator");
+            let shutdown = tokio_util::sync::CancellationToken::new();
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                let _ = tokio::signal::ctrl_c().await;
+                stop.cancel();
+            });
+            crate::dev::run(opts, shutdown).await?;
             Ok(())
         }
         Command::Migrate {

@@ -4,7 +4,9 @@
 pub mod admission;
 pub mod cli;
 pub mod clickhouse_server;
+pub mod controller;
 pub mod crd;
+pub mod dev;
 pub mod devapi;
 pub mod gateway;
 pub mod observability;

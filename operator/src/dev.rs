@@ -1,0 +1,458 @@
+//! `edgewise-operator dev`: the whole system on one machine — the dev Kubernetes API, an
+//! embedded S3 server, ClickHouse (a child process, or `--clickhouse-url`), migrations, the
+//! controllers, the gateway and a simulated fleet — and, with `--exit-after-demo`, a demo
+//! that publishes a model, rolls a new version out in steps gated on telemetry, pushes a
+//! routing policy and reports the outcome.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use aws_sdk_s3::primitives::ByteStream;
+use edgewise_agent::simulate::{SimConfig, SimFleet, Traffic};
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::{Client, Config};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+
+use crate::clickhouse_server::ClickHouseServer;
+use crate::crd::{ModelRollout, ModelVersion, RoutingPolicy};
+use crate::devapi::DevApi;
+use crate::gateway::{BootstrapToken, Gateway, GatewayConfig};
+use crate::s3_server::EmbeddedS3;
+use crate::telemetry::ingest::{SinkConfig, TelemetrySink};
+
+/// `edgewise-operator dev` flags.
+#[derive(Clone, Debug, clap::Args)]
+pub struct DevOptions {
+    /// Simulated devices.
+    #[arg(long, default_value_t = 100)]
+    pub devices: usize,
+    /// Where everything keeps its state (kubeconfig, S3 objects, ClickHouse data…).
+    #[arg(long, default_value = "edgewise-dev")]
+    pub data_dir: PathBuf,
+    /// Run the demo and exit 0 only if every step succeeded.
+    #[arg(long)]
+    pub exit_after_demo: bool,
+    /// Kubernetes-compatible API listen address.
+    #[arg(long, default_value = "127.0.0.1:6443")]
+    pub api_addr: SocketAddr,
+    /// Embedded S3 listen address.
+    #[arg(long, default_value = "127.0.0.1:9000")]
+    pub s3_addr: SocketAddr,
+    /// Gateway listen address.
+    #[arg(long, default_value = "127.0.0.1:7443")]
+    pub gateway_addr: SocketAddr,
+    /// Use this ClickHouse instead of starting `clickhouse-server`.
+    #[arg(long, env = "EDGEWISE_CLICKHOUSE_URL")]
+    pub clickhouse_url: Option<String>,
+}
+
+/// Why the dev stack failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A component did not start.
+    #[error("{0}")]
+    Start(String),
+    /// A demo step failed.
+    #[error("demo step failed: {0}")]
+    Demo(String),
+}
+
+fn start<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> Error + '_ {
+    move |e| Error::Start(format!("{what}: {e}"))
+}
+
+fn step(n: usize, text: &str) {
+    println!("[{n}] {text}");
+}
+
+/// Runs the dev stack until `shutdown` (or the demo's end).
+///
+/// # Errors
+/// [`Error`] saying which component or demo step failed, and how to fix it.
+pub async fn run(opts: DevOptions, shutdown: CancellationToken) -> Result<(), Error> {
+    let dir = &opts.data_dir;
+    std::fs::create_dir_all(dir).map_err(start("data dir"))?;
+    let api = DevApi::start(&dir.join("api"), opts.api_addr)
+        .await
+        .map_err(start("Kubernetes API"))?;
+    std::fs::write(dir.join("kubeconfig"), api.kubeconfig()).map_err(start("kubeconfig"))?;
+    println!(
+        "Kubernetes API  {}   (kubectl --kubeconfig {}/kubeconfig get edgewise -A)",
+        api.url(),
+        dir.display()
+    );
+    let s3 = EmbeddedS3::start(
+        &dir.join("s3"),
+        opts.s3_addr,
+        "edgewise",
+        "edgewise-dev-secret",
+    )
+    .await
+    .map_err(start("S3"))?;
+    println!("S3              {}   (access key edgewise)", s3.endpoint());
+    let mut clickhouse_server = None;
+    let clickhouse_url = match &opts.clickhouse_url {
+        Some(url) => url.clone(),
+        None => {
+            let server = ClickHouseServer::start(&dir.join("clickhouse"))
+                .await
+                .map_err(start("ClickHouse"))?;
+            let url = server.url();
+            clickhouse_server = Some(server);
+            url
+        }
+    };
+    let ch = crate::telemetry::client(&clickhouse_url);
+    let report = crate::telemetry::schema::migrate(&ch)
+        .await
+        .map_err(start("migrations"))?;
+    println!(
+        "ClickHouse      {clickhouse_url}   ({} , schema applied {:?})",
+        report.server, report.applied
+    );
+
+    let s3_client = s3.settings().client();
+    let _ = s3_client.create_bucket().bucket("models").send().await;
+    let token = format!("{:032x}", rand::random::<u128>());
+    std::fs::write(dir.join("bootstrap-token"), &token).map_err(start("bootstrap token"))?;
+    let sink = TelemetrySink::start(ch.clone(), SinkConfig::default());
+    let gateway = Gateway::new(
+        GatewayConfig {
+            signing_key: rand::random::<[u8; 32]>().to_vec(),
+            ..GatewayConfig::default()
+        },
+        s3_client.clone(),
+    )
+    .with_telemetry(sink.clone());
+    gateway.auth().set_bootstrap_tokens(vec![BootstrapToken {
+        name: "dev".into(),
+        token: token.clone(),
+        labels: [("cluster".to_owned(), "dev".to_owned())].into(),
+    }]);
+    let (gw_addr, _gw) = gateway
+        .spawn(opts.gateway_addr, shutdown.clone())
+        .await
+        .map_err(start("gateway"))?;
+    println!(
+        "Gateway         http://{gw_addr}   (bootstrap token in {}/bootstrap-token)",
+        dir.display()
+    );
+
+    let client = Client::try_from(Config::new(api.url().parse().map_err(start("API URL"))?))
+        .map_err(start("kube client"))?;
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    if namespaces
+        .get_opt("edgewise")
+        .await
+        .map_err(start("namespace"))?
+        .is_none()
+    {
+        let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": "edgewise"}}))
+            .map_err(start("namespace"))?;
+        namespaces
+            .create(&PostParams::default(), &ns)
+            .await
+            .map_err(start("namespace"))?;
+    }
+    let ctx = Arc::new(crate::controller::Context::new(
+        client.clone(),
+        s3_client.clone(),
+        Some(ch.clone()),
+        Some(gateway.clone()),
+    ));
+    tokio::spawn(crate::controller::feed_gateway(
+        client.clone(),
+        gateway.clone(),
+        shutdown.clone(),
+    ));
+    tokio::spawn(crate::controller::run(ctx, shutdown.clone()));
+    println!("Controllers     ModelVersion, ModelRollout, RoutingPolicy");
+
+    // A slow 3.0.0 lets the demo show an automatic rollback if asked to.
+    let traffic = Traffic {
+        requests_per_sec: 2.0,
+        slow_versions: [("3.0.0".to_owned(), 6.0)].into(),
+        ..Traffic::default()
+    };
+    let fleet = SimFleet::start(&SimConfig {
+        devices: opts.devices,
+        gateway: format!("http://{gw_addr}"),
+        bootstrap_token: token,
+        data_dir: dir.join("sim"),
+        backoff: edgewise_agent::config::Backoff {
+            initial: Duration::from_millis(200),
+            max: Duration::from_secs(5),
+        },
+        devices_per_connection: 100,
+        telemetry: true,
+        traffic: Some(traffic),
+    })
+    .map_err(start("simulated fleet"))?;
+    println!("Fleet           {} simulated devices", opts.devices);
+
+    let outcome = if opts.exit_after_demo {
+        demo(&client, &s3_client, &fleet).await
+    } else {
+        println!(
+            "\nReady. Try: kubectl --kubeconfig {}/kubeconfig apply -n edgewise -f examples/   (Ctrl-C to stop)",
+            dir.display()
+        );
+        shutdown.cancelled().await;
+        Ok(())
+    };
+    shutdown.cancel();
+    fleet.stop().await;
+    api.stop().await;
+    s3.stop().await;
+    if let Some(mut server) = clickhouse_server {
+        server.stop().await;
+    }
+    outcome
+}
+
+async fn put(
+    s3: &aws_sdk_s3::Client,
+    key: &str,
+    bytes: Vec<u8>,
+) -> Result<serde_json::Value, Error> {
+    let sha = hex::encode(Sha256::digest(&bytes));
+    let size = bytes.len();
+    s3.put_object()
+        .bucket("models")
+        .key(key)
+        .body(ByteStream::from(bytes))
+        .send()
+        .await
+        .map_err(|e| Error::Demo(format!("uploading {key}: {e}")))?;
+    Ok(json!({"uri": format!("s3://models/{key}"), "sha256": sha, "sizeBytes": size}))
+}
+
+async fn wait<F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<(), Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<String>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last = String::new();
+    loop {
+        match check().await {
+            None => return Ok(()),
+            Some(progress) => {
+                if progress != last {
+                    println!("    {progress}");
+                    last = progress;
+                }
+            }
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(Error::Demo(format!(
+                "{what} did not happen within {timeout:?} ({last})"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn demo(client: &Client, s3: &aws_sdk_s3::Client, fleet: &SimFleet) -> Result<(), Error> {
+    let ns = "edgewise";
+    let mvs: Api<ModelVersion> = Api::namespaced(client.clone(), ns);
+    let mros: Api<ModelRollout> = Api::namespaced(client.clone(), ns);
+    let rps: Api<RoutingPolicy> = Api::namespaced(client.clone(), ns);
+    let pp = PatchParams::apply("edgewise-demo").force();
+
+    println!("\nDemo");
+    step(
+        1,
+        "publish assistant 1.0.0 and 2.0.0, each an NPU (GGUF) and a CPU (ONNX) variant, to S3",
+    );
+    for (version, seed) in [("1.0.0", 1u8), ("2.0.0", 2u8)] {
+        let bytes = |n: usize, s: u8| {
+            (0..n)
+                .map(|i| (i as u8).wrapping_mul(31).wrapping_add(s))
+                .collect::<Vec<u8>>()
+        };
+        let npu = put(
+            s3,
+            &format!("assistant/{version}/npu.gguf"),
+            bytes(256 << 10, seed),
+        )
+        .await?;
+        let cpu = put(
+            s3,
+            &format!("assistant/{version}/cpu.onnx"),
+            bytes(128 << 10, seed + 100),
+        )
+        .await?;
+        let mv = json!({
+            "apiVersion": "edgewise.dev/v1alpha1", "kind": "ModelVersion",
+            "metadata": {"name": format!("assistant-{version}")},
+            "spec": {"model": "assistant", "version": version, "variants": [
+                {"name": "npu-gguf", "format": "gguf", "artifact": npu, "requires": {"minMemoryMiB": 6144, "accelerators": ["npu"]}},
+                {"name": "cpu-onnx", "format": "onnx", "artifact": cpu, "requires": {"minMemoryMiB": 2048}}
+            ]}
+        });
+        mvs.patch(&format!("assistant-{version}"), &pp, &Patch::Apply(&mv))
+            .await
+            .map_err(|e| Error::Demo(e.to_string()))?;
+    }
+    wait(
+        "both versions verified",
+        Duration::from_secs(60),
+        || async {
+            let list = mvs.list(&Default::default()).await.ok()?;
+            let ready = list
+                .items
+                .iter()
+                .filter(|m| {
+                    m.status.as_ref().and_then(|s| s.phase)
+                        == Some(crate::crd::ModelVersionPhase::Ready)
+                })
+                .count();
+            (ready < 2).then(|| format!("{ready}/2 ModelVersions Ready"))
+        },
+    )
+    .await?;
+
+    step(
+        2,
+        "push a routing policy: private data stays on device, long context goes to the cloud",
+    );
+    let rp = json!({
+        "apiVersion": "edgewise.dev/v1alpha1", "kind": "RoutingPolicy", "metadata": {"name": "assistant"},
+        "spec": {
+            "targets": [
+                {"name": "on-device", "device": {"model": "assistant"}},
+                {"name": "cloud", "cloud": {"endpoint": "https://inference.example.com/v1", "model": "large", "costPer1kTokensUsd": 0.002}}
+            ],
+            "rules": [
+                {"name": "private", "match": [{"attribute": "dataClass", "eq": "private"}], "route": "on-device"},
+                {"name": "long-context", "match": [{"attribute": "inputTokens", "gt": 8000}], "route": "cloud", "fallback": ["on-device"]}
+            ],
+            "default": {"route": "on-device", "fallback": ["cloud"]},
+            "shadow": {"sampleRate": 0.1, "target": "cloud"}
+        }
+    });
+    rps.patch("assistant", &pp, &Patch::Apply(&rp))
+        .await
+        .map_err(|e| Error::Demo(e.to_string()))?;
+    let devices = fleet.devices().len();
+    wait(
+        "the policy acked by the fleet",
+        Duration::from_secs(60),
+        || async {
+            let acked = rps
+                .get("assistant")
+                .await
+                .ok()?
+                .status
+                .map_or(0, |s| s.devices.acked);
+            (acked < devices as u64).then(|| format!("{acked}/{devices} devices acked the policy"))
+        },
+    )
+    .await?;
+
+    step(3, "roll assistant 1.0.0 out as the stable version");
+    let rollout = |version: &str| {
+        json!({
+            "apiVersion": "edgewise.dev/v1alpha1", "kind": "ModelRollout", "metadata": {"name": "assistant"},
+            "spec": {
+                "model": "assistant", "version": version,
+                "steps": [{"setPercent": 25}, {"analysis": {}}, {"setPercent": 100}],
+                "analysis": {"interval": "5s", "window": "2m", "minDevices": 3, "minSamples": 20, "failureLimit": 0,
+                    "gates": [
+                        {"metric": "latency_p95_ms", "max": 1.5, "relativeToBaseline": true},
+                        {"metric": "error_rate", "max": 0.05}
+                    ]},
+                "onFailure": "Rollback"
+            }
+        })
+    };
+    mros.patch("assistant", &pp, &Patch::Apply(&rollout("1.0.0")))
+        .await
+        .map_err(|e| Error::Demo(e.to_string()))?;
+    let supported = fleet
+        .devices()
+        .iter()
+        .filter(|d| d.facts.memory_mib >= 2048)
+        .count();
+    wait("1.0.0 installed", Duration::from_secs(90), || async {
+        let on = fleet
+            .summary()
+            .active
+            .get(&("assistant".to_owned(), "1.0.0".to_owned()))
+            .copied()
+            .unwrap_or(0);
+        (on < supported).then(|| format!("{on}/{supported} devices run 1.0.0"))
+    })
+    .await?;
+
+    step(
+        4,
+        "roll out 2.0.0: 25 % → analysis on telemetry (p95 vs baseline, error rate) → 100 %",
+    );
+    mros.patch("assistant", &pp, &Patch::Apply(&rollout("2.0.0")))
+        .await
+        .map_err(|e| Error::Demo(e.to_string()))?;
+    wait(
+        "the 2.0.0 rollout to succeed",
+        Duration::from_secs(180),
+        || async {
+            let s = mros.get("assistant").await.ok()?.status?;
+            let phase = s.state.phase;
+            let done = phase == Some(edgewise_core::rollout::Phase::Succeeded)
+                && s.state.stable_version.as_deref() == Some("2.0.0");
+            (!done).then(|| {
+                let gates = s
+                    .state
+                    .last_analysis
+                    .as_ref()
+                    .map_or_else(String::new, |a| {
+                        format!(
+                            " last analysis {:?}: {}",
+                            a.verdict,
+                            a.gates
+                                .iter()
+                                .map(|g| format!(
+                                    "{}={:.3}",
+                                    g.metric.as_str(),
+                                    g.compared.unwrap_or(f64::NAN)
+                                ))
+                                .collect::<Vec<_>>()
+                                .join(" ")
+                        )
+                    });
+                format!(
+                    "{phase:?} step {} at {}%{gates}",
+                    s.state.step_index, s.state.percent
+                )
+            })
+        },
+    )
+    .await?;
+    wait("2.0.0 on the fleet", Duration::from_secs(90), || async {
+        let on = fleet
+            .summary()
+            .active
+            .get(&("assistant".to_owned(), "2.0.0".to_owned()))
+            .copied()
+            .unwrap_or(0);
+        (on < supported).then(|| format!("{on}/{supported} devices run 2.0.0"))
+    })
+    .await?;
+
+    step(5, "outcome");
+    let summary = fleet.summary();
+    println!(
+        "    devices: {devices} ({} cannot run any variant and say why)",
+        summary.unsupported
+    );
+    println!("    running: {:?}", summary.active);
+    println!("    policy versions: {:?}", summary.policies);
+    println!("\nDemo succeeded.");
+    Ok(())
+}
