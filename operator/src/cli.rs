@@ -19,6 +19,12 @@ pub struct Cli {
 pub enum Command {
     /// Print every Edgewise CRD as multi-document YAML (the same as `crds/`).
     Crds,
+    /// Run controllers and gateway in one process against the current cluster.
+    Run(crate::server::RunOptions),
+    /// Run the controllers only (leader-elected).
+    Controller(crate::server::RunOptions),
+    /// Run the device gateway only.
+    Gateway(crate::server::RunOptions),
     /// Run everything on one machine: dev Kubernetes API, S3, ClickHouse, controllers,
     /// gateway and a simulated fleet.
     Dev(crate::dev::DevOptions),
@@ -60,6 +66,9 @@ pub enum Error {
     /// The dev stack failed.
     #[error(transparent)]
     Dev(#[from] crate::dev::Error),
+    /// The server failed.
+    #[error(transparent)]
+    Server(#[from] crate::server::Error),
 }
 
 /// Runs the parsed command.
@@ -73,6 +82,9 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
             std::io::stdout().lock().write_all(yaml.as_bytes())?;
             Ok(())
         }
+        Command::Run(opts) => serve(crate::server::Role::All, opts).await,
+        Command::Controller(opts) => serve(crate::server::Role::Controller, opts).await,
+        Command::Gateway(opts) => serve(crate::server::Role::Gateway, opts).await,
         Command::Dev(opts) => {
             let _obs = crate::observability::init("edgewise-operator");
             let shutdown = tokio_util::sync::CancellationToken::new();
@@ -102,4 +114,27 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
             Ok(())
         }
     }
+}
+
+async fn serve(role: crate::server::Role, opts: crate::server::RunOptions) -> Result<(), Error> {
+    let _obs = crate::observability::init("edgewise-operator");
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            () = term => {}
+        }
+        stop.cancel();
+    });
+    crate::server::run(role, opts, shutdown).await?;
+    Ok(())
 }

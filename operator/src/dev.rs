@@ -70,149 +70,216 @@ fn step(n: usize, text: &str) {
     println!("[{n}] {text}");
 }
 
+/// The running parts of the dev stack.
+pub struct DevStack {
+    /// The Kubernetes-compatible API.
+    pub api: DevApi,
+    /// The S3 server.
+    pub s3: EmbeddedS3,
+    /// An S3 client.
+    pub s3_client: aws_sdk_s3::Client,
+    /// The ClickHouse child process, unless `--clickhouse-url` was given.
+    pub clickhouse_server: Option<ClickHouseServer>,
+    /// A ClickHouse client.
+    pub clickhouse: clickhouse::Client,
+    /// The gateway.
+    pub gateway: Gateway,
+    /// A Kubernetes client for the dev API.
+    pub client: Client,
+    /// The simulated fleet.
+    pub fleet: SimFleet,
+    shutdown: CancellationToken,
+}
+
+impl std::fmt::Debug for DevStack {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DevStack")
+            .field("api", &self.api.url())
+            .finish_non_exhaustive()
+    }
+}
+
+impl DevStack {
+    /// Starts every component, printing each endpoint as it comes up.
+    ///
+    /// # Errors
+    /// [`Error::Start`] naming the component that failed, with the fix where there is one.
+    pub async fn start(opts: &DevOptions, shutdown: CancellationToken) -> Result<Self, Error> {
+        let dir = &opts.data_dir;
+        std::fs::create_dir_all(dir).map_err(start("data dir"))?;
+        let api = DevApi::start(&dir.join("api"), opts.api_addr)
+            .await
+            .map_err(start("Kubernetes API"))?;
+        std::fs::write(dir.join("kubeconfig"), api.kubeconfig()).map_err(start("kubeconfig"))?;
+        println!(
+            "Kubernetes API  {}   (kubectl --kubeconfig {}/kubeconfig get edgewise -A)",
+            api.url(),
+            dir.display()
+        );
+        let s3 = EmbeddedS3::start(
+            &dir.join("s3"),
+            opts.s3_addr,
+            "edgewise",
+            "edgewise-dev-secret",
+        )
+        .await
+        .map_err(start("S3"))?;
+        println!("S3              {}   (access key edgewise)", s3.endpoint());
+        let mut clickhouse_server = None;
+        let clickhouse_url = match &opts.clickhouse_url {
+            Some(url) => url.clone(),
+            None => {
+                let server = ClickHouseServer::start(&dir.join("clickhouse"))
+                    .await
+                    .map_err(start("ClickHouse"))?;
+                let url = server.url();
+                clickhouse_server = Some(server);
+                url
+            }
+        };
+        let ch = crate::telemetry::client(&clickhouse_url);
+        let report = crate::telemetry::schema::migrate(&ch)
+            .await
+            .map_err(start("migrations"))?;
+        println!(
+            "ClickHouse      {clickhouse_url}   ({}, schema applied {:?})",
+            report.server, report.applied
+        );
+
+        let s3_client = s3.settings().client();
+        let _ = s3_client.create_bucket().bucket("models").send().await;
+        let token = format!("{:032x}", rand::random::<u128>());
+        std::fs::write(dir.join("bootstrap-token"), &token).map_err(start("bootstrap token"))?;
+        let sink = TelemetrySink::start(ch.clone(), SinkConfig::default());
+        let gateway = Gateway::new(
+            GatewayConfig {
+                signing_key: rand::random::<[u8; 32]>().to_vec(),
+                ..GatewayConfig::default()
+            },
+            s3_client.clone(),
+        )
+        .with_telemetry(sink);
+        gateway.auth().set_bootstrap_tokens(vec![BootstrapToken {
+            name: "dev".into(),
+            token: token.clone(),
+            labels: [("cluster".to_owned(), "dev".to_owned())].into(),
+        }]);
+        let (gw_addr, _gw) = gateway
+            .spawn(opts.gateway_addr, shutdown.clone())
+            .await
+            .map_err(start("gateway"))?;
+        println!(
+            "Gateway         http://{gw_addr}   (bootstrap token in {}/bootstrap-token)",
+            dir.display()
+        );
+
+        let client = Client::try_from(Config::new(api.url().parse().map_err(start("API URL"))?))
+            .map_err(start("kube client"))?;
+        let namespaces: Api<Namespace> = Api::all(client.clone());
+        if namespaces
+            .get_opt("edgewise")
+            .await
+            .map_err(start("namespace"))?
+            .is_none()
+        {
+            let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": "edgewise"}}))
+                .map_err(start("namespace"))?;
+            namespaces
+                .create(&PostParams::default(), &ns)
+                .await
+                .map_err(start("namespace"))?;
+        }
+        let ctx = Arc::new(crate::controller::Context::new(
+            client.clone(),
+            s3_client.clone(),
+            Some(ch.clone()),
+            Some(gateway.clone()),
+        ));
+        tokio::spawn(crate::controller::feed_gateway(
+            client.clone(),
+            gateway.clone(),
+            shutdown.clone(),
+        ));
+        tokio::spawn(crate::controller::run(ctx, shutdown.clone()));
+        println!("Controllers     ModelVersion, ModelRollout, RoutingPolicy");
+
+        // Version 3.0.0 of the simulated model is slow: rolling it out shows an automatic
+        // rollback on a latency gate.
+        let traffic = Traffic {
+            requests_per_sec: 2.0,
+            slow_versions: [("3.0.0".to_owned(), 6.0)].into(),
+            ..Traffic::default()
+        };
+        let fleet = SimFleet::start(&SimConfig {
+            devices: opts.devices,
+            gateway: format!("http://{gw_addr}"),
+            bootstrap_token: token,
+            data_dir: dir.join("sim"),
+            backoff: edgewise_agent::config::Backoff {
+                initial: Duration::from_millis(200),
+                max: Duration::from_secs(5),
+            },
+            devices_per_connection: 100,
+            telemetry: true,
+            traffic: Some(traffic),
+        })
+        .map_err(start("simulated fleet"))?;
+        println!("Fleet           {} simulated devices", opts.devices);
+        Ok(DevStack {
+            api,
+            s3,
+            s3_client,
+            clickhouse_server,
+            clickhouse: ch,
+            gateway,
+            client,
+            fleet,
+            shutdown,
+        })
+    }
+
+    /// Stops every component.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.fleet.stop().await;
+        self.api.stop().await;
+        self.s3.stop().await;
+        if let Some(mut server) = self.clickhouse_server {
+            server.stop().await;
+        }
+    }
+}
+
 /// Runs the dev stack until `shutdown` (or the demo's end).
 ///
 /// # Errors
 /// [`Error`] saying which component or demo step failed, and how to fix it.
 pub async fn run(opts: DevOptions, shutdown: CancellationToken) -> Result<(), Error> {
-    let dir = &opts.data_dir;
-    std::fs::create_dir_all(dir).map_err(start("data dir"))?;
-    let api = DevApi::start(&dir.join("api"), opts.api_addr)
-        .await
-        .map_err(start("Kubernetes API"))?;
-    std::fs::write(dir.join("kubeconfig"), api.kubeconfig()).map_err(start("kubeconfig"))?;
-    println!(
-        "Kubernetes API  {}   (kubectl --kubeconfig {}/kubeconfig get edgewise -A)",
-        api.url(),
-        dir.display()
-    );
-    let s3 = EmbeddedS3::start(
-        &dir.join("s3"),
-        opts.s3_addr,
-        "edgewise",
-        "edgewise-dev-secret",
-    )
-    .await
-    .map_err(start("S3"))?;
-    println!("S3              {}   (access key edgewise)", s3.endpoint());
-    let mut clickhouse_server = None;
-    let clickhouse_url = match &opts.clickhouse_url {
-        Some(url) => url.clone(),
-        None => {
-            let server = ClickHouseServer::start(&dir.join("clickhouse"))
-                .await
-                .map_err(start("ClickHouse"))?;
-            let url = server.url();
-            clickhouse_server = Some(server);
-            url
-        }
-    };
-    let ch = crate::telemetry::client(&clickhouse_url);
-    let report = crate::telemetry::schema::migrate(&ch)
-        .await
-        .map_err(start("migrations"))?;
-    println!(
-        "ClickHouse      {clickhouse_url}   ({} , schema applied {:?})",
-        report.server, report.applied
-    );
-
-    let s3_client = s3.settings().client();
-    let _ = s3_client.create_bucket().bucket("models").send().await;
-    let token = format!("{:032x}", rand::random::<u128>());
-    std::fs::write(dir.join("bootstrap-token"), &token).map_err(start("bootstrap token"))?;
-    let sink = TelemetrySink::start(ch.clone(), SinkConfig::default());
-    let gateway = Gateway::new(
-        GatewayConfig {
-            signing_key: rand::random::<[u8; 32]>().to_vec(),
-            ..GatewayConfig::default()
-        },
-        s3_client.clone(),
-    )
-    .with_telemetry(sink.clone());
-    gateway.auth().set_bootstrap_tokens(vec![BootstrapToken {
-        name: "dev".into(),
-        token: token.clone(),
-        labels: [("cluster".to_owned(), "dev".to_owned())].into(),
-    }]);
-    let (gw_addr, _gw) = gateway
-        .spawn(opts.gateway_addr, shutdown.clone())
-        .await
-        .map_err(start("gateway"))?;
-    println!(
-        "Gateway         http://{gw_addr}   (bootstrap token in {}/bootstrap-token)",
-        dir.display()
-    );
-
-    let client = Client::try_from(Config::new(api.url().parse().map_err(start("API URL"))?))
-        .map_err(start("kube client"))?;
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    if namespaces
-        .get_opt("edgewise")
-        .await
-        .map_err(start("namespace"))?
-        .is_none()
-    {
-        let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": "edgewise"}}))
-            .map_err(start("namespace"))?;
-        namespaces
-            .create(&PostParams::default(), &ns)
-            .await
-            .map_err(start("namespace"))?;
-    }
-    let ctx = Arc::new(crate::controller::Context::new(
-        client.clone(),
-        s3_client.clone(),
-        Some(ch.clone()),
-        Some(gateway.clone()),
-    ));
-    tokio::spawn(crate::controller::feed_gateway(
-        client.clone(),
-        gateway.clone(),
-        shutdown.clone(),
-    ));
-    tokio::spawn(crate::controller::run(ctx, shutdown.clone()));
-    println!("Controllers     ModelVersion, ModelRollout, RoutingPolicy");
-
-    // A slow 3.0.0 lets the demo show an automatic rollback if asked to.
-    let traffic = Traffic {
-        requests_per_sec: 2.0,
-        slow_versions: [("3.0.0".to_owned(), 6.0)].into(),
-        ..Traffic::default()
-    };
-    let fleet = SimFleet::start(&SimConfig {
-        devices: opts.devices,
-        gateway: format!("http://{gw_addr}"),
-        bootstrap_token: token,
-        data_dir: dir.join("sim"),
-        backoff: edgewise_agent::config::Backoff {
-            initial: Duration::from_millis(200),
-            max: Duration::from_secs(5),
-        },
-        devices_per_connection: 100,
-        telemetry: true,
-        traffic: Some(traffic),
-    })
-    .map_err(start("simulated fleet"))?;
-    println!("Fleet           {} simulated devices", opts.devices);
-
+    let stack = DevStack::start(&opts, shutdown.clone()).await?;
     let outcome = if opts.exit_after_demo {
-        demo(&client, &s3_client, &fleet).await
+        demo(&stack.client, &stack.s3_client, &stack.fleet).await
     } else {
         println!(
             "\nReady. Try: kubectl --kubeconfig {}/kubeconfig apply -n edgewise -f examples/   (Ctrl-C to stop)",
-            dir.display()
+            opts.data_dir.display()
         );
         shutdown.cancelled().await;
         Ok(())
     };
-    shutdown.cancel();
-    fleet.stop().await;
-    api.stop().await;
-    s3.stop().await;
-    if let Some(mut server) = clickhouse_server {
-        server.stop().await;
-    }
+    stack.stop().await;
     outcome
+}
+
+/// Uploads an artifact to the demo bucket; returns its `artifact` spec.
+///
+/// # Errors
+/// [`Error::Demo`] when the upload fails.
+pub async fn publish(
+    s3: &aws_sdk_s3::Client,
+    key: &str,
+    bytes: Vec<u8>,
+) -> Result<serde_json::Value, Error> {
+    put(s3, key, bytes).await
 }
 
 async fn put(

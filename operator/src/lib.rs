@@ -12,4 +12,5 @@ pub mod gateway;
 pub mod observability;
 pub mod s3;
 pub mod s3_server;
+pub mod server;
 pub mod telemetry;

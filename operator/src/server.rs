@@ -1,0 +1,323 @@
+//! `edgewise-operator run | controller | gateway`: the production process, against the
+//! cluster of the current kubeconfig or the in-cluster config. `run` is both roles in one
+//! process. The controller role campaigns for a Lease and reconciles only while it leads;
+//! the gateway role serves devices from reflected desired state and writes telemetry.
+//! SIGTERM or Ctrl-C: stop accepting, end streams, drain for a bounded grace period.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use kube::runtime::watcher;
+use kube::{Api, Client};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::controller::leader::{LeaseConfig, campaign};
+use crate::gateway::{BootstrapToken, Gateway, GatewayConfig};
+use crate::s3::S3Settings;
+use crate::telemetry::ingest::{SinkConfig, TelemetrySink};
+
+/// Which parts run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Controllers and gateway.
+    All,
+    /// Controllers only.
+    Controller,
+    /// Gateway only.
+    Gateway,
+}
+
+/// Flags of `run`, `controller` and `gateway`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct RunOptions {
+    /// Namespace of the Lease and the bootstrap-token Secrets.
+    #[arg(long, env = "EDGEWISE_NAMESPACE", default_value = "edgewise")]
+    pub namespace: String,
+    /// gRPC listen address for devices.
+    #[arg(long, env = "EDGEWISE_GATEWAY_ADDR", default_value = "0.0.0.0:7443")]
+    pub gateway_addr: SocketAddr,
+    /// Health (`/healthz`, `/readyz`) listen address.
+    #[arg(long, env = "EDGEWISE_HEALTH_ADDR", default_value = "0.0.0.0:8080")]
+    pub health_addr: SocketAddr,
+    /// File with the credential signing key (≥ 32 bytes; the same on every gateway replica).
+    #[arg(long, env = "EDGEWISE_SIGNING_KEY_FILE")]
+    pub signing_key_file: Option<PathBuf>,
+    /// ClickHouse HTTP URL.
+    #[arg(
+        long,
+        env = "EDGEWISE_CLICKHOUSE_URL",
+        default_value = "http://clickhouse:8123"
+    )]
+    pub clickhouse_url: String,
+    /// ClickHouse user.
+    #[arg(long, env = "EDGEWISE_CLICKHOUSE_USER", default_value = "default")]
+    pub clickhouse_user: String,
+    /// ClickHouse password.
+    #[arg(
+        long,
+        env = "EDGEWISE_CLICKHOUSE_PASSWORD",
+        default_value = "",
+        hide_env_values = true
+    )]
+    pub clickhouse_password: String,
+    /// Object store.
+    #[command(flatten)]
+    pub s3: S3Settings,
+    /// This replica's identity (Lease holder, telemetry tag); defaults to the host name.
+    #[arg(long, env = "HOSTNAME", default_value = "edgewise-operator")]
+    pub identity: String,
+    /// Longest a shutdown waits for work in flight.
+    #[arg(long, env = "EDGEWISE_GRACE_PERIOD_SECS", default_value_t = 20)]
+    pub grace_period_secs: u64,
+}
+
+/// Why the process could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Kubernetes configuration.
+    #[error("Kubernetes client: {0}")]
+    Kube(#[from] kube::Error),
+    /// The signing key.
+    #[error("signing key {path}: {message}")]
+    SigningKey {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// Binding a port.
+    #[error("binding {0}: {1}")]
+    Bind(SocketAddr, std::io::Error),
+    /// Migrations.
+    #[error(transparent)]
+    Migrate(#[from] crate::telemetry::schema::Error),
+}
+
+/// Bootstrap tokens are Secrets labelled `edgewise.dev/bootstrap-token=true` with a `token`
+/// key and, optionally, `labels` (YAML map) for the devices enrolled with it.
+pub const BOOTSTRAP_LABEL: &str = "edgewise.dev/bootstrap-token=true";
+
+fn tokens_from(secrets: &[Secret]) -> Vec<BootstrapToken> {
+    secrets
+        .iter()
+        .filter_map(|s| {
+            let data = s.data.as_ref()?;
+            let token = String::from_utf8(data.get("token")?.0.clone()).ok()?;
+            let labels = data
+                .get("labels")
+                .and_then(|l| serde_yaml_ng::from_slice(&l.0).ok())
+                .unwrap_or_default();
+            Some(BootstrapToken {
+                name: s.metadata.name.clone().unwrap_or_default(),
+                token: token.trim().to_owned(),
+                labels,
+            })
+        })
+        .collect()
+}
+
+async fn watch_tokens(
+    client: Client,
+    namespace: String,
+    gateway: Gateway,
+    shutdown: CancellationToken,
+) {
+    let api: Api<Secret> = Api::namespaced(client, &namespace);
+    let stream = watcher::watcher(
+        api.clone(),
+        watcher::Config::default().labels(BOOTSTRAP_LABEL),
+    );
+    let mut stream = Box::pin(stream);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            e = stream.next() => match e {
+                None => return,
+                Some(Err(e)) => warn!(error = %e, "watching bootstrap tokens"),
+                // Any change: re-read the set (tokens are few).
+                Some(Ok(_)) => match api.list(&kube::api::ListParams::default().labels(BOOTSTRAP_LABEL)).await {
+                    Ok(list) => gateway.auth().set_bootstrap_tokens(tokens_from(&list.items)),
+                    Err(e) => warn!(error = %e, "listing bootstrap tokens"),
+                },
+            }
+        }
+    }
+}
+
+async fn health(
+    addr: SocketAddr,
+    ready: Arc<AtomicBool>,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let app = axum::Router::new()
+        .route("/healthz", axum::routing::get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            axum::routing::get(move || {
+                let ready = ready.clone();
+                async move {
+                    if ready.load(Ordering::Relaxed) {
+                        (StatusCode::OK, "ready")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "starting")
+                    }
+                }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::Bind(addr, e))?;
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await;
+    });
+    Ok(())
+}
+
+/// Runs `role` until `shutdown`.
+///
+/// # Errors
+/// [`Error`] when the process cannot start.
+pub async fn run(role: Role, opts: RunOptions, shutdown: CancellationToken) -> Result<(), Error> {
+    let client = Client::try_default().await?;
+    let ready = Arc::new(AtomicBool::new(false));
+    health(opts.health_addr, ready.clone(), shutdown.clone()).await?;
+    let ch = crate::telemetry::client(&opts.clickhouse_url)
+        .with_user(opts.clickhouse_user.clone())
+        .with_password(opts.clickhouse_password.clone());
+    let report = crate::telemetry::schema::migrate(&ch).await?;
+    info!(server = %report.server, applied = ?report.applied, "ClickHouse schema up to date");
+    let s3 = opts.s3.client();
+    let meter = crate::observability::meter();
+    let mut instruments = crate::observability::Instruments::default();
+
+    let gateway = if role != Role::Controller {
+        let key = match &opts.signing_key_file {
+            Some(path) => std::fs::read(path).map_err(|e| Error::SigningKey {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            })?,
+            None => {
+                return Err(Error::SigningKey {
+                    path: "(none)".into(),
+                    message: "--signing-key-file is required for the gateway: every replica must share it".into(),
+                });
+            }
+        };
+        if key.len() < 32 {
+            return Err(Error::SigningKey {
+                path: opts
+                    .signing_key_file
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+                message: format!("{} bytes; at least 32 are needed", key.len()),
+            });
+        }
+        let sink = TelemetrySink::start(
+            ch.clone(),
+            SinkConfig {
+                gateway: opts.identity.clone(),
+                ..SinkConfig::default()
+            },
+        );
+        instruments.telemetry(&meter, &sink);
+        let gateway = Gateway::new(
+            GatewayConfig {
+                signing_key: key,
+                name: opts.identity.clone(),
+                ..GatewayConfig::default()
+            },
+            s3.clone(),
+        )
+        .with_telemetry(sink);
+        instruments.gateway(&meter, &gateway);
+        tokio::spawn(crate::controller::feed_gateway(
+            client.clone(),
+            gateway.clone(),
+            shutdown.clone(),
+        ));
+        tokio::spawn(watch_tokens(
+            client.clone(),
+            opts.namespace.clone(),
+            gateway.clone(),
+            shutdown.clone(),
+        ));
+        let (addr, _task) = gateway
+            .spawn(opts.gateway_addr, shutdown.clone())
+            .await
+            .map_err(|e| Error::Bind(opts.gateway_addr, e))?;
+        info!(%addr, "gateway listening");
+        Some(gateway)
+    } else {
+        None
+    };
+
+    if role != Role::Gateway {
+        let leading = campaign(
+            client.clone(),
+            LeaseConfig {
+                namespace: opts.namespace.clone(),
+                name: "edgewise-controller".into(),
+                identity: opts.identity.clone(),
+                duration: Duration::from_secs(15),
+                renew: Duration::from_secs(5),
+            },
+            shutdown.clone(),
+        );
+        let ctx = Arc::new(crate::controller::Context::new(
+            client.clone(),
+            s3.clone(),
+            Some(ch.clone()),
+            gateway.clone(),
+        ));
+        tokio::spawn(lead(leading, ctx, shutdown.clone()));
+    }
+    ready.store(true, Ordering::Relaxed);
+    shutdown.cancelled().await;
+    info!(grace = opts.grace_period_secs, "shutting down");
+    // Streams end at once (devices reconnect elsewhere); give in-flight work a moment.
+    tokio::time::sleep(Duration::from_secs(opts.grace_period_secs.min(2))).await;
+    drop(instruments);
+    Ok(())
+}
+
+/// Runs the controllers while this replica leads; stops them the moment it does not.
+async fn lead(
+    mut leading: tokio::sync::watch::Receiver<bool>,
+    ctx: Arc<crate::controller::Context>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        while !*leading.borrow_and_update() {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                changed = leading.changed() => if changed.is_err() { return },
+            }
+        }
+        info!("leading: starting controllers");
+        let term = shutdown.child_token();
+        let controllers = tokio::spawn(crate::controller::run(ctx.clone(), term.clone()));
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => { term.cancel(); let _ = controllers.await; return; }
+                changed = leading.changed() => {
+                    if changed.is_err() || !*leading.borrow() {
+                        info!("lost leadership: stopping controllers");
+                        term.cancel();
+                        let _ = controllers.await;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,441 @@
+//! End to end on the dev stack: the dev Kubernetes API, a real S3 server, a real ClickHouse
+//! server, the controllers, the gateway and 100 simulated devices with synthetic traffic.
+
+use std::path::Path;
+use std::time::Duration;
+
+use edgewise_core::rollout::Phase;
+use edgewise_operator::controller::leader::{LeaseConfig, campaign};
+use edgewise_operator::crd::{ModelRollout, ModelVersion, ModelVersionPhase, RoutingPolicy};
+use edgewise_operator::dev::{DevOptions, DevStack, publish};
+use edgewise_tests::*;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+fn options(dir: &Path, exit_after_demo: bool) -> DevOptions {
+    DevOptions {
+        devices: 100,
+        data_dir: dir.to_owned(),
+        exit_after_demo,
+        api_addr: loopback(),
+        s3_addr: loopback(),
+        gateway_addr: loopback(),
+        clickhouse_url: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dev_stack_demo_rolls_a_version_out_on_telemetry_and_succeeds() {
+    init_logging();
+    let dir = tempfile::tempdir().expect("tempdir");
+    edgewise_operator::dev::run(options(dir.path(), true), CancellationToken::new())
+        .await
+        .expect("every demo step succeeds");
+    assert!(dir.path().join("kubeconfig").is_file());
+}
+
+fn rollout(version: &str, steps: serde_json::Value) -> serde_json::Value {
+    json!({
+        "apiVersion": "edgewise.dev/v1alpha1", "kind": "ModelRollout", "metadata": {"name": "assistant"},
+        "spec": {
+            "model": "assistant", "version": version, "steps": steps,
+            "analysis": {"interval": "3s", "window": "1m", "minDevices": 3, "minSamples": 20, "failureLimit": 0,
+                "gates": [{"metric": "latency_p95_ms", "max": 1.5, "relativeToBaseline": true}, {"metric": "error_rate", "max": 0.05}]},
+            "onFailure": "Rollback"
+        }
+    })
+}
+
+async fn version(
+    s3: &aws_sdk_s3::Client,
+    mvs: &Api<ModelVersion>,
+    v: &str,
+    seed: u8,
+    corrupt: bool,
+) {
+    let mut artifact = publish(
+        s3,
+        &format!("assistant/{v}/cpu.onnx"),
+        artifact_bytes(64 << 10, seed),
+    )
+    .await
+    .expect("uploads");
+    if corrupt {
+        artifact["sha256"] = json!("0".repeat(64));
+    }
+    let mv = json!({
+        "apiVersion": "edgewise.dev/v1alpha1", "kind": "ModelVersion", "metadata": {"name": format!("assistant-{v}")},
+        "spec": {"model": "assistant", "version": v, "variants": [{"name": "cpu", "format": "onnx", "artifact": artifact, "requires": {"minMemoryMiB": 2048}}]}
+    });
+    mvs.patch(
+        &format!("assistant-{v}"),
+        &PatchParams::apply("test").force(),
+        &Patch::Apply(&mv),
+    )
+    .await
+    .expect("applies");
+}
+
+fn running(stack: &DevStack, v: &str) -> usize {
+    stack
+        .fleet
+        .summary()
+        .active
+        .get(&("assistant".to_owned(), v.to_owned()))
+        .copied()
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_breaching_canary_rolls_back_a_bad_digest_never_ships_and_pauses_wait_for_promotion() {
+    init_logging();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let shutdown = CancellationToken::new();
+    let stack = DevStack::start(&options(dir.path(), false), shutdown.clone())
+        .await
+        .expect("starts");
+    let mvs: Api<ModelVersion> = Api::namespaced(stack.client.clone(), "edgewise");
+    let mros: Api<ModelRollout> = Api::namespaced(stack.client.clone(), "edgewise");
+    let rps: Api<RoutingPolicy> = Api::namespaced(stack.client.clone(), "edgewise");
+    let apply = PatchParams::apply("test").force();
+    for (v, seed, corrupt) in [
+        ("1.0.0", 1, false),
+        ("2.0.0", 2, false),
+        ("3.0.0", 3, false),
+        ("4.0.0", 4, true),
+    ] {
+        version(&stack.s3_client, &mvs, v, seed, corrupt).await;
+    }
+    let policy = json!({
+        "apiVersion": "edgewise.dev/v1alpha1", "kind": "RoutingPolicy", "metadata": {"name": "p"},
+        "spec": {"targets": [{"name": "on-device", "device": {"model": "assistant"}}, {"name": "cloud", "cloud": {"endpoint": "https://x.example.com", "model": "m"}}],
+                 "default": {"route": "on-device", "fallback": ["cloud"]}, "shadow": {"sampleRate": 0.1, "target": "cloud"}}
+    });
+    rps.patch("p", &apply, &Patch::Apply(&policy))
+        .await
+        .expect("policy");
+
+    // The corrupt version fails verification with the reason.
+    let failed = eventually(Duration::from_secs(60), "4.0.0 Failed", || async {
+        mvs.get("assistant-4.0.0")
+            .await
+            .ok()?
+            .status
+            .filter(|s| s.phase == Some(ModelVersionPhase::Failed))
+    })
+    .await;
+    assert!(
+        failed.variants[0]
+            .message
+            .as_deref()
+            .unwrap_or_default()
+            .contains("SHA-256 mismatch"),
+        "{failed:?}"
+    );
+    eventually(Duration::from_secs(60), "the others Ready", || async {
+        let ready = mvs
+            .list(&Default::default())
+            .await
+            .ok()?
+            .items
+            .iter()
+            .filter(|m| m.status.as_ref().and_then(|s| s.phase) == Some(ModelVersionPhase::Ready))
+            .count();
+        (ready == 3).then_some(())
+    })
+    .await;
+
+    // An invalid policy is rejected at admission; a semantically bad one gets a condition.
+    let mut dup = policy.clone();
+    dup["metadata"]["name"] = json!("dup");
+    dup["spec"]["targets"][1]["name"] = json!("on-device");
+    dup["spec"]["targets"][1]["device"] = json!({"model": "assistant"});
+    dup["spec"]["targets"][1]
+        .as_object_mut()
+        .expect("object")
+        .remove("cloud");
+    dup["spec"]
+        .as_object_mut()
+        .expect("object")
+        .remove("shadow");
+    let err = rps
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(dup).expect("typed"),
+        )
+        .await
+        .expect_err("admission");
+    assert!(
+        matches!(err, kube::Error::Api(ref s) if s.code == 422 && s.message.contains("unique")),
+        "{err:?}"
+    );
+    let mut bad = policy.clone();
+    bad["metadata"]["name"] = json!("bad");
+    bad["spec"]["default"]["fallback"] = json!(["nowhere"]);
+    rps.patch("bad", &apply, &Patch::Apply(&bad))
+        .await
+        .expect("admitted");
+    let condition = eventually(Duration::from_secs(30), "Accepted=False", || async {
+        rps.get("bad")
+            .await
+            .ok()?
+            .status?
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == "Accepted" && c.status == "False")
+    })
+    .await;
+    assert!(
+        condition
+            .message
+            .contains("default.fallback[0]: no target named \"nowhere\""),
+        "{}",
+        condition.message
+    );
+
+    // Stable 1.0.0 everywhere it fits.
+    let steps = json!([{"setPercent": 30}, {"analysis": {}}, {"setPercent": 100}]);
+    mros.patch(
+        "assistant",
+        &apply,
+        &Patch::Apply(&rollout("1.0.0", steps.clone())),
+    )
+    .await
+    .expect("rollout");
+    eventually(Duration::from_secs(90), "1.0.0 on 90 devices", || async {
+        (running(&stack, "1.0.0") == 90).then_some(())
+    })
+    .await;
+
+    // 3.0.0 is six times slower: the latency gate fails and every device goes back to 1.0.0.
+    mros.patch(
+        "assistant",
+        &apply,
+        &Patch::Apply(&rollout("3.0.0", steps.clone())),
+    )
+    .await
+    .expect("rollout");
+    let status = eventually(Duration::from_secs(120), "rollback", || async {
+        mros.get("assistant")
+            .await
+            .ok()?
+            .status
+            .filter(|s| s.state.phase == Some(Phase::RolledBack))
+    })
+    .await;
+    let analysis = status.state.last_analysis.expect("analysis kept");
+    let latency = analysis
+        .gates
+        .iter()
+        .find(|g| g.metric.as_str() == "latency_p95_ms")
+        .expect("gate");
+    assert!(latency.compared.unwrap_or(0.0) > 1.5, "{latency:?}");
+    eventually(
+        Duration::from_secs(60),
+        "everyone back on 1.0.0",
+        || async { (running(&stack, "1.0.0") == 90).then_some(()) },
+    )
+    .await;
+
+    // A version whose artifact failed verification is never assigned.
+    mros.patch("assistant", &apply, &Patch::Apply(&rollout("4.0.0", steps)))
+        .await
+        .expect("rollout");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(running(&stack, "4.0.0"), 0);
+    assert_eq!(running(&stack, "1.0.0"), 90);
+
+    // A manual pause holds until promoted.
+    let paused = json!([{"setPercent": 50}, {"pause": {}}, {"setPercent": 100}]);
+    mros.patch(
+        "assistant",
+        &apply,
+        &Patch::Apply(&rollout("2.0.0", paused)),
+    )
+    .await
+    .expect("rollout");
+    eventually(Duration::from_secs(60), "Paused", || async {
+        mros.get("assistant")
+            .await
+            .ok()?
+            .status
+            .filter(|s| s.state.phase == Some(Phase::Paused) && s.state.percent == 50)
+    })
+    .await;
+    let promote = json!({"metadata": {"annotations": {"edgewise.dev/promote": "now"}}});
+    mros.patch(
+        "assistant",
+        &PatchParams::default(),
+        &Patch::Merge(&promote),
+    )
+    .await
+    .expect("annotates");
+    eventually(
+        Duration::from_secs(60),
+        "Succeeded after promote",
+        || async {
+            mros.get("assistant").await.ok()?.status.filter(|s| {
+                s.state.phase == Some(Phase::Succeeded)
+                    && s.state.stable_version.as_deref() == Some("2.0.0")
+            })
+        },
+    )
+    .await;
+    let annotations = mros
+        .get("assistant")
+        .await
+        .expect("get")
+        .metadata
+        .annotations
+        .unwrap_or_default();
+    assert!(
+        !annotations.contains_key("edgewise.dev/promote"),
+        "the handled command is removed"
+    );
+    eventually(Duration::from_secs(60), "2.0.0 everywhere", || async {
+        (running(&stack, "2.0.0") == 90).then_some(())
+    })
+    .await;
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leadership_fails_over_within_the_lease_duration() {
+    init_logging();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let api = edgewise_operator::devapi::DevApi::start(dir.path(), loopback())
+        .await
+        .expect("starts");
+    let client =
+        kube::Client::try_from(kube::Config::new(api.url().parse().expect("url"))).expect("client");
+    let config = |id: &str| LeaseConfig {
+        namespace: "default".into(),
+        name: "edgewise-controller".into(),
+        identity: id.into(),
+        duration: Duration::from_secs(3),
+        renew: Duration::from_millis(300),
+    };
+    let (a_stop, b_stop) = (CancellationToken::new(), CancellationToken::new());
+    let a = campaign(client.clone(), config("a"), a_stop.clone());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let b = campaign(client.clone(), config("b"), b_stop.clone());
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(*a.borrow() && !*b.borrow(), "exactly one leader");
+    // A crashes (stops renewing without releasing): B takes over once the lease runs out.
+    drop(a);
+    a_stop.cancel();
+    let lease: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(client.clone(), "default");
+    let _ = lease
+        .patch(
+            "edgewise-controller",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"holderIdentity": "a"}})),
+        )
+        .await;
+    let started = std::time::Instant::now();
+    eventually(Duration::from_secs(5), "b to lead", || async {
+        (*b.borrow()).then_some(())
+    })
+    .await;
+    assert!(
+        started.elapsed() <= Duration::from_secs(4),
+        "took over in {:?}",
+        started.elapsed()
+    );
+    b_stop.cancel();
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_run_command_serves_against_a_cluster_becomes_ready_and_stops_on_sigterm() {
+    init_logging();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let api = edgewise_operator::devapi::DevApi::start(&dir.path().join("api"), loopback())
+        .await
+        .expect("api");
+    std::fs::write(dir.path().join("kubeconfig"), api.kubeconfig()).expect("kubeconfig");
+    let ch = ClickHouse::start().await;
+    let s3 = edgewise_operator::s3_server::EmbeddedS3::start(
+        &dir.path().join("s3"),
+        loopback(),
+        "a",
+        "secret-key-1",
+    )
+    .await
+    .expect("s3");
+    std::fs::write(dir.path().join("key"), [7u8; 32]).expect("key");
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("bind")
+            .local_addr()
+            .expect("addr")
+            .to_string()
+    };
+    let (health, grpc) = (free(), free());
+    let mut child = std::process::Command::new(workspace_binary("edgewise-operator"))
+        .args([
+            "run",
+            "--namespace",
+            "default",
+            "--health-addr",
+            &health,
+            "--gateway-addr",
+            &grpc,
+        ])
+        .args([
+            "--clickhouse-url",
+            &ch.url(),
+            "--s3-endpoint",
+            &s3.endpoint(),
+            "--s3-access-key-id",
+            "a",
+            "--s3-secret-access-key",
+            "secret-key-1",
+        ])
+        .arg("--signing-key-file")
+        .arg(dir.path().join("key"))
+        .env("KUBECONFIG", dir.path().join("kubeconfig"))
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .expect("starts");
+    let ready = eventually(Duration::from_secs(30), "/readyz", || {
+        let health = health.clone();
+        async move {
+            let mut s = tokio::net::TcpStream::connect(&health).await.ok()?;
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            s.write_all(b"GET /readyz HTTP/1.0\r\n\r\n").await.ok()?;
+            let mut out = String::new();
+            s.read_to_string(&mut out).await.ok()?;
+            out.contains("200 OK").then_some(out)
+        }
+    })
+    .await;
+    assert!(ready.contains("ready"));
+    // The controller leads (the only candidate) and holds the Lease.
+    let client =
+        kube::Client::try_from(kube::Config::new(api.url().parse().expect("url"))).expect("client");
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(client, "default");
+    eventually(Duration::from_secs(20), "the Lease", || async {
+        leases
+            .get_opt("edgewise-controller")
+            .await
+            .ok()
+            .flatten()
+            .and_then(|l| l.spec?.holder_identity)
+    })
+    .await;
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    let started = std::time::Instant::now();
+    let status = child.wait().expect("exits");
+    assert!(status.success(), "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "graceful shutdown is bounded"
+    );
+    api.stop().await;
+}
