@@ -15,18 +15,22 @@ fn crds_dir() -> PathBuf {
 #[test]
 fn crds_dir_matches_the_rust_types() {
     let update = std::env::var_os("EDGEWISE_UPDATE_CRDS").is_some();
+    // crds/ and the Helm chart's crds/ hold the same files.
+    let chart = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../charts/edgewise/crds");
     for c in crd::all() {
-        let path = crds_dir().join(crd::file_name(&c));
         let expected = crd::to_yaml(std::slice::from_ref(&c)).expect("renders");
-        if update {
-            std::fs::write(&path, &expected).expect("writes crds/");
+        for dir in [crds_dir(), chart.clone()] {
+            let path = dir.join(crd::file_name(&c));
+            if update {
+                std::fs::write(&path, &expected).expect("writes crds/");
+            }
+            let actual = std::fs::read_to_string(&path).unwrap_or_default();
+            assert!(
+                actual == expected,
+                "{} is stale: run EDGEWISE_UPDATE_CRDS=1 cargo test -p edgewise-operator --test crds",
+                path.display()
+            );
         }
-        let actual = std::fs::read_to_string(&path).unwrap_or_default();
-        assert!(
-            actual == expected,
-            "{} is stale: run EDGEWISE_UPDATE_CRDS=1 cargo test -p edgewise-operator --test crds",
-            path.display()
-        );
     }
     let mut files: Vec<String> = std::fs::read_dir(crds_dir())
         .expect("crds/ exists")

@@ -1,0 +1,44 @@
+//! The Helm chart lints cleanly (strict) and renders, with the Helm v4 SDK: CRDs, both
+//! Deployments with arguments the binary accepts, RBAC, the Service, the signing-key Secret,
+//! the schema migration Job and one dashboard ConfigMap per dashboard.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use clap::Parser;
+
+#[test]
+fn the_chart_lints_and_renders_what_the_operator_needs() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new("python3")
+        .arg(root.join("fixtures/helm_check.py"))
+        .arg(root.join("../charts/edgewise"))
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "helm check failed (the test command installs helm-python-sdk): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(report["lint_errors"], serde_json::json!([]), "{report}");
+    assert_eq!(report["crds"], 3);
+    let docs = report["docs"].as_array().expect("docs");
+    let mut kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().expect("kind")).collect();
+    kinds.sort_unstable();
+    assert_eq!(
+        kinds,
+        [
+            "ClusterRole", "ClusterRoleBinding", "ConfigMap", "ConfigMap", "ConfigMap", "ConfigMap", "Deployment",
+            "Deployment", "Job", "Role", "RoleBinding", "Secret", "Service", "ServiceAccount"
+        ]
+    );
+    for d in docs.iter().filter(|d| d["kind"] == "Deployment") {
+        let args: Vec<String> = d["args"].as_array().expect("args").iter().map(|a| a.as_str().expect("str").to_owned()).collect();
+        let mut argv = vec!["edgewise-operator".to_owned()];
+        argv.extend(args);
+        if let Err(e) = edgewise_operator::cli::Cli::try_parse_from(&argv) {
+            panic!("{}: the binary refuses its chart arguments {argv:?}: {e}", d["name"]);
+        }
+    }
+}
