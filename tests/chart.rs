@@ -24,21 +24,44 @@ fn the_chart_lints_and_renders_what_the_operator_needs() {
     assert_eq!(report["lint_errors"], serde_json::json!([]), "{report}");
     assert_eq!(report["crds"], 3);
     let docs = report["docs"].as_array().expect("docs");
-    let mut kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().expect("kind")).collect();
+    let mut kinds: Vec<&str> = docs
+        .iter()
+        .map(|d| d["kind"].as_str().expect("kind"))
+        .collect();
     kinds.sort_unstable();
     assert_eq!(
         kinds,
         [
-            "ClusterRole", "ClusterRoleBinding", "ConfigMap", "ConfigMap", "ConfigMap", "ConfigMap", "Deployment",
-            "Deployment", "Job", "Role", "RoleBinding", "Secret", "Service", "ServiceAccount"
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "ConfigMap",
+            "ConfigMap",
+            "ConfigMap",
+            "ConfigMap",
+            "Deployment",
+            "Deployment",
+            "Job",
+            "Role",
+            "RoleBinding",
+            "Secret",
+            "Service",
+            "ServiceAccount"
         ]
     );
     for d in docs.iter().filter(|d| d["kind"] == "Deployment") {
-        let args: Vec<String> = d["args"].as_array().expect("args").iter().map(|a| a.as_str().expect("str").to_owned()).collect();
+        let args: Vec<String> = d["args"]
+            .as_array()
+            .expect("args")
+            .iter()
+            .map(|a| a.as_str().expect("str").to_owned())
+            .collect();
         let mut argv = vec!["edgewise-operator".to_owned()];
         argv.extend(args);
         if let Err(e) = edgewise_operator::cli::Cli::try_parse_from(&argv) {
-            panic!("{}: the binary refuses its chart arguments {argv:?}: {e}", d["name"]);
+            panic!(
+                "{}: the binary refuses its chart arguments {argv:?}: {e}",
+                d["name"]
+            );
         }
     }
 }
