@@ -12,7 +12,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use kube::api::{
     Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams,
 };
-use kube::{Client, Config};
+use kube::{Client, Config, ResourceExt};
 use serde_json::json;
 
 async fn client(api: &DevApi) -> Client {
@@ -564,4 +564,107 @@ async fn kubectl_drives_the_dev_api_like_a_cluster() {
             .contains("assistant-default")
     );
     api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kubectl_plugin_reports_commands_and_explains_routing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, c) = start(dir.path()).await;
+    let kc = dir.path().join("kubeconfig");
+    std::fs::write(&kc, server.kubeconfig()).expect("kubeconfig");
+    let mros: Api<ModelRollout> = Api::namespaced(c.clone(), "edgewise");
+    mros.create(
+        &PostParams::default(),
+        &serde_json::from_value(example("modelrollout.yaml")).expect("typed"),
+    )
+    .await
+    .expect("creates");
+    let rps: Api<edgewise_operator::crd::RoutingPolicy> = Api::namespaced(c.clone(), "edgewise");
+    rps.create(
+        &PostParams::default(),
+        &serde_json::from_value(example("routingpolicy.yaml")).expect("typed"),
+    )
+    .await
+    .expect("creates");
+    let plugin = move |args: &[&str]| {
+        let out = std::process::Command::new(workspace_binary("kubectl-edgewise"))
+            .args(["-n", "edgewise"])
+            .args(args)
+            .env("KUBECONFIG", &kc)
+            .output()
+            .expect("runs");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let status = tokio::task::spawn_blocking({
+        let plugin = plugin.clone();
+        move || plugin(&["status"])
+    })
+    .await
+    .expect("joins");
+    assert!(
+        status.contains("assistant-eu-beta") && status.contains("PHASE"),
+        "{status}"
+    );
+    for (cmd, annotation) in [
+        ("promote", "edgewise.dev/promote"),
+        ("abort", "edgewise.dev/abort"),
+        ("retry", "edgewise.dev/retry"),
+    ] {
+        let p = plugin.clone();
+        tokio::task::spawn_blocking(move || p(&[cmd, "assistant-eu-beta"]))
+            .await
+            .expect("joins");
+        let r = mros.get("assistant-eu-beta").await.expect("get");
+        assert!(r.annotations().contains_key(annotation), "{cmd}");
+    }
+    let p = plugin.clone();
+    tokio::task::spawn_blocking(move || p(&["pause", "assistant-eu-beta"]))
+        .await
+        .expect("joins");
+    assert!(
+        mros.get("assistant-eu-beta")
+            .await
+            .expect("get")
+            .spec
+            .strategy
+            .paused
+    );
+    let p = plugin.clone();
+    let explained = tokio::task::spawn_blocking(move || {
+        p(&[
+            "explain",
+            "assistant-default",
+            "--data-class",
+            "private",
+            "--task",
+            "reasoning",
+        ])
+    })
+    .await
+    .expect("joins");
+    assert!(
+        explained.contains("rule 0 \"private-stays-on-device\"")
+            && explained.contains("never leaves"),
+        "{explained}"
+    );
+    let p = plugin.clone();
+    let offline = tokio::task::spawn_blocking(move || {
+        p(&[
+            "explain",
+            "assistant-default",
+            "--task",
+            "reasoning",
+            "--network",
+            "offline",
+        ])
+    })
+    .await
+    .expect("joins");
+    assert!(offline.contains("offline-on-device"), "{offline}");
+    server.stop().await;
 }
