@@ -669,24 +669,6 @@ async fn malformed_messages_get_errors_naming_the_problem_and_other_streams_carr
     healthy.stop().await;
 }
 
-/// A Router client over the agent's Unix socket.
-async fn router_client(
-    socket: std::path::PathBuf,
-) -> edgewise_proto::router::router_client::RouterClient<Channel> {
-    let channel = tonic::transport::Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let socket = socket.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(socket).await?,
-                ))
-            }
-        }))
-        .await
-        .expect("connects to the router socket");
-    edgewise_proto::router::router_client::RouterClient::new(channel)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_started_offline_serves_decide_from_its_persisted_policy() {
     let mut h = Harness::start().await;

@@ -194,18 +194,7 @@ async fn decide_uds() {
             .build()
             .unwrap();
         rt.block_on(async move {
-            let channel = tonic::transport::Endpoint::from_static("http://localhost")
-                .connect_with_connector(tower::service_fn(move |_| {
-                    let s = socket2.clone();
-                    async move {
-                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                            tokio::net::UnixStream::connect(s).await?,
-                        ))
-                    }
-                }))
-                .await
-                .unwrap();
-            let mut client = edgewise_proto::router::router_client::RouterClient::new(channel);
+            let mut client = router_client(socket2).await;
             let tasks = [
                 "chat",
                 "autocomplete",

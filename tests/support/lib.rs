@@ -623,3 +623,21 @@ impl ClickHouse {
             .unwrap_or_else(|e| panic!("{sql}: {e}"))
     }
 }
+
+/// A client of the agent's `edgewise.agent.v1.Router` over its Unix socket, as an app uses it.
+pub async fn router_client(
+    socket: PathBuf,
+) -> edgewise_proto::router::router_client::RouterClient<tonic::transport::Channel> {
+    let channel = tonic::transport::Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let socket = socket.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(socket).await?,
+                ))
+            }
+        }))
+        .await
+        .expect("connects to the router socket");
+    edgewise_proto::router::router_client::RouterClient::new(channel)
+}

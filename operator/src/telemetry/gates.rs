@@ -100,24 +100,18 @@ pub async fn metric_set(
     from: SystemTime,
     to: SystemTime,
 ) -> Result<MetricSet, clickhouse::error::Error> {
-    let i: InferenceAgg = client
-        .query(INFERENCE_METRICS_SQL)
-        .bind(slice.rollout)
-        .bind(slice.model)
-        .bind(slice.version)
-        .bind(unix(from))
-        .bind(unix(to))
-        .fetch_one()
-        .await?;
-    let m: InstallAgg = client
-        .query(INSTALL_METRICS_SQL)
-        .bind(slice.rollout)
-        .bind(slice.model)
-        .bind(slice.version)
-        .bind(unix(from))
-        .bind(unix(to))
-        .fetch_one()
-        .await?;
+    // Both queries take the same parameters: the slice, then the window.
+    let query = |sql| {
+        client
+            .query(sql)
+            .bind(slice.rollout)
+            .bind(slice.model)
+            .bind(slice.version)
+            .bind(unix(from))
+            .bind(unix(to))
+    };
+    let i: InferenceAgg = query(INFERENCE_METRICS_SQL).fetch_one().await?;
+    let m: InstallAgg = query(INSTALL_METRICS_SQL).fetch_one().await?;
     let mut values = BTreeMap::new();
     if i.samples > 0 {
         values.insert(Metric::LatencyP50Ms, i.p50);
