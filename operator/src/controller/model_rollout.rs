@@ -77,6 +77,20 @@ pub(super) async fn reconcile(r: Arc<ModelRollout>, ctx: Arc<Context>) -> Result
         }
     }
 
+    // Without an in-process gateway (the `controller` role), counts come from the devices'
+    // latest status in ClickHouse: every device running the model, whatever its segment.
+    if ctx.gateway.is_none()
+        && let Some(ch) = &ctx.clickhouse
+    {
+        for (version, devices) in crate::telemetry::gates::version_skew(ch, &r.spec.model).await? {
+            counts.targeted += devices;
+            if canary.as_deref() == Some(version.as_str()) {
+                counts.assigned += devices;
+                counts.installed += devices;
+            }
+            skew.insert(version, devices);
+        }
+    }
     let now = jiff::Timestamp::now();
     let mut metrics = None;
     if analysis_due(strategy, &state, now)

@@ -75,13 +75,23 @@ pub(super) async fn reconcile(mv: Arc<ModelVersion>, ctx: Arc<Context>) -> Resul
     let api: Api<ModelVersion> = Api::namespaced(ctx.client.clone(), &ns);
     let generation = mv.metadata.generation;
     let status = mv.status.clone().unwrap_or_default();
-    let devices = ctx.gateway.as_ref().map(|gw| {
-        gw.registry()
-            .devices()
-            .iter()
-            .filter(|d| d.active_version(&mv.spec.model) == Some(mv.spec.version.as_str()))
-            .count() as u64
-    });
+    let devices = match (&ctx.gateway, &ctx.clickhouse) {
+        (Some(gw), _) => Some(
+            gw.registry()
+                .devices()
+                .iter()
+                .filter(|d| d.active_version(&mv.spec.model) == Some(mv.spec.version.as_str()))
+                .count() as u64,
+        ),
+        // The `controller` role: from the devices' latest status in ClickHouse.
+        (None, Some(ch)) => crate::telemetry::gates::version_skew(ch, &mv.spec.model)
+            .await?
+            .into_iter()
+            .find(|(v, _)| *v == mv.spec.version)
+            .map(|(_, n)| n)
+            .or(Some(0)),
+        (None, None) => None,
+    };
     let done = status.observed_generation == generation
         && matches!(
             status.phase,

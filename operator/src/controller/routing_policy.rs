@@ -31,6 +31,13 @@ pub(super) async fn reconcile(rp: Arc<RoutingPolicy>, ctx: Arc<Context>) -> Resu
         Err(e) => condition("Accepted", false, "Invalid", &e.to_string(), generation),
     };
     let (mut acked, mut rejected, mut reasons) = (0u64, 0u64, Vec::new());
+    // A controller without an in-process gateway (the `controller` role) counts acks from
+    // the devices' latest status in ClickHouse; NACK reasons need the gateway's view.
+    if ctx.gateway.is_none()
+        && let Some(ch) = &ctx.clickhouse
+    {
+        acked = crate::telemetry::gates::policy_acks(ch, &version).await?;
+    }
     if let Some(gw) = &ctx.gateway {
         for d in gw.registry().devices() {
             if d.policy.running.as_deref() == Some(version.as_str()) {

@@ -44,6 +44,10 @@ WHERE has(installed_models, ?)
 GROUP BY version
 ORDER BY version";
 
+/// Devices whose latest status says they run a policy version.
+pub const POLICY_ACKS_SQL: &str =
+    "SELECT count() FROM edgewise.device_status FINAL WHERE policy_version = ?";
+
 #[derive(Debug, Row, Deserialize)]
 struct InferenceAgg {
     samples: u64,
@@ -191,4 +195,16 @@ pub async fn version_skew(
         .fetch_all()
         .await?;
     Ok(rows.into_iter().map(|r| (r.version, r.devices)).collect())
+}
+
+/// Devices running policy `version`, from their latest status.
+///
+/// # Errors
+/// ClickHouse errors.
+pub async fn policy_acks(client: &Client, version: &str) -> Result<u64, clickhouse::error::Error> {
+    client
+        .query(POLICY_ACKS_SQL)
+        .bind(version)
+        .fetch_one()
+        .await
 }
