@@ -14,15 +14,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 fn options(dir: &Path, exit_after_demo: bool) -> DevOptions {
-    DevOptions {
-        devices: 100,
-        data_dir: dir.to_owned(),
-        exit_after_demo,
-        api_addr: loopback(),
-        s3_addr: loopback(),
-        gateway_addr: loopback(),
-        clickhouse_url: None,
-    }
+    dev_options(dir, 100, exit_after_demo, None)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -298,6 +290,62 @@ async fn a_breaching_canary_rolls_back_a_bad_digest_never_ships_and_pauses_wait_
     })
     .await;
     stack.stop().await;
+}
+
+/// `dev --kubeconfig`: the stack applies the CRDs to an existing API endpoint (here a
+/// standalone dev API standing in for kind), and its controllers work against it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dev_stack_installs_its_crds_into_an_existing_cluster_and_reconciles_there() {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    init_logging();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cluster = edgewise_operator::devapi::DevApi::start(&dir.path().join("cluster"), loopback())
+        .await
+        .expect("api");
+    let kubeconfig = dir.path().join("cluster-kubeconfig");
+    std::fs::write(&kubeconfig, cluster.kubeconfig()).expect("kubeconfig");
+    let stack = DevStack::start(
+        &dev_options(&dir.path().join("stack"), 5, false, Some(kubeconfig)),
+        CancellationToken::new(),
+    )
+    .await
+    .expect("starts against the cluster");
+    assert!(
+        stack.api.is_none(),
+        "no embedded API when a cluster is given"
+    );
+
+    let crds: Api<CustomResourceDefinition> = Api::all(stack.client.clone());
+    let mut names: Vec<String> = crds
+        .list(&Default::default())
+        .await
+        .expect("CRDs")
+        .items
+        .into_iter()
+        .filter_map(|c| c.metadata.name)
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "modelrollouts.edgewise.dev",
+            "modelversions.edgewise.dev",
+            "routingpolicies.edgewise.dev"
+        ]
+    );
+
+    let mvs: Api<ModelVersion> = Api::namespaced(stack.client.clone(), "edgewise");
+    version(&stack.s3_client, &mvs, "1.0.0", 1, false).await;
+    eventually(Duration::from_secs(60), "1.0.0 Ready", || async {
+        mvs.get("assistant-1.0.0")
+            .await
+            .ok()?
+            .status
+            .filter(|s| s.phase == Some(ModelVersionPhase::Ready))
+    })
+    .await;
+    stack.stop().await;
+    cluster.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -20,16 +20,6 @@ async fn client(api: &DevApi) -> Client {
     Client::try_from(config).expect("client")
 }
 
-fn example(name: &str) -> serde_json::Value {
-    let text = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../examples")
-            .join(name),
-    )
-    .expect("example");
-    serde_yaml_ng::from_str(&text).expect("yaml")
-}
-
 async fn start(dir: &std::path::Path) -> (DevApi, Client) {
     init_logging();
     let api = DevApi::start_with(dir, loopback(), Duration::from_millis(200), 50)

@@ -12,7 +12,10 @@ use std::time::Duration;
 use aws_sdk_s3::primitives::ByteStream;
 use edgewise_agent::simulate::{SimConfig, SimFleet, Traffic};
 use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::wait::{await_condition, conditions};
 use kube::{Client, Config};
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -49,6 +52,10 @@ pub struct DevOptions {
     /// Use this ClickHouse instead of starting `clickhouse-server`.
     #[arg(long, env = "EDGEWISE_CLICKHOUSE_URL")]
     pub clickhouse_url: Option<String>,
+    /// Run against the cluster in this kubeconfig (its current context) instead of the
+    /// embedded API; the CRDs are applied to it first. For kind, k3d and the like.
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
 }
 
 /// Why the dev stack failed.
@@ -72,8 +79,8 @@ fn step(n: usize, text: &str) {
 
 /// The running parts of the dev stack.
 pub struct DevStack {
-    /// The Kubernetes-compatible API.
-    pub api: DevApi,
+    /// The embedded Kubernetes-compatible API, unless `--kubeconfig` named a cluster.
+    pub api: Option<DevApi>,
     /// The S3 server.
     pub s3: EmbeddedS3,
     /// An S3 client.
@@ -94,7 +101,7 @@ pub struct DevStack {
 impl std::fmt::Debug for DevStack {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DevStack")
-            .field("api", &self.api.url())
+            .field("api", &self.api.as_ref().map(DevApi::url))
             .finish_non_exhaustive()
     }
 }
@@ -107,15 +114,33 @@ impl DevStack {
     pub async fn start(opts: &DevOptions, shutdown: CancellationToken) -> Result<Self, Error> {
         let dir = &opts.data_dir;
         std::fs::create_dir_all(dir).map_err(start("data dir"))?;
-        let api = DevApi::start(&dir.join("api"), opts.api_addr)
-            .await
-            .map_err(start("Kubernetes API"))?;
-        std::fs::write(dir.join("kubeconfig"), api.kubeconfig()).map_err(start("kubeconfig"))?;
-        println!(
-            "Kubernetes API  {}   (kubectl --kubeconfig {}/kubeconfig get edgewise -A)",
-            api.url(),
-            dir.display()
-        );
+        let (api, client) = match &opts.kubeconfig {
+            Some(path) => {
+                let (client, url) = cluster_client(path).await?;
+                install_crds(&client).await?;
+                println!(
+                    "Kubernetes API  {url}   (kubectl --kubeconfig {} get edgewise -A)",
+                    path.display()
+                );
+                (None, client)
+            }
+            None => {
+                let api = DevApi::start(&dir.join("api"), opts.api_addr)
+                    .await
+                    .map_err(start("Kubernetes API"))?;
+                std::fs::write(dir.join("kubeconfig"), api.kubeconfig())
+                    .map_err(start("kubeconfig"))?;
+                println!(
+                    "Kubernetes API  {}   (kubectl --kubeconfig {}/kubeconfig get edgewise -A)",
+                    api.url(),
+                    dir.display()
+                );
+                let client =
+                    Client::try_from(Config::new(api.url().parse().map_err(start("API URL"))?))
+                        .map_err(start("kube client"))?;
+                (Some(api), client)
+            }
+        };
         let s3 = EmbeddedS3::start(
             &dir.join("s3"),
             opts.s3_addr,
@@ -173,8 +198,6 @@ impl DevStack {
             dir.display()
         );
 
-        let client = Client::try_from(Config::new(api.url().parse().map_err(start("API URL"))?))
-            .map_err(start("kube client"))?;
         let namespaces: Api<Namespace> = Api::all(client.clone());
         if namespaces
             .get_opt("edgewise")
@@ -242,12 +265,45 @@ impl DevStack {
     pub async fn stop(self) {
         self.shutdown.cancel();
         self.fleet.stop().await;
-        self.api.stop().await;
+        if let Some(api) = self.api {
+            api.stop().await;
+        }
         self.s3.stop().await;
         if let Some(mut server) = self.clickhouse_server {
             server.stop().await;
         }
     }
+}
+
+/// A client for the current context of `kubeconfig`.
+async fn cluster_client(kubeconfig: &std::path::Path) -> Result<(Client, String), Error> {
+    let kubeconfig = Kubeconfig::read_from(kubeconfig).map_err(start("kubeconfig"))?;
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .map_err(start("kubeconfig"))?;
+    let url = config.cluster_url.to_string();
+    Ok((Client::try_from(config).map_err(start("kube client"))?, url))
+}
+
+/// Applies the CRDs (server-side, so a re-run updates them) and waits until the API server
+/// serves them.
+async fn install_crds(client: &Client) -> Result<(), Error> {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let pp = PatchParams::apply("edgewise-dev").force();
+    for crd in crate::crd::all() {
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        crds.patch(&name, &pp, &Patch::Apply(&crd))
+            .await
+            .map_err(start("applying CRDs"))?;
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            await_condition(crds.clone(), &name, conditions::is_crd_established()),
+        )
+        .await
+        .map_err(|_| Error::Start(format!("CRD {name} not established within 30 s")))?
+        .map_err(start("waiting for CRDs"))?;
+    }
+    Ok(())
 }
 
 /// Runs the dev stack until `shutdown` (or the demo's end).
@@ -259,9 +315,13 @@ pub async fn run(opts: DevOptions, shutdown: CancellationToken) -> Result<(), Er
     let outcome = if opts.exit_after_demo {
         demo(&stack.client, &stack.s3_client, &stack.fleet).await
     } else {
+        let kubeconfig = opts
+            .kubeconfig
+            .clone()
+            .unwrap_or_else(|| opts.data_dir.join("kubeconfig"));
         println!(
-            "\nReady. Try: kubectl --kubeconfig {}/kubeconfig apply -n edgewise -f examples/   (Ctrl-C to stop)",
-            opts.data_dir.display()
+            "\nReady. Try: kubectl --kubeconfig {} apply -n edgewise -f examples/   (Ctrl-C to stop)",
+            kubeconfig.display()
         );
         shutdown.cancelled().await;
         Ok(())

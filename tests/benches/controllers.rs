@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use edgewise_core::rollout::Metric;
 use edgewise_operator::crd::{ModelRollout, ModelVersion, RoutingPolicy};
-use edgewise_operator::dev::{DevOptions, DevStack, publish};
+use edgewise_operator::dev::{DevStack, publish};
 use edgewise_tests::*;
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
@@ -37,15 +37,7 @@ fn main() {
         .unwrap();
     rt.block_on(async {
         let dir = tempfile::tempdir().unwrap();
-        let opts = DevOptions {
-            devices: DEVICES,
-            data_dir: dir.path().to_owned(),
-            exit_after_demo: false,
-            api_addr: loopback(),
-            s3_addr: loopback(),
-            gateway_addr: loopback(),
-            clickhouse_url: None,
-        };
+        let opts = dev_options(dir.path(), DEVICES, false, None);
         let stack = DevStack::start(&opts, CancellationToken::new()).await.unwrap();
         let apply = PatchParams::apply("bench").force();
         let mvs: Api<ModelVersion> = Api::namespaced(stack.client.clone(), "edgewise");

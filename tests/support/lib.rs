@@ -201,6 +201,37 @@ pub fn loopback() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 0))
 }
 
+/// One of `examples/*.yaml`, as JSON.
+pub fn example(name: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../examples")
+            .join(name),
+    )
+    .expect("example");
+    serde_yaml_ng::from_str(&text).expect("yaml")
+}
+
+/// Dev-stack options on loopback ports with `devices` simulated devices, state under `dir`,
+/// against `kubeconfig`'s cluster if given, else the embedded API.
+pub fn dev_options(
+    dir: &Path,
+    devices: usize,
+    exit_after_demo: bool,
+    kubeconfig: Option<PathBuf>,
+) -> edgewise_operator::dev::DevOptions {
+    edgewise_operator::dev::DevOptions {
+        devices,
+        data_dir: dir.to_owned(),
+        exit_after_demo,
+        api_addr: loopback(),
+        s3_addr: loopback(),
+        gateway_addr: loopback(),
+        clickhouse_url: None,
+        kubeconfig,
+    }
+}
+
 /// Deterministic pseudo-random bytes.
 pub fn artifact_bytes(len: usize, seed: u8) -> Vec<u8> {
     let mut out = Vec::with_capacity(len);

@@ -177,6 +177,18 @@ fn new_namespace(name: &str) -> Value {
     })
 }
 
+/// Marks a written CRD established, as a real API server does once it serves it. The dev API
+/// serves the Edgewise CRDs from the start, so applying them here (what
+/// `dev --kubeconfig` and installers do) is accepted and they are ready at once.
+fn established(r: &Resource, obj: &mut Value) {
+    if r.kind == "CustomResourceDefinition" {
+        obj["status"] = json!({"conditions": [
+            {"type": "NamesAccepted", "status": "True", "reason": "NoConflicts", "message": "no conflicts found", "lastTransitionTime": now()},
+            {"type": "Established", "status": "True", "reason": "InitialNamesAccepted", "message": "the initial names have been accepted", "lastTransitionTime": now()},
+        ]});
+    }
+}
+
 fn uid() -> String {
     let r: u128 = rand::random();
     let h = format!("{r:032x}");
@@ -670,6 +682,7 @@ impl Api {
                 o.remove("status");
             }
         }
+        established(r, &mut obj);
         if let Err(e) = Self::admit(r, &obj, None) {
             return e;
         }
@@ -770,6 +783,7 @@ impl Api {
             new["metadata"]["generation"] =
                 json!(if changed { generation + 1 } else { generation });
         }
+        established(r, &mut new);
         if let Err(e) = Self::admit(r, &new, Some(&old)) {
             return e;
         }

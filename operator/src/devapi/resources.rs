@@ -1,5 +1,6 @@
 //! The resources the dev API serves: the three Edgewise CRDs and the built-ins the product
-//! uses (Namespaces, Secrets, ConfigMaps, core and events.k8s.io Events, Leases).
+//! uses (Namespaces, Secrets, ConfigMaps, core and events.k8s.io Events, Leases, and
+//! CustomResourceDefinitions, so installers that apply the CRDs work against it).
 
 use std::sync::Arc;
 
@@ -137,6 +138,14 @@ pub fn all() -> Vec<Resource> {
         Resource::builtin("", "v1", "Event", "events", true, &["ev"]),
         Resource::builtin("events.k8s.io", "v1", "Event", "events", true, &["ev"]),
         Resource::builtin("coordination.k8s.io", "v1", "Lease", "leases", true, &[]),
+        Resource::builtin(
+            "apiextensions.k8s.io",
+            "v1",
+            "CustomResourceDefinition",
+            "customresourcedefinitions",
+            false,
+            &["crd"],
+        ),
     ];
     out.extend(crate::crd::all().iter().map(Resource::from_crd));
     out
