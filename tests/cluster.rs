@@ -18,7 +18,7 @@ use std::time::Duration;
 use edgewise_core::rollout::Phase;
 use edgewise_operator::crd::{ModelRollout, ModelVersion, RoutingPolicy};
 use edgewise_tests::*;
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 use serde_json::json;
@@ -104,32 +104,12 @@ async fn the_real_api_server_enforces_the_crd_schema_and_cel_rules() {
     let mut bad = example("modelversion.yaml");
     bad["metadata"]["name"] = json!("e2e-bad-digest");
     bad["spec"]["variants"][0]["artifact"]["sha256"] = json!("abc");
-    let err = mvs
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(bad).expect("typed"),
-        )
-        .await
-        .expect_err("schema");
-    assert!(
-        matches!(err, kube::Error::Api(ref s) if s.code == 422 && s.message.contains("sha256")),
-        "{err:?}"
-    );
+    assert_create_rejected(&mvs, bad, "sha256").await;
 
     let mros: Api<ModelRollout> = Api::namespaced(stack.client.clone(), "edgewise");
     let mut bad = example("modelrollout.yaml");
     bad["metadata"]["name"] = json!("e2e-decreasing");
     bad["spec"]["steps"] = json!([{"setPercent": 50}, {"setPercent": 10}]);
-    let err = mros
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(bad).expect("typed"),
-        )
-        .await
-        .expect_err("CEL");
-    assert!(
-        matches!(err, kube::Error::Api(ref s) if s.code == 422 && s.message.contains("never decrease")),
-        "{err:?}"
-    );
+    assert_create_rejected(&mros, bad, "never decrease").await;
     stack.stop().await;
 }

@@ -168,31 +168,11 @@ async fn crud_status_patches_generation_and_conflicts() {
     let mut bad = example("modelversion.yaml");
     bad["metadata"]["name"] = json!("bad");
     bad["spec"]["variants"][0]["artifact"]["sha256"] = json!("abc");
-    let err = mvs
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(bad).expect("typed"),
-        )
-        .await
-        .expect_err("schema");
-    assert!(
-        matches!(err, kube::Error::Api(ref s) if s.code == 422 && s.message.contains("spec.variants[0].artifact.sha256")),
-        "{err:?}"
-    );
+    assert_create_rejected(&mvs, bad, "spec.variants[0].artifact.sha256").await;
     let mut bad = example("modelrollout.yaml");
     bad["spec"]["steps"] = json!([{"setPercent": 50}, {"setPercent": 10}]);
     let mros: Api<ModelRollout> = Api::namespaced(c.clone(), "edgewise");
-    let err = mros
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(bad).expect("typed"),
-        )
-        .await
-        .expect_err("CEL");
-    assert!(
-        matches!(err, kube::Error::Api(ref s) if s.code == 422 && s.message.contains("never decrease")),
-        "{err:?}"
-    );
+    assert_create_rejected(&mros, bad, "never decrease").await;
 
     // Selectors.
     let by_label = mvs

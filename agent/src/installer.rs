@@ -131,17 +131,7 @@ async fn install(device: &Device, http: &reqwest::Client, model: &str, a: &Model
                 if let Err(io) = device.state.mark_failed(&a.sha256, &e.to_string()) {
                     warn!(error = %io, "recording the failed digest");
                 }
-                device.report(model, a, WireState::Failed, 0, e.to_string());
-                device
-                    .record_model_event(
-                        ModelEventKind::InstallFailed,
-                        model,
-                        a,
-                        elapsed_ms(started),
-                        0,
-                        e.to_string(),
-                    )
-                    .await;
+                install_failed(device, model, a, started, e.to_string()).await;
                 return;
             }
             Err(FetchError::Refused(code)) => {
@@ -160,17 +150,7 @@ async fn install(device: &Device, http: &reqwest::Client, model: &str, a: &Model
                     device.report(model, a, WireState::Downloading, *done, e.to_string());
                 }
                 if attempt >= ATTEMPTS {
-                    device.report(model, a, WireState::Failed, 0, e.to_string());
-                    device
-                        .record_model_event(
-                            ModelEventKind::InstallFailed,
-                            model,
-                            a,
-                            elapsed_ms(started),
-                            0,
-                            e.to_string(),
-                        )
-                        .await;
+                    install_failed(device, model, a, started, e.to_string()).await;
                     return;
                 }
                 // Short, growing pauses: the store is usually just a blip away.
@@ -221,20 +201,29 @@ async fn install(device: &Device, http: &reqwest::Client, model: &str, a: &Model
                 }
             }
         }
-        Err(e) => {
-            device.report(model, a, WireState::Failed, 0, format!("activation: {e}"));
-            device
-                .record_model_event(
-                    ModelEventKind::InstallFailed,
-                    model,
-                    a,
-                    elapsed_ms(started),
-                    0,
-                    format!("activation: {e}"),
-                )
-                .await;
-        }
+        Err(e) => install_failed(device, model, a, started, format!("activation: {e}")).await,
     }
+}
+
+/// Tells the gateway the install failed and records why in the model events.
+async fn install_failed(
+    device: &Device,
+    model: &str,
+    a: &ModelAssignment,
+    started: std::time::Instant,
+    error: String,
+) {
+    device.report(model, a, WireState::Failed, 0, error.clone());
+    device
+        .record_model_event(
+            ModelEventKind::InstallFailed,
+            model,
+            a,
+            elapsed_ms(started),
+            0,
+            error,
+        )
+        .await;
 }
 
 fn elapsed_ms(since: std::time::Instant) -> u64 {

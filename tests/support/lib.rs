@@ -212,6 +212,23 @@ pub fn example(name: &str) -> serde_json::Value {
     serde_yaml_ng::from_str(&text).expect("yaml")
 }
 
+/// Creates `object` through `api` and asserts the API server rejects it as invalid (422)
+/// with a message containing `needle`.
+pub async fn assert_create_rejected<K>(api: &kube::Api<K>, object: serde_json::Value, needle: &str)
+where
+    K: kube::Resource + Clone + serde::Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let typed: K = serde_json::from_value(object).expect("typed");
+    let err = api
+        .create(&kube::api::PostParams::default(), &typed)
+        .await
+        .expect_err("rejected");
+    assert!(
+        matches!(err, kube::Error::Api(ref s) if s.code == 422 && s.message.contains(needle)),
+        "{err:?}"
+    );
+}
+
 /// Dev-stack options on loopback ports with `devices` simulated devices, state under `dir`,
 /// against `kubeconfig`'s cluster if given, else the embedded API.
 pub fn dev_options(

@@ -127,6 +127,34 @@ fn invalid(message: String) -> Status {
     Status::invalid_argument(message)
 }
 
+/// The checks every event kind shares: label-like fields within 256 bytes, the error text
+/// within 4096, a plausible time. `at` names a field.
+fn check_event(
+    at: &impl Fn(&str) -> String,
+    labels: &[(&str, &String)],
+    error: &str,
+    time_unix_ms: i64,
+    time_ok: &impl Fn(i64) -> bool,
+) -> Result<(), Status> {
+    for (field, value) in labels {
+        bounded("", value)
+            .map_err(|_| invalid(format!("{} is longer than 256 bytes", at(field))))?;
+    }
+    if error.len() > 4096 {
+        return Err(invalid(format!(
+            "{} is longer than 4096 bytes",
+            at("error")
+        )));
+    }
+    if !time_ok(time_unix_ms) {
+        return Err(invalid(format!(
+            "{} {time_unix_ms} is not a plausible time (before 2020 or in the future)",
+            at("time_unix_ms")
+        )));
+    }
+    Ok(())
+}
+
 /// Checks a batch from `device_id`; the error names the field at fault.
 ///
 /// # Errors
@@ -158,34 +186,24 @@ pub fn validate(device_id: &str, batch: &TelemetryBatch) -> Result<(), Status> {
                 return Err(invalid(format!("{} is required", at(field))));
             }
         }
-        for (field, value) in [
-            ("event_id", &e.event_id),
-            ("model", &e.model),
-            ("version", &e.version),
-            ("variant", &e.variant),
-            ("target", &e.target),
-            ("rule", &e.rule),
-            ("policy_version", &e.policy_version),
-            ("task", &e.task),
-            ("data_class", &e.data_class),
-            ("rollout", &e.rollout),
-        ] {
-            bounded("", value)
-                .map_err(|_| invalid(format!("{} is longer than 256 bytes", at(field))))?;
-        }
-        if e.error.len() > 4096 {
-            return Err(invalid(format!(
-                "{} is longer than 4096 bytes",
-                at("error")
-            )));
-        }
-        if !time_ok(e.time_unix_ms) {
-            return Err(invalid(format!(
-                "{} {} is not a plausible time (before 2020 or in the future)",
-                at("time_unix_ms"),
-                e.time_unix_ms
-            )));
-        }
+        check_event(
+            &at,
+            &[
+                ("event_id", &e.event_id),
+                ("model", &e.model),
+                ("version", &e.version),
+                ("variant", &e.variant),
+                ("target", &e.target),
+                ("rule", &e.rule),
+                ("policy_version", &e.policy_version),
+                ("task", &e.task),
+                ("data_class", &e.data_class),
+                ("rollout", &e.rollout),
+            ],
+            &e.error,
+            e.time_unix_ms,
+            &time_ok,
+        )?;
         if !(e.latency_ms.is_finite() && e.latency_ms >= 0.0) {
             return Err(invalid(format!(
                 "{} must be finite and >= 0",
@@ -215,29 +233,19 @@ pub fn validate(device_id: &str, batch: &TelemetryBatch) -> Result<(), Status> {
                 at("model")
             )));
         }
-        for (field, value) in [
-            ("event_id", &e.event_id),
-            ("model", &e.model),
-            ("version", &e.version),
-            ("variant", &e.variant),
-            ("rollout", &e.rollout),
-        ] {
-            bounded("", value)
-                .map_err(|_| invalid(format!("{} is longer than 256 bytes", at(field))))?;
-        }
-        if e.error.len() > 4096 {
-            return Err(invalid(format!(
-                "{} is longer than 4096 bytes",
-                at("error")
-            )));
-        }
-        if !time_ok(e.time_unix_ms) {
-            return Err(invalid(format!(
-                "{} {} is not a plausible time (before 2020 or in the future)",
-                at("time_unix_ms"),
-                e.time_unix_ms
-            )));
-        }
+        check_event(
+            &at,
+            &[
+                ("event_id", &e.event_id),
+                ("model", &e.model),
+                ("version", &e.version),
+                ("variant", &e.variant),
+                ("rollout", &e.rollout),
+            ],
+            &e.error,
+            e.time_unix_ms,
+            &time_ok,
+        )?;
         match ModelEventKind::try_from(e.kind) {
             Ok(ModelEventKind::Unspecified) | Err(_) => {
                 return Err(invalid(format!(
