@@ -8,6 +8,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if std::env::var_os("PROTOC").is_none() {
         config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
     }
+    // The gateway's zero-copy views: text fields as slices of the request buffer.
+    config.bytes([".edgewise.v1.internal"]);
     tonic_prost_build::configure()
         .codec_path("crate::codec::CompactCodec")
         .file_descriptor_set_path(
@@ -18,6 +20,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             &[
                 "proto/edgewise/v1/fleet.proto",
                 "proto/edgewise/agent/v1/router.proto",
+                "proto/edgewise/v1/internal/telemetry_view.proto",
             ],
             &["proto"],
         )?;

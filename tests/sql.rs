@@ -161,7 +161,7 @@ async fn seed(ch: &ClickHouse) {
             model_events: models,
             dropped_events: u64::from(d == 1) * 7,
         };
-        sink.submit(&device, batch).await.expect("stored");
+        sink.submit(&device, &batch).await.expect("stored");
         sink.device_status(DeviceStatusRow {
             device_id: device,
             updated_at: at() as u32,

@@ -12,11 +12,13 @@ use edgewise_agent::telemetry::{BufferConfig, Event, TelemetryBuffer};
 use edgewise_core::rollout::Metric;
 use edgewise_operator::telemetry::gates::{self, Slice};
 use edgewise_operator::telemetry::ingest::{SinkConfig, TelemetrySink};
-use edgewise_operator::telemetry::rows::DeviceStatusRow;
+use edgewise_operator::telemetry::rows::{DeviceStatusRow, InferenceRow, ModelRow};
 use edgewise_operator::telemetry::schema;
 use edgewise_proto::fleet::fleet_client::FleetClient;
 use edgewise_proto::fleet::{InferenceEvent, ModelEvent, ModelEventKind, TelemetryBatch};
+use edgewise_proto::view::TelemetryBatchView;
 use edgewise_tests::*;
+use prost::Message;
 use tonic::Code;
 
 fn now_ms() -> i64 {
@@ -175,7 +177,7 @@ async fn gate_metrics_are_exact_late_events_land_in_their_window_and_retries_cou
         all.extend(baseline);
         sink.submit(
             &device,
-            batch(&device, &format!("batch-{d}"), all, installs),
+            &batch(&device, &format!("batch-{d}"), all, installs),
         )
         .await
         .expect("stored");
@@ -195,12 +197,16 @@ async fn gate_metrics_are_exact_late_events_land_in_their_window_and_retries_cou
         )],
         vec![],
     );
-    let (_, duplicate) = sink.submit("dev-0", retry).await.expect("stored");
+    let duplicate = sink
+        .submit("dev-0", &retry)
+        .await
+        .expect("stored")
+        .duplicate;
     assert!(duplicate, "the replica recognises the retry");
     // A late event: uploaded now, but it happened 5 minutes ago (inside a 10-minute window)…
     sink.submit(
         "dev-late",
-        batch(
+        &batch(
             "dev-late",
             "late",
             vec![inference(
@@ -220,7 +226,7 @@ async fn gate_metrics_are_exact_late_events_land_in_their_window_and_retries_cou
     // …and one from 2 hours ago, outside the window.
     sink.submit(
         "dev-old",
-        batch(
+        &batch(
             "dev-old",
             "old",
             vec![inference(
@@ -386,7 +392,7 @@ async fn fifty_agents_times_ten_thousand_events_arrive_exactly_once() {
 async fn clickhouse_down_under_load_loses_nothing_and_counts_nothing_twice() {
     let mut ch = ClickHouse::start().await;
     let sink = SinkConfig {
-        max_queued_rows: 20_000,
+        max_queued_bytes: 3 << 20,
         ..SinkConfig::default()
     };
     let h = Harness::start_with_telemetry(&ch.url(), sink.clone()).await;
@@ -430,12 +436,61 @@ async fn clickhouse_down_under_load_loses_nothing_and_counts_nothing_twice() {
         "the gateway pushed back while ClickHouse was down"
     );
     assert!(stats.insert_failures.load(Ordering::Relaxed) > 0);
-    let high = stats.queued_rows_high_water.load(Ordering::Relaxed);
+    let high = stats.queued_bytes_high_water.load(Ordering::Relaxed);
     assert!(
-        high <= sink.max_queued_rows,
-        "gateway memory bounded: {high} rows queued at most"
+        high <= sink.max_queued_bytes,
+        "gateway memory bounded: {high} bytes queued at most"
     );
     fleet.stop().await;
+}
+
+/// A freshly enrolled device: its identity and credential.
+async fn enroll(
+    url: &str,
+) -> (
+    edgewise_agent::identity::Identity,
+    edgewise_proto::fleet::EnrollResponse,
+) {
+    let id = edgewise_agent::identity::Identity::ephemeral();
+    let enrolled = FleetClient::connect(url.to_owned())
+        .await
+        .expect("connects")
+        .enroll(id.enroll_request(
+            TOKEN,
+            &facts("linux", "x86_64", 4096, &[]),
+            &Default::default(),
+        ))
+        .await
+        .expect("enrolls")
+        .into_inner();
+    (id, enrolled)
+}
+
+/// Uploads a body as it is (bytes no `TelemetryBatch` value can hold).
+async fn upload_raw(
+    url: &str,
+    credential: &str,
+    body: Vec<u8>,
+) -> Result<edgewise_proto::fleet::TelemetryAck, tonic::Status> {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
+        .expect("url")
+        .connect()
+        .await
+        .expect("connects");
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.expect("ready");
+    let mut request = tonic::Request::new(bytes::Bytes::from(body));
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {credential}").parse().expect("ascii"),
+    );
+    grpc.unary(
+        request,
+        tonic::codegen::http::uri::PathAndQuery::from_static("/edgewise.v1.Fleet/UploadTelemetry"),
+        edgewise_proto::codec::PreEncodedCodec::<edgewise_proto::fleet::TelemetryAck>::default(),
+    )
+    .await
+    .map(tonic::Response::into_inner)
 }
 
 async fn upload(
@@ -462,18 +517,7 @@ async fn a_batch_retried_after_a_lost_ack_even_to_another_gateway_is_counted_onc
     let ch = ClickHouse::start().await;
     let a = Harness::start_with_telemetry(&ch.url(), SinkConfig::default()).await;
     let b = Harness::start_with_telemetry(&ch.url(), SinkConfig::default()).await;
-    let id = edgewise_agent::identity::Identity::ephemeral();
-    let enrolled = FleetClient::connect(a.gateway_url())
-        .await
-        .expect("connects")
-        .enroll(id.enroll_request(
-            TOKEN,
-            &facts("linux", "x86_64", 4096, &[]),
-            &Default::default(),
-        ))
-        .await
-        .expect("enrolls")
-        .into_inner();
+    let (id, enrolled) = enroll(&a.gateway_url()).await;
     let now = now_ms();
     let events: Vec<InferenceEvent> = (0..500)
         .map(|i| inference(format!("e-{i}"), "1.0.0", now - 1000, 5.0, true, false, 0))
@@ -522,18 +566,7 @@ async fn a_batch_retried_after_a_lost_ack_even_to_another_gateway_is_counted_onc
 async fn invalid_batches_are_rejected_naming_the_problem() {
     let ch = ClickHouse::start().await;
     let h = Harness::start_with_telemetry(&ch.url(), SinkConfig::default()).await;
-    let id = edgewise_agent::identity::Identity::ephemeral();
-    let enrolled = FleetClient::connect(h.gateway_url())
-        .await
-        .expect("connects")
-        .enroll(id.enroll_request(
-            TOKEN,
-            &facts("linux", "x86_64", 4096, &[]),
-            &Default::default(),
-        ))
-        .await
-        .expect("enrolls")
-        .into_inner();
+    let (id, enrolled) = enroll(&h.gateway_url()).await;
     let now = now_ms();
     let good = || inference("ok".into(), "1.0.0", now, 5.0, true, false, 0);
     let mut nan = good();
@@ -582,8 +615,36 @@ async fn invalid_batches_are_rejected_naming_the_problem() {
             "model_events[0].kind",
         ),
     ];
-    for (b, code, words) in cases {
-        let err = upload(&h.gateway_url(), &enrolled.credential, b)
+    let mut long = good();
+    long.rule = "r".repeat(300);
+    let cases = cases
+        .into_iter()
+        .map(|(b, code, words)| (b.encode_to_vec(), code, words));
+    // Bodies no `TelemetryBatch` value can hold: text that is not UTF-8, and not protobuf.
+    let mut not_utf8 = TelemetryBatchView::decode(bytes::Bytes::from(
+        batch(id.device_id(), "x", vec![good()], vec![]).encode_to_vec(),
+    ))
+    .expect("decodes");
+    not_utf8.inference[0].model = bytes::Bytes::from_static(&[0x61, 0xff, 0xfe]);
+    let raw = [
+        (
+            batch(id.device_id(), "x", vec![long], vec![]).encode_to_vec(),
+            Code::InvalidArgument,
+            "inference[0].rule is longer than 256 bytes",
+        ),
+        (
+            not_utf8.encode_to_vec(),
+            Code::InvalidArgument,
+            "inference[0].model is not UTF-8",
+        ),
+        (
+            vec![0x1a, 0xff, 0xff, 0xff],
+            Code::InvalidArgument,
+            "malformed TelemetryBatch",
+        ),
+    ];
+    for (body, code, words) in cases.chain(raw) {
+        let err = upload_raw(&h.gateway_url(), &enrolled.credential, body)
             .await
             .expect_err("rejected");
         assert_eq!(err.code(), code, "{words}: {err:?}");
@@ -743,4 +804,114 @@ async fn the_migrate_command_applies_the_schema_and_can_run_again() {
             "round {round}: {stdout}"
         );
     }
+}
+
+/// Rows are written as RowBinary straight from the upload's bytes: every field must land in
+/// its own column, read back through the typed rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_field_lands_in_its_column() {
+    let ch = ClickHouse::start().await;
+    let h = Harness::start_with_telemetry(&ch.url(), SinkConfig::default()).await;
+    let (id, enrolled) = enroll(&h.gateway_url()).await;
+    let now = now_ms();
+    let event = InferenceEvent {
+        event_id: "e-1".into(),
+        time_unix_ms: now - 1_234,
+        model: "assistant".into(),
+        version: "2.1.0".into(),
+        variant: "gpu-fp16".into(),
+        target: "cloud-large".into(),
+        on_device: false,
+        rule: "long-context".into(),
+        policy_version: "65f881e7".into(),
+        latency_ms: 812.25,
+        ok: false,
+        fallback_used: true,
+        error: "upstream timeout".into(),
+        input_tokens: 9_000,
+        output_tokens: 321,
+        cost_usd: 0.0125,
+        shadow: 2,
+        task: "summarize".into(),
+        data_class: "internal".into(),
+        rollout: "fleet/assistant".into(),
+    };
+    let model = ModelEvent {
+        event_id: "m-1".into(),
+        time_unix_ms: now - 5_000,
+        kind: ModelEventKind::InstallFailed as i32,
+        model: "assistant".into(),
+        version: "2.1.0".into(),
+        variant: "gpu-fp16".into(),
+        duration_ms: 4_321,
+        bytes: 1 << 33,
+        error: "SHA-256 mismatch".into(),
+        rollout: "fleet/assistant".into(),
+    };
+    let b = batch(id.device_id(), "b-cols", vec![event], vec![model]);
+    upload(&h.gateway_url(), &enrolled.credential, b)
+        .await
+        .expect("stored");
+    let rows = ch
+        .client
+        .query("SELECT ?fields FROM edgewise.inference_events")
+        .fetch_all::<InferenceRow>()
+        .await
+        .expect("reads");
+    let received_at = rows.first().map_or(0, |r| r.received_at);
+    assert!(u64::from(received_at).abs_diff((now / 1000) as u64) < 60);
+    assert_eq!(
+        rows,
+        vec![InferenceRow {
+            time: ((now - 1_234) / 1000) as u32,
+            time_ms: (now - 1_234) as u64,
+            device_id: id.device_id().into(),
+            event_id: "e-1".into(),
+            batch_id: "b-cols".into(),
+            rollout: "fleet/assistant".into(),
+            model: "assistant".into(),
+            version: "2.1.0".into(),
+            variant: "gpu-fp16".into(),
+            target: "cloud-large".into(),
+            on_device: 0,
+            rule: "long-context".into(),
+            policy_version: "65f881e7".into(),
+            latency_ms: 812.25,
+            ok: 0,
+            fallback_used: 1,
+            error: "upstream timeout".into(),
+            input_tokens: 9_000,
+            output_tokens: 321,
+            cost_usd: 0.0125,
+            shadow: 2,
+            task: "summarize".into(),
+            data_class: "internal".into(),
+            received_at,
+        }]
+    );
+    let rows = ch
+        .client
+        .query("SELECT ?fields FROM edgewise.model_events")
+        .fetch_all::<ModelRow>()
+        .await
+        .expect("reads");
+    assert_eq!(
+        rows,
+        vec![ModelRow {
+            time: ((now - 5_000) / 1000) as u32,
+            time_ms: (now - 5_000) as u64,
+            device_id: id.device_id().into(),
+            event_id: "m-1".into(),
+            batch_id: "b-cols".into(),
+            rollout: "fleet/assistant".into(),
+            kind: ModelEventKind::InstallFailed as i8,
+            model: "assistant".into(),
+            version: "2.1.0".into(),
+            variant: "gpu-fp16".into(),
+            duration_ms: 4_321,
+            bytes: 1 << 33,
+            error: "SHA-256 mismatch".into(),
+            received_at,
+        }]
+    );
 }

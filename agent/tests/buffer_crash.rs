@@ -90,7 +90,7 @@ fn a_writer_killed_mid_write_keeps_every_confirmed_event() {
             let mut ids = Vec::new();
             while let Some(b) = buffer.next_batch(10_000).expect("reads") {
                 assert_eq!(b.dropped, 0, "round {round}: nothing lost to corruption");
-                ids.extend(b.events.iter().map(|e| match e {
+                ids.extend(b.events().iter().map(|e| match e {
                     Event::Inference(i) => i.event_id.clone(),
                     Event::Model(m) => m.event_id.clone(),
                 }));

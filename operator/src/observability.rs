@@ -178,9 +178,15 @@ impl Instruments {
         );
         stat!(
             gauge,
-            "edgewise.telemetry.queue_rows_high_water",
-            "Most rows ever queued",
-            queued_rows_high_water
+            "edgewise.telemetry.queue_bytes",
+            "Encoded row bytes waiting for an INSERT (the bounded quantity)",
+            queued_bytes
+        );
+        stat!(
+            gauge,
+            "edgewise.telemetry.queue_bytes_high_water",
+            "Most encoded row bytes ever queued",
+            queued_bytes_high_water
         );
         stat!(
             gauge,

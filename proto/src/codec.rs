@@ -43,3 +43,109 @@ where
         ProstCodec::<T, U>::raw_decoder(BufferSettings::new(BUFFER, YIELD_THRESHOLD))
     }
 }
+
+/// A codec whose requests are already-encoded protobuf messages (`Bytes`) and whose
+/// responses are decoded as `U`.
+///
+/// The agent's telemetry buffer keeps events as encoded protobuf records; an upload
+/// concatenates them into a `TelemetryBatch` body instead of decoding and re-encoding every
+/// event. The server sees an ordinary message.
+#[derive(Debug, Clone, Copy)]
+pub struct PreEncodedCodec<U>(PhantomData<U>);
+
+impl<U> Default for PreEncodedCodec<U> {
+    fn default() -> Self {
+        PreEncodedCodec(PhantomData)
+    }
+}
+
+/// Writes pre-encoded message bytes as they are.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PreEncodedEncoder;
+
+impl tonic::codec::Encoder for PreEncodedEncoder {
+    type Item = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: Self::Item,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), Self::Error> {
+        bytes::BufMut::put(dst, item);
+        Ok(())
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        BufferSettings::new(BUFFER, YIELD_THRESHOLD)
+    }
+}
+
+impl<U> Codec for PreEncodedCodec<U>
+where
+    U: prost::Message + Default + Send + 'static,
+{
+    type Encode = bytes::Bytes;
+    type Decode = U;
+    type Encoder = PreEncodedEncoder;
+    type Decoder = ProstDecoder<U>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        PreEncodedEncoder
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        ProstCodec::<U, U>::raw_decoder(BufferSettings::new(BUFFER, YIELD_THRESHOLD))
+    }
+}
+
+/// A server codec that hands over each request as its encoded bytes (a zero-copy slice of
+/// the receive buffer) and encodes responses `T` with prost. The gateway decodes telemetry
+/// uploads itself, as [`crate::view`] messages.
+#[derive(Debug, Clone, Copy)]
+pub struct RawRequestCodec<T>(PhantomData<T>);
+
+impl<T> Default for RawRequestCodec<T> {
+    fn default() -> Self {
+        RawRequestCodec(PhantomData)
+    }
+}
+
+/// Yields a message's bytes undecoded.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RawDecoder;
+
+impl tonic::codec::Decoder for RawDecoder {
+    type Item = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Self::Item>, Self::Error> {
+        let len = bytes::Buf::remaining(src);
+        Ok(Some(bytes::Buf::copy_to_bytes(src, len)))
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        BufferSettings::new(BUFFER, YIELD_THRESHOLD)
+    }
+}
+
+impl<T> Codec for RawRequestCodec<T>
+where
+    T: prost::Message + Default + Send + 'static,
+{
+    type Encode = T;
+    type Decode = bytes::Bytes;
+    type Encoder = ProstEncoder<T>;
+    type Decoder = RawDecoder;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        ProstCodec::<T, T>::raw_encoder(BufferSettings::new(BUFFER, YIELD_THRESHOLD))
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        RawDecoder
+    }
+}

@@ -12,6 +12,13 @@ pub mod fleet {
     tonic::include_proto!("edgewise.v1");
 }
 
+/// Gateway-internal zero-copy views of telemetry uploads (`edgewise.v1.internal`): the
+/// same wire format as [`fleet::TelemetryBatch`], text fields as `bytes::Bytes` slices.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod view {
+    tonic::include_proto!("edgewise.v1.internal");
+}
+
 /// The agent's local router API (`edgewise.agent.v1`).
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
 pub mod router {

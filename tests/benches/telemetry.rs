@@ -10,6 +10,7 @@
 use std::io::Write;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use edgewise_agent::config::Backoff;
@@ -48,12 +49,59 @@ fn event(device: &str, i: usize, now: i64) -> InferenceEvent {
     }
 }
 
+/// Waits until the server has no merge running, so each measurement starts from a quiet
+/// server rather than paying for the previous one's background work.
+async fn quiet(ch: &ClickHouse) {
+    while ch.count("SELECT count() FROM system.merges").await > 0 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+/// The same rows as `event` in the table's TSV layout.
+fn write_tsv(path: &std::path::Path, devices: usize, per_device: usize, now: i64) {
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    for d in 0..devices {
+        let device = format!("dev-{d}");
+        for i in 0..per_device {
+            let e = event(&device, i, now);
+            writeln!(
+                f,
+                "{}\t{}\t{device}\t{}\tb\t{}\t{}\t{}\t{}\t{}\t1\t{}\t{}\t{}\t{}\t0\t\t{}\t{}\t0\tnone\t{}\t{}\t{}",
+                e.time_unix_ms / 1000,
+                e.time_unix_ms,
+                e.event_id,
+                e.rollout,
+                e.model,
+                e.version,
+                e.variant,
+                e.target,
+                e.rule,
+                e.policy_version,
+                e.latency_ms,
+                u8::from(e.ok),
+                e.input_tokens,
+                e.output_tokens,
+                e.task,
+                e.data_class,
+                now / 1000
+            )
+            .unwrap();
+        }
+    }
+}
+
 async fn ingest() {
     const DEVICES: usize = 50;
     const PER_DEVICE: usize = 20_000;
+    const ROUNDS: usize = 3;
+    let total = DEVICES * PER_DEVICE;
     let ch = ClickHouse::start().await;
     let mut h = Harness::start_with_telemetry(&ch.url(), SinkConfig::default()).await;
-    h.stop_gateway().await;
     let fleet = SimFleet::start(&SimConfig {
         devices: DEVICES,
         gateway: h.gateway_url(),
@@ -69,108 +117,102 @@ async fn ingest() {
     })
     .unwrap();
     let now = now_ms();
-    for d in fleet.devices() {
-        let events: Vec<Event> = (0..PER_DEVICE)
-            .map(|i| Event::Inference(event(&d.device_id, i, now)))
-            .collect();
-        for chunk in events.chunks(5_000) {
-            d.telemetry
-                .as_ref()
-                .unwrap()
-                .append(chunk.to_vec())
-                .await
-                .unwrap();
-        }
-    }
-    let total = DEVICES * PER_DEVICE;
-    // Enrollment needs the gateway: wait until every device is connected, then measure
-    // only the upload.
-    h.restart_gateway().await;
-    let t0 = Instant::now();
-    while !fleet
-        .devices()
-        .iter()
-        .all(|d| d.telemetry.as_ref().unwrap().is_drained())
-    {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let ours = t0.elapsed();
-    let count: u64 = ch
-        .client
-        .query("SELECT count() FROM edgewise.inference_events")
-        .fetch_one()
-        .await
-        .unwrap();
-    assert_eq!(count as usize, total);
-    fleet.stop().await;
-
-    // The same rows with clickhouse-client, from a TSV file, into a fresh table.
-    ch.client
-        .query("CREATE TABLE edgewise.inference_events_cli AS edgewise.inference_events")
-        .execute()
-        .await
-        .unwrap();
-    let path = h.dir.path().join("rows.tsv");
-    {
-        let mut f = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
-        for d in 0..DEVICES {
-            let device = format!("dev-{d}");
-            for i in 0..PER_DEVICE {
-                let e = event(&device, i, now);
-                writeln!(
-                    f,
-                    "{}\t{}\t{device}\t{}\tb\t{}\t{}\t{}\t{}\t{}\t1\t{}\t{}\t{}\t{}\t0\t\t{}\t{}\t0\tnone\t{}\t{}\t{}",
-                    e.time_unix_ms / 1000,
-                    e.time_unix_ms,
-                    e.event_id,
-                    e.rollout,
-                    e.model,
-                    e.version,
-                    e.variant,
-                    e.target,
-                    e.rule,
-                    e.policy_version,
-                    e.latency_ms,
-                    u8::from(e.ok),
-                    e.input_tokens,
-                    e.output_tokens,
-                    e.task,
-                    e.data_class,
-                    now / 1000
-                )
-                .unwrap();
+    let tsv = h.dir.path().join("rows.tsv");
+    write_tsv(&tsv, DEVICES, PER_DEVICE, now);
+    let mut ours = Vec::new();
+    let mut cli = Vec::new();
+    for round in 0..ROUNDS {
+        // Agents → gateway → ClickHouse: fill every agent's buffer with the gateway stopped,
+        // then time from its start until every buffer is acknowledged. It keeps running
+        // through the clickhouse-client measurement, so idle agents are not reconnecting.
+        h.stop_gateway().await;
+        ch.client
+            .query("TRUNCATE TABLE edgewise.inference_events")
+            .execute()
+            .await
+            .unwrap();
+        for d in fleet.devices() {
+            let events: Vec<Event> = (0..PER_DEVICE)
+                .map(|i| Event::Inference(event(&d.device_id, round * PER_DEVICE + i, now)))
+                .collect();
+            for chunk in events.chunks(5_000) {
+                d.telemetry
+                    .as_ref()
+                    .unwrap()
+                    .append(chunk.to_vec())
+                    .await
+                    .unwrap();
             }
         }
+        quiet(&ch).await;
+        h.restart_gateway().await;
+        println!("round {round}: uploading {total} events from {DEVICES} agents");
+        // The clock starts with the first batch queued at the gateway, not with the agents'
+        // reconnect backoff.
+        let stats = h.gateway.telemetry().unwrap().stats();
+        let acked = stats.batches_acked.load(Relaxed);
+        while stats.queued_rows.load(Relaxed) == 0 && stats.batches_acked.load(Relaxed) == acked {
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+        let t0 = Instant::now();
+        while !fleet
+            .devices()
+            .iter()
+            .all(|d| d.telemetry.as_ref().unwrap().is_drained())
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let elapsed = t0.elapsed();
+        let count = ch
+            .count("SELECT count() FROM edgewise.inference_events")
+            .await;
+        assert_eq!(count as usize, total);
+        ours.push(total as f64 / elapsed.as_secs_f64());
+
+        // The same rows with clickhouse-client, from a TSV file, into a fresh table.
+        for sql in [
+            "DROP TABLE IF EXISTS edgewise.inference_events_cli",
+            "CREATE TABLE edgewise.inference_events_cli AS edgewise.inference_events",
+        ] {
+            ch.client.query(sql).execute().await.unwrap();
+        }
+        quiet(&ch).await;
+        let t0 = Instant::now();
+        let status = Command::new("clickhouse-client")
+            .args([
+                "--port",
+                &ch.server.tcp_port().to_string(),
+                "--query",
+                "INSERT INTO edgewise.inference_events_cli FORMAT TabSeparated",
+            ])
+            .stdin(std::fs::File::open(&tsv).unwrap())
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        let elapsed = t0.elapsed();
+        assert!(status.success());
+        let count = ch
+            .count("SELECT count() FROM edgewise.inference_events_cli")
+            .await;
+        assert_eq!(count as usize, total);
+        cli.push(total as f64 / elapsed.as_secs_f64());
+        println!(
+            "round {round}: agents -> gateway -> ClickHouse {:.0} rows/s; clickhouse-client TSV {:.0} rows/s",
+            ours[round], cli[round]
+        );
     }
-    let t0 = Instant::now();
-    let status = Command::new("clickhouse-client")
-        .args([
-            "--port",
-            &ch.server.tcp_port().to_string(),
-            "--query",
-            "INSERT INTO edgewise.inference_events_cli FORMAT TabSeparated",
-        ])
-        .stdin(std::fs::File::open(&path).unwrap())
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
-    let cli = t0.elapsed();
-    assert!(status.success());
-    let count: u64 = ch
-        .client
-        .query("SELECT count() FROM edgewise.inference_events_cli")
-        .fetch_one()
-        .await
-        .unwrap();
-    assert_eq!(count as usize, total);
-    let rate = |d: Duration| total as f64 / d.as_secs_f64();
+    let stats = h.gateway.telemetry().unwrap().stats();
     println!(
-        "ingest {total} rows: agents -> gateway -> ClickHouse {:.0} rows/s ({:.2} s); clickhouse-client TSV {:.0} rows/s ({:.2} s); ratio {:.2}",
-        rate(ours),
-        ours.as_secs_f64(),
-        rate(cli),
-        cli.as_secs_f64(),
-        rate(ours) / rate(cli)
+        "gateway: {} batches acked, {} pushed back, queue high water {} bytes",
+        stats.batches_acked.load(Relaxed),
+        stats.pushed_back.load(Relaxed),
+        stats.queued_bytes_high_water.load(Relaxed),
+    );
+    fleet.stop().await;
+    let (ours, cli) = (median(ours), median(cli));
+    println!(
+        "ingest {total} rows, median of {ROUNDS} rounds: agents -> gateway -> ClickHouse {ours:.0} rows/s; clickhouse-client TSV {cli:.0} rows/s; ratio {:.2}",
+        ours / cli
     );
 }
 

@@ -14,6 +14,7 @@
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, mpsc};
 
@@ -49,15 +50,6 @@ impl Event {
                 out.push(2);
                 e.encode(out).unwrap_or_default();
             }
-        }
-    }
-
-    fn decode(bytes: &[u8]) -> Option<Self> {
-        let (kind, rest) = bytes.split_first()?;
-        match kind {
-            1 => InferenceEvent::decode(rest).ok().map(Event::Inference),
-            2 => ModelEvent::decode(rest).ok().map(Event::Model),
-            _ => None,
         }
     }
 }
@@ -115,11 +107,44 @@ struct CursorFile {
 pub struct Batch {
     /// Stable id: a retry of this batch carries it again.
     pub id: String,
-    /// The events.
-    pub events: Vec<Event>,
+    /// The events in buffer order, encoded as the `inference` and `model_events` fields of a
+    /// `TelemetryBatch`: an upload sends them as they are.
+    pub encoded_events: bytes::Bytes,
+    /// How many events.
+    pub len: usize,
     /// Events lost since the last acknowledged batch, to report with this one.
     pub dropped: u64,
     end: Position,
+}
+
+impl Batch {
+    /// The events, decoded (for inspection; uploads send [`Batch::encoded_events`]).
+    #[must_use]
+    pub fn events(&self) -> Vec<Event> {
+        let mut events = Vec::with_capacity(self.len);
+        let mut rest = &self.encoded_events[..];
+        while !rest.is_empty() {
+            let Ok((field, _)) = prost::encoding::decode_key(&mut rest) else {
+                break;
+            };
+            let Some(len) = prost::encoding::decode_varint(&mut rest)
+                .ok()
+                .and_then(|n| usize::try_from(n).ok())
+                .filter(|&n| n <= rest.len())
+            else {
+                break;
+            };
+            let (message, tail) = rest.split_at(len);
+            rest = tail;
+            let event = if field == INFERENCE_FIELD {
+                InferenceEvent::decode(message).ok().map(Event::Inference)
+            } else {
+                ModelEvent::decode(message).ok().map(Event::Model)
+            };
+            events.extend(event);
+        }
+        events
+    }
 }
 
 /// Why the buffer failed.
@@ -165,49 +190,105 @@ fn segment_path(dir: &Path, seq: u64) -> PathBuf {
     dir.join(format!("seg-{seq:016x}.log"))
 }
 
-/// Valid records of a segment: `(offset, payload range)`, and how many corrupt regions were
-/// skipped. `tail` is where the last valid record ends.
-struct Scan {
-    records: Vec<(u64, std::ops::Range<usize>)>,
+/// Bytes read from a segment at a time: a batch costs the records it takes, not the whole
+/// segment. Large enough for the largest record, so every window makes progress.
+pub(crate) const READ_WINDOW: usize = HEADER + MAX_RECORD;
+
+/// Where a [`walk`] over a slice of a segment ended.
+#[derive(Clone, Copy, Debug, Default)]
+struct Walk {
+    /// Corrupt regions skipped.
     corrupt: u64,
-    tail: u64,
+    /// Where the last valid record ends.
+    tail: usize,
+    /// Where to continue: the end of the slice, the record `visit` declined, or the start of
+    /// a record the slice cuts (when more of the segment follows).
+    resume: usize,
+    /// Whether `visit` asked to stop.
+    stopped: bool,
+    /// Whether the walk ended inside a corrupt region (carried into the next window so one
+    /// region is counted once).
+    in_garbage: bool,
 }
 
-fn scan(bytes: &[u8], from: usize) -> Scan {
-    let mut records = Vec::new();
-    let mut corrupt = 0;
+/// Walks the valid records of `bytes` from `from`, calling `visit(offset, payload)` until it
+/// returns `false`. `more` says the segment continues past `bytes` (a read window): a record
+/// cut by the end of the slice is then not corruption, the walk stops before it.
+fn walk(
+    bytes: &[u8],
+    from: usize,
+    more: bool,
+    in_garbage: bool,
+    mut visit: impl FnMut(usize, &[u8]) -> bool,
+) -> Walk {
+    let mut w = Walk {
+        tail: from,
+        resume: from,
+        in_garbage,
+        ..Walk::default()
+    };
     let mut at = from;
-    let mut tail = from as u64;
-    let mut in_garbage = false;
+    let word = |i: usize| u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
     while at + HEADER <= bytes.len() {
-        let word =
-            |i: usize| u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
-        let valid = word(at) == MAGIC && {
-            let len = word(at + 4) as usize;
-            len <= MAX_RECORD
-                && at + HEADER + len <= bytes.len()
-                && crc32fast::hash(&bytes[at + HEADER..at + HEADER + len]) == word(at + 8)
-        };
+        let len = word(at + 4) as usize;
+        let framed = word(at) == MAGIC && len <= MAX_RECORD;
+        if framed && more && at + HEADER + len > bytes.len() {
+            break; // the next window holds the rest of this record
+        }
+        let valid = framed
+            && at + HEADER + len <= bytes.len()
+            && crc32fast::hash(&bytes[at + HEADER..at + HEADER + len]) == word(at + 8);
         if valid {
-            let len = word(at + 4) as usize;
-            records.push((at as u64, at + HEADER..at + HEADER + len));
+            if !visit(at, &bytes[at + HEADER..at + HEADER + len]) {
+                w.stopped = true;
+                w.resume = at;
+                return w;
+            }
             at += HEADER + len;
-            tail = at as u64;
-            in_garbage = false;
+            w.tail = at;
+            w.in_garbage = false;
         } else {
-            if !in_garbage {
-                corrupt += 1;
-                in_garbage = true;
+            if !w.in_garbage {
+                w.corrupt += 1;
+                w.in_garbage = true;
             }
             at += 1;
         }
     }
-    Scan {
-        records,
-        corrupt,
-        tail,
-    }
+    w.resume = if more { at } else { bytes.len() };
+    w
 }
+
+/// Counts the valid records of `bytes` from `from`.
+fn count_records(bytes: &[u8], from: usize) -> (u64, Walk) {
+    let mut n = 0;
+    let w = walk(bytes, from, false, false, |_, _| {
+        n += 1;
+        true
+    });
+    (n, w)
+}
+
+/// Appends a buffered record (`kind | encoded event`) to `wire` as the `TelemetryBatch`
+/// field it belongs to; `false` for an unknown kind.
+fn push_wire(wire: &mut Vec<u8>, record: &[u8]) -> bool {
+    let Some((kind, message)) = record.split_first() else {
+        return false;
+    };
+    let field = match kind {
+        1 => INFERENCE_FIELD,
+        2 => MODEL_EVENTS_FIELD,
+        _ => return false,
+    };
+    prost::encoding::encode_key(field, prost::encoding::WireType::LengthDelimited, wire);
+    prost::encoding::encode_varint(message.len() as u64, wire);
+    wire.extend_from_slice(message);
+    true
+}
+
+/// `TelemetryBatch.inference` and `TelemetryBatch.model_events` (fleet.proto).
+const INFERENCE_FIELD: u32 = 3;
+const MODEL_EVENTS_FIELD: u32 = 4;
 
 impl TelemetryBuffer {
     /// Opens (creating) the buffer in `dir`, recovering from a crash: the active segment's
@@ -236,7 +317,7 @@ impl TelemetryBuffer {
         // last valid record (corruption before it is skipped when reading).
         if let Some(last) = segments.back_mut() {
             let path = segment_path(dir, last.seq);
-            let tail = scan(&std::fs::read(&path)?, 0).tail;
+            let tail = count_records(&std::fs::read(&path)?, 0).1.tail as u64;
             if tail < last.len {
                 OpenOptions::new().write(true).open(&path)?.set_len(tail)?;
                 last.len = tail;
@@ -314,7 +395,8 @@ impl TelemetryBuffer {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let start = st.cursor.acked;
-        let mut events = Vec::new();
+        let mut wire = Vec::new();
+        let mut events = 0usize;
         let mut end = start;
         let mut corrupt = 0;
         // A batch in flight is resent exactly as it was, whatever `max_events` is now.
@@ -330,39 +412,53 @@ impl TelemetryBuffer {
             max_events
         };
         let segs: Vec<(u64, u64)> = st.segments.iter().map(|s| (s.seq, s.len)).collect();
+        let mut window = Vec::new();
         'segments: for (seq, len) in segs {
             if seq < start.segment {
                 continue;
             }
-            let from = if seq == start.segment {
+            let mut pos = if seq == start.segment {
                 start.offset
             } else {
                 0
             };
-            if from >= len {
-                end = Position {
-                    segment: seq,
-                    offset: len,
-                };
-                continue;
-            }
-            let bytes = std::fs::read(segment_path(&st.dir, seq))?;
-            let bytes = &bytes[..(len as usize).min(bytes.len())];
-            let s = scan(bytes, from as usize);
-            corrupt += s.corrupt;
-            for (offset, range) in s.records {
-                let here = Position {
-                    segment: seq,
-                    offset,
-                };
-                if limit.is_some_and(|l| here >= l) || events.len() >= max_events {
-                    end = here;
-                    break 'segments;
-                }
-                if let Some(e) = Event::decode(&bytes[range]) {
-                    events.push(e);
-                } else {
-                    corrupt += 1;
+            if pos < len {
+                let file = File::open(segment_path(&st.dir, seq))?;
+                let mut in_garbage = false;
+                while pos < len {
+                    let take =
+                        usize::try_from(len - pos).map_or(READ_WINDOW, |n| n.min(READ_WINDOW));
+                    window.resize(take, 0);
+                    file.read_exact_at(&mut window, pos)?;
+                    let more = pos + (take as u64) < len;
+                    let w = walk(&window, 0, more, in_garbage, |offset, record| {
+                        let here = Position {
+                            segment: seq,
+                            offset: pos + offset as u64,
+                        };
+                        if limit.is_some_and(|l| here >= l) || events >= max_events {
+                            return false;
+                        }
+                        if push_wire(&mut wire, record) {
+                            events += 1;
+                        } else {
+                            corrupt += 1;
+                        }
+                        true
+                    });
+                    corrupt += w.corrupt;
+                    in_garbage = w.in_garbage;
+                    if w.stopped {
+                        end = Position {
+                            segment: seq,
+                            offset: pos + w.resume as u64,
+                        };
+                        break 'segments;
+                    }
+                    pos += w.resume as u64;
+                    if !more {
+                        break;
+                    }
                 }
             }
             end = Position {
@@ -373,7 +469,7 @@ impl TelemetryBuffer {
         if corrupt > 0 {
             st.cursor.unreported_drops += corrupt;
         }
-        if events.is_empty() {
+        if events == 0 {
             if end != start || corrupt > 0 {
                 st.cursor.acked = end;
                 st.cursor.inflight = None;
@@ -411,7 +507,8 @@ impl TelemetryBuffer {
         };
         Ok(Some(Batch {
             id: inflight.id,
-            events,
+            encoded_events: wire.into(),
+            len: events,
             dropped: st.cursor.unreported_drops,
             end,
         }))
@@ -464,7 +561,7 @@ impl TelemetryBuffer {
             .state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        st.cursor.unreported_drops += batch.events.len() as u64;
+        st.cursor.unreported_drops += batch.len as u64;
         let cursor = st.cursor.clone();
         persist_cursor(&st.dir, &cursor, st.config.durable)?;
         Ok(())
@@ -605,7 +702,7 @@ fn enforce_bound(st: &mut State) -> std::io::Result<()> {
             } else {
                 0
             };
-            let lost = scan(&bytes, from.min(bytes.len())).records.len() as u64;
+            let lost = count_records(&bytes, from.min(bytes.len())).0;
             st.cursor.unreported_drops += lost;
             let next = st.segments.front().map_or(oldest.seq + 1, |s| s.seq);
             st.cursor.acked = Position {

@@ -42,7 +42,7 @@ async fn batches_survive_restarts_and_leave_only_when_acknowledged() {
         .await
         .expect("appends");
     let first = buf.next_batch(40).expect("reads").expect("batch");
-    assert_eq!(first.events.len(), 40);
+    assert_eq!(first.events().len(), 40);
     // Not acknowledged: the same batch, with the same id, comes back, also after a restart.
     assert_eq!(
         buf.next_batch(40).expect("reads").expect("batch").id,
@@ -53,13 +53,13 @@ async fn batches_survive_restarts_and_leave_only_when_acknowledged() {
     let buf = TelemetryBuffer::open(dir.path(), small(true)).expect("reopens");
     let again = buf.next_batch(40).expect("reads").expect("batch");
     assert_eq!(
-        (again.id.as_str(), ids(&again.events)),
-        (first.id.as_str(), ids(&first.events))
+        (again.id.as_str(), ids(&again.events())),
+        (first.id.as_str(), ids(&first.events()))
     );
     buf.ack(&again).expect("acks");
-    let mut seen = ids(&again.events);
+    let mut seen = ids(&again.events());
     while let Some(b) = buf.next_batch(25).expect("reads") {
-        seen.extend(ids(&b.events));
+        seen.extend(ids(&b.events()));
         buf.ack(&b).expect("acks");
     }
     assert_eq!(seen, (0..100).map(|i| format!("e-{i}")).collect::<Vec<_>>());
@@ -96,7 +96,7 @@ async fn a_torn_tail_is_cut_and_everything_before_it_kept() {
         .expect("appends after recovery");
     let b = buf.next_batch(100).expect("reads").expect("batch");
     assert_eq!(
-        ids(&b.events),
+        ids(&b.events()),
         (0..=10).map(|i| format!("e-{i}")).collect::<Vec<_>>()
     );
     assert_eq!(b.dropped, 0, "a torn tail is not a lost acknowledged event");
@@ -120,7 +120,7 @@ async fn a_corrupted_segment_keeps_the_good_records_around_the_damage() {
     std::fs::write(&seg, &bytes).expect("write");
     let buf = TelemetryBuffer::open(dir.path(), small(false)).expect("opens");
     let b = buf.next_batch(100).expect("reads").expect("batch");
-    let got = ids(&b.events);
+    let got = ids(&b.events());
     assert!(
         got.len() >= 27 && got.len() < 30,
         "kept {} of 30",
@@ -161,7 +161,7 @@ async fn when_full_the_oldest_are_dropped_and_counted() {
     let mut kept = Vec::new();
     let mut reported = 0;
     while let Some(b) = buf.next_batch(5_000).expect("reads") {
-        kept.extend(ids(&b.events));
+        kept.extend(ids(&b.events()));
         reported += b.dropped;
         buf.ack(&b).expect("acks");
     }
@@ -198,5 +198,58 @@ async fn concurrent_appends_are_group_committed() {
         t.await.expect("joins");
     }
     let b = buf.next_batch(10_000).expect("reads").expect("batch");
-    assert_eq!(b.events.len(), 400);
+    assert_eq!(b.events().len(), 400);
+}
+
+/// Segments are read in windows: records cut by a window's end, and damage across one, must
+/// read exactly as from a whole file.
+#[tokio::test]
+async fn large_segments_read_across_windows_and_damage_at_a_boundary_is_skipped_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = BufferConfig {
+        max_bytes: 64 << 20,
+        segment_bytes: 8 << 20,
+        durable: false,
+    };
+    let buf = TelemetryBuffer::open(dir.path(), config.clone()).expect("opens");
+    let total = 40_000u64;
+    for chunk in (0..total).collect::<Vec<_>>().chunks(5_000) {
+        buf.append(chunk.iter().copied().map(event).collect())
+            .await
+            .expect("appends");
+    }
+    buf.close();
+    drop(buf);
+    let seg = dir.path().join("seg-0000000000000000.log");
+    let mut bytes = std::fs::read(&seg).expect("read");
+    assert!(
+        bytes.len() > 2 * super::buffer::READ_WINDOW,
+        "spans windows"
+    );
+    let boundary = super::buffer::READ_WINDOW;
+    for b in &mut bytes[boundary - 30..boundary + 30] {
+        *b ^= 0xff;
+    }
+    std::fs::write(&seg, &bytes).expect("write");
+    let buf = TelemetryBuffer::open(dir.path(), config).expect("opens");
+    let mut got = Vec::new();
+    let mut dropped = 0;
+    while let Some(b) = buf.next_batch(7_000).expect("reads") {
+        got.extend(ids(&b.events()));
+        dropped = dropped.max(b.dropped);
+        buf.ack(&b).expect("acks");
+    }
+    let kept: std::collections::HashSet<&String> = got.iter().collect();
+    let lost: Vec<String> = (0..total)
+        .map(|i| format!("e-{i}"))
+        .filter(|id| !kept.contains(id))
+        .collect();
+    assert!(
+        (1..=3).contains(&lost.len()),
+        "only the records under the damage are lost: {lost:?}"
+    );
+    let mut sorted = got.clone();
+    sorted.sort_by_key(|id| id[2..].parse::<u64>().unwrap_or(u64::MAX));
+    assert_eq!(got, sorted, "order kept");
+    assert_eq!(dropped, 1, "one damaged region, counted once");
 }

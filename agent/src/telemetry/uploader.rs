@@ -4,33 +4,52 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use edgewise_proto::fleet::TelemetryBatch;
-use edgewise_proto::fleet::fleet_client::FleetClient;
+use bytes::{Bytes, BytesMut};
+use edgewise_proto::codec::PreEncodedCodec;
+use edgewise_proto::fleet::{TelemetryAck, TelemetryBatch};
+use prost::Message;
 use tokio_util::sync::CancellationToken;
-use tonic::Code;
+use tonic::client::Grpc;
+use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::Channel;
+use tonic::{Code, Status};
 use tracing::{debug, warn};
 
-use super::buffer::{Batch, Event, TelemetryBuffer};
+use super::buffer::{Batch, TelemetryBuffer};
 use crate::device::Device;
 
 /// Events per batch.
 pub const MAX_BATCH_EVENTS: usize = 5_000;
 
-fn to_wire(device_id: &str, batch: &Batch) -> TelemetryBatch {
-    let mut wire = TelemetryBatch {
+/// The upload request body: the batch's header fields, then its events exactly as the buffer
+/// holds them (protobuf allows fields in any order).
+fn to_wire(device_id: &str, batch: &Batch) -> Bytes {
+    let header = TelemetryBatch {
         batch_id: batch.id.clone(),
         device_id: device_id.to_owned(),
         dropped_events: batch.dropped,
         ..TelemetryBatch::default()
     };
-    for e in &batch.events {
-        match e {
-            Event::Inference(i) => wire.inference.push(i.clone()),
-            Event::Model(m) => wire.model_events.push(m.clone()),
-        }
-    }
-    wire
+    let mut body = BytesMut::with_capacity(header.encoded_len() + batch.encoded_events.len());
+    header.encode(&mut body).unwrap_or_default();
+    body.extend_from_slice(&batch.encoded_events);
+    body.freeze()
+}
+
+/// `Fleet.UploadTelemetry` with a pre-encoded request.
+async fn upload(
+    grpc: &mut Grpc<Channel>,
+    request: tonic::Request<Bytes>,
+) -> Result<tonic::Response<TelemetryAck>, Status> {
+    grpc.ready()
+        .await
+        .map_err(|e| Status::unavailable(format!("gateway not ready: {e}")))?;
+    grpc.unary(
+        request,
+        PathAndQuery::from_static("/edgewise.v1.Fleet/UploadTelemetry"),
+        PreEncodedCodec::<TelemetryAck>::default(),
+    )
+    .await
 }
 
 /// Runs until `shutdown`.
@@ -40,7 +59,7 @@ pub async fn run(
     channel: Channel,
     shutdown: CancellationToken,
 ) {
-    let mut client = FleetClient::new(channel);
+    let mut grpc = Grpc::new(channel);
     let mut backoff = crate::sync::delays(device.backoff);
     loop {
         let batch = match buffer.next_batch(MAX_BATCH_EVENTS) {
@@ -81,7 +100,7 @@ pub async fn run(
         if let Ok(v) = format!("Bearer {credential}").parse() {
             request.metadata_mut().insert("authorization", v);
         }
-        let delay = match client.upload_telemetry(request).await {
+        let delay = match upload(&mut grpc, request).await {
             Ok(ack) => {
                 debug!(batch = %batch.id, accepted = ack.get_ref().accepted, duplicate = ack.get_ref().duplicate, "telemetry batch acknowledged");
                 if let Err(e) = buffer.ack(&batch) {

@@ -11,6 +11,9 @@ pub mod presign;
 pub mod registry;
 mod session;
 pub mod snapshot;
+mod upload;
+
+pub use upload::FleetRoutes;
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -208,12 +211,15 @@ impl Gateway {
 
     /// The tonic service, to mount on a server; its Sync streams end when `shutdown` fires.
     #[must_use]
-    pub fn service(&self, shutdown: CancellationToken) -> FleetServer<FleetService> {
-        FleetServer::new(FleetService {
+    pub fn service(&self, shutdown: CancellationToken) -> FleetRoutes {
+        FleetRoutes {
+            fleet: FleetServer::new(FleetService {
+                inner: self.inner.clone(),
+                shutdown,
+            })
+            .max_decoding_message_size(MAX_MESSAGE_BYTES),
             inner: self.inner.clone(),
-            shutdown,
-        })
-        .max_decoding_message_size(4 * 1024 * 1024)
+        }
     }
 
     /// Serves on `listener` until `shutdown`; open streams end at once so agents reconnect
@@ -262,6 +268,9 @@ impl Gateway {
         Ok((bound, task))
     }
 }
+
+/// Largest message a device may send (a full telemetry batch fits with room to spare).
+const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
 /// The `Fleet` service implementation.
 pub struct FleetService {
@@ -390,20 +399,12 @@ impl Fleet for FleetService {
         &self,
         request: Request<TelemetryBatch>,
     ) -> Result<Response<TelemetryAck>, Status> {
-        let claims = self.inner.auth.verify(request.metadata())?;
-        let Some(sink) = &self.inner.telemetry else {
-            return Err(retry_hint(
-                Status::unavailable("this gateway has no telemetry sink configured"),
-                Duration::from_secs(30),
-            ));
-        };
-        let batch = request.into_inner();
-        let batch_id = batch.batch_id.clone();
-        let (accepted, duplicate) = sink.submit(&claims.sub, batch).await?;
-        Ok(Response::new(TelemetryAck {
-            batch_id,
-            accepted,
-            duplicate,
-        }))
+        // Served by `FleetRoutes` from the encoded bytes; this is the same path for a
+        // `FleetServer` mounted on its own.
+        upload::upload(
+            &self.inner,
+            request.map(|batch| prost::Message::encode_to_vec(&batch).into()),
+        )
+        .await
     }
 }

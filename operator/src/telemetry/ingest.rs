@@ -1,8 +1,9 @@
 //! The gateway's telemetry path: validate a batch, queue it, insert in batches (by size or
 //! time, whichever first), and acknowledge only once ClickHouse has it.
 //!
-//! Back-pressure instead of loss: the queue is bounded in rows; when it is full the gateway
-//! answers `RESOURCE_EXHAUSTED` and when ClickHouse is failing `UNAVAILABLE`, both with a
+//! Back-pressure instead of loss: the queue is bounded in bytes (rows are encoded to
+//! RowBinary on arrival, so the bound is exact); when it is full the gateway answers
+//! `RESOURCE_EXHAUSTED` and when ClickHouse is failing `UNAVAILABLE`, both with a
 //! `retry-after-ms` hint, and the events stay on the devices' disks. Memory stays bounded
 //! by the queue, whatever ClickHouse does.
 
@@ -11,14 +12,17 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use clickhouse::Client;
-use edgewise_proto::convert::{bounded, required};
-use edgewise_proto::fleet::{ModelEventKind, ShadowAgreement, TelemetryBatch};
+use edgewise_proto::convert::MAX_FIELD_LEN;
+use edgewise_proto::fleet::{ModelEventKind, ShadowAgreement, TelemetryAck, TelemetryBatch};
+use edgewise_proto::view::TelemetryBatchView;
+use prost::Message;
 use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
 use tracing::{debug, warn};
 
-use super::rows::{BatchRow, DeviceStatusRow, InferenceRow, ModelRow, inference_row, model_row};
+use super::rows::{BatchRow, DeviceStatusRow, write_inference_row, write_model_row};
 
 /// Most events one batch may carry.
 pub const MAX_BATCH_EVENTS: usize = 10_000;
@@ -34,8 +38,8 @@ pub struct SinkConfig {
     pub max_insert_rows: usize,
     /// Longest a row waits before its INSERT.
     pub flush_interval: Duration,
-    /// Rows queued at most; beyond it, uploads are pushed back.
-    pub max_queued_rows: usize,
+    /// Encoded row bytes queued at most; beyond it, uploads are pushed back.
+    pub max_queued_bytes: usize,
     /// Name written with each row (the replica).
     pub gateway: String,
 }
@@ -43,9 +47,10 @@ pub struct SinkConfig {
 impl Default for SinkConfig {
     fn default() -> Self {
         SinkConfig {
-            max_insert_rows: 50_000,
+            max_insert_rows: 100_000,
             flush_interval: Duration::from_millis(200),
-            max_queued_rows: 200_000,
+            // About 400k rows at ~160 bytes each: a burst of every device's batch is absorbed.
+            max_queued_bytes: 128 << 20,
             gateway: "gateway".into(),
         }
     }
@@ -56,8 +61,10 @@ impl Default for SinkConfig {
 pub struct SinkStats {
     /// Rows waiting for an INSERT now.
     pub queued_rows: AtomicUsize,
-    /// Most rows ever queued at once.
-    pub queued_rows_high_water: AtomicUsize,
+    /// Encoded row bytes waiting for an INSERT now.
+    pub queued_bytes: AtomicUsize,
+    /// Most encoded row bytes ever queued at once.
+    pub queued_bytes_high_water: AtomicUsize,
     /// Batches acknowledged.
     pub batches_acked: AtomicU64,
     /// Rows inserted.
@@ -76,16 +83,18 @@ pub struct SinkStats {
     pub backpressure_ms: AtomicU64,
 }
 
+/// A validated batch, its rows already in RowBinary.
 struct Pending {
-    inference: Vec<InferenceRow>,
-    model: Vec<ModelRow>,
+    inference: Bytes,
+    model: Bytes,
     batch: BatchRow,
+    rows: usize,
     done: oneshot::Sender<Result<(), String>>,
 }
 
 impl Pending {
-    fn rows(&self) -> usize {
-        self.inference.len() + self.model.len() + 1
+    fn bytes(&self) -> usize {
+        self.inference.len() + self.model.len()
     }
 }
 
@@ -127,25 +136,38 @@ fn invalid(message: String) -> Status {
     Status::invalid_argument(message)
 }
 
-/// The checks every event kind shares: label-like fields within 256 bytes, the error text
-/// within 4096, a plausible time. `at` names a field.
+/// A text field of a view: UTF-8, within `max` bytes. `at` names the field.
+fn text<'a>(
+    at: &impl Fn(&str) -> String,
+    field: &str,
+    value: &'a [u8],
+    max: usize,
+) -> Result<&'a str, Status> {
+    if value.len() > max {
+        return Err(invalid(format!("{} is longer than {max} bytes", at(field))));
+    }
+    std::str::from_utf8(value).map_err(|_| invalid(format!("{} is not UTF-8", at(field))))
+}
+
+/// The checks every event kind shares: the required fields present, label-like fields
+/// UTF-8 within 256 bytes, the error text within 4096, a plausible time.
 fn check_event(
     at: &impl Fn(&str) -> String,
-    labels: &[(&str, &String)],
-    error: &str,
+    required: &[(&str, &Bytes)],
+    labels: &[(&str, &Bytes)],
+    error: &Bytes,
     time_unix_ms: i64,
     time_ok: &impl Fn(i64) -> bool,
 ) -> Result<(), Status> {
-    for (field, value) in labels {
-        bounded("", value)
-            .map_err(|_| invalid(format!("{} is longer than 256 bytes", at(field))))?;
+    for (field, value) in required {
+        if value.is_empty() {
+            return Err(invalid(format!("{} is required", at(field))));
+        }
     }
-    if error.len() > 4096 {
-        return Err(invalid(format!(
-            "{} is longer than 4096 bytes",
-            at("error")
-        )));
+    for (field, value) in required.iter().chain(labels) {
+        text(at, field, value, MAX_FIELD_LEN)?;
     }
+    text(at, "error", error, 4096)?;
     if !time_ok(time_unix_ms) {
         return Err(invalid(format!(
             "{} {time_unix_ms} is not a plausible time (before 2020 or in the future)",
@@ -159,12 +181,16 @@ fn check_event(
 ///
 /// # Errors
 /// `INVALID_ARGUMENT` or `PERMISSION_DENIED` (another device's id).
-pub fn validate(device_id: &str, batch: &TelemetryBatch) -> Result<(), Status> {
-    required("batch_id", &batch.batch_id).map_err(|e| invalid(e.to_string()))?;
-    if batch.device_id != device_id {
+pub fn validate(device_id: &str, batch: &TelemetryBatchView) -> Result<(), Status> {
+    let top = |field: &str| field.to_owned();
+    if batch.batch_id.is_empty() {
+        return Err(invalid("batch_id is required".into()));
+    }
+    text(&top, "batch_id", &batch.batch_id, MAX_FIELD_LEN)?;
+    if batch.device_id != device_id.as_bytes() {
         return Err(Status::permission_denied(format!(
             "device_id {:?} is not the credential's device",
-            batch.device_id
+            String::from_utf8_lossy(&batch.device_id)
         )));
     }
     let events = batch.inference.len() + batch.model_events.len();
@@ -177,23 +203,16 @@ pub fn validate(device_id: &str, batch: &TelemetryBatch) -> Result<(), Status> {
     let time_ok = |t: i64| (EARLIEST_MS..=now + FUTURE_SKEW_MS).contains(&t);
     for (i, e) in batch.inference.iter().enumerate() {
         let at = |field: &str| format!("inference[{i}].{field}");
-        for (field, value) in [
-            ("event_id", &e.event_id),
-            ("model", &e.model),
-            ("target", &e.target),
-        ] {
-            if value.is_empty() {
-                return Err(invalid(format!("{} is required", at(field))));
-            }
-        }
         check_event(
             &at,
             &[
                 ("event_id", &e.event_id),
                 ("model", &e.model),
+                ("target", &e.target),
+            ],
+            &[
                 ("version", &e.version),
                 ("variant", &e.variant),
-                ("target", &e.target),
                 ("rule", &e.rule),
                 ("policy_version", &e.policy_version),
                 ("task", &e.task),
@@ -226,18 +245,10 @@ pub fn validate(device_id: &str, batch: &TelemetryBatch) -> Result<(), Status> {
     }
     for (i, e) in batch.model_events.iter().enumerate() {
         let at = |field: &str| format!("model_events[{i}].{field}");
-        if e.event_id.is_empty() || e.model.is_empty() {
-            return Err(invalid(format!(
-                "{} and {} are required",
-                at("event_id"),
-                at("model")
-            )));
-        }
         check_event(
             &at,
+            &[("event_id", &e.event_id), ("model", &e.model)],
             &[
-                ("event_id", &e.event_id),
-                ("model", &e.model),
                 ("version", &e.version),
                 ("variant", &e.variant),
                 ("rollout", &e.rollout),
@@ -301,20 +312,43 @@ impl TelemetrySink {
         &self.stats
     }
 
-    /// Validates, queues and waits for the INSERT; returns `(accepted, duplicate)`.
+    /// Validates, queues and waits for the INSERT; returns the acknowledgement.
+    ///
+    /// # Errors
+    /// As [`TelemetrySink::submit_encoded`].
+    pub async fn submit(
+        &self,
+        device_id: &str,
+        batch: &TelemetryBatch,
+    ) -> Result<TelemetryAck, Status> {
+        self.submit_encoded(device_id, batch.encode_to_vec().into())
+            .await
+    }
+
+    /// [`TelemetrySink::submit`] for an encoded `TelemetryBatch`, as it arrives: it is read
+    /// as a [`TelemetryBatchView`], its text fields slices of `body`, and written to
+    /// RowBinary from there.
     ///
     /// # Errors
     /// `INVALID_ARGUMENT` for a bad batch; `RESOURCE_EXHAUSTED` / `UNAVAILABLE` with a retry
     /// hint when the gateway must push back.
-    pub async fn submit(
+    pub async fn submit_encoded(
         &self,
         device_id: &str,
-        batch: TelemetryBatch,
-    ) -> Result<(u32, bool), Status> {
-        if let Err(e) = validate(device_id, &batch) {
-            self.stats.batches_rejected.fetch_add(1, Ordering::Relaxed);
-            return Err(e);
-        }
+        body: Bytes,
+    ) -> Result<TelemetryAck, Status> {
+        let checked = TelemetryBatchView::decode(body)
+            .map_err(|e| invalid(format!("malformed TelemetryBatch: {e}")))
+            .and_then(|batch| validate(device_id, &batch).map(|()| batch));
+        let batch = match checked {
+            Ok(batch) => batch,
+            Err(e) => {
+                self.stats.batches_rejected.fetch_add(1, Ordering::Relaxed);
+                return Err(e);
+            }
+        };
+        // Validated: UTF-8.
+        let batch_id = String::from_utf8_lossy(&batch.batch_id).into_owned();
         if !self.healthy.load(Ordering::Relaxed) {
             self.stats.pushed_back.fetch_add(1, Ordering::Relaxed);
             return Err(retry(
@@ -322,32 +356,38 @@ impl TelemetrySink {
                 Duration::from_secs(2),
             ));
         }
+        let received = u32::try_from(now_ms() / 1000).unwrap_or(0);
+        let (inference, model) = encode_rows(device_id, &batch, received);
         let rows = batch.inference.len() + batch.model_events.len() + 1;
-        let queued = self.stats.queued_rows.fetch_add(rows, Ordering::Relaxed) + rows;
-        if queued > self.config.max_queued_rows {
-            self.stats.queued_rows.fetch_sub(rows, Ordering::Relaxed);
+        let bytes = inference.len() + model.len();
+        let queued = self.stats.queued_bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        if queued > self.config.max_queued_bytes {
+            self.stats.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
             self.stats.pushed_back.fetch_add(1, Ordering::Relaxed);
+            // About two INSERT rounds: long enough for the queue to drain, short enough not
+            // to idle when it does. Agents add their own jitter.
+            let round = self.stats.last_insert_ms.load(Ordering::Relaxed);
             return Err(retry(
                 Status::resource_exhausted("telemetry queue is full; keep the batch and retry"),
-                Duration::from_secs(1),
+                Duration::from_millis(round.saturating_mul(2).clamp(50, 1_000)),
             ));
         }
+        self.stats.queued_rows.fetch_add(rows, Ordering::Relaxed);
         self.stats
-            .queued_rows_high_water
+            .queued_bytes_high_water
             .fetch_max(queued, Ordering::Relaxed);
-        let key = (device_id.to_owned(), batch.batch_id.clone());
+        let key = (device_id.to_owned(), batch_id);
         let duplicate = self
             .recent
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .set
             .contains(&key);
-        let received = u32::try_from(now_ms() / 1000).unwrap_or(0);
         let accepted =
             u32::try_from(batch.inference.len() + batch.model_events.len()).unwrap_or(u32::MAX);
         let batch_row = BatchRow {
             device_id: device_id.to_owned(),
-            batch_id: batch.batch_id.clone(),
+            batch_id: key.1.clone(),
             received_at: received,
             inference_events: u32::try_from(batch.inference.len()).unwrap_or(u32::MAX),
             model_events: u32::try_from(batch.model_events.len()).unwrap_or(u32::MAX),
@@ -356,21 +396,14 @@ impl TelemetrySink {
         };
         let (done, wait) = oneshot::channel();
         let pending = Pending {
-            inference: batch
-                .inference
-                .into_iter()
-                .map(|e| inference_row(device_id, &batch.batch_id, received, e))
-                .collect(),
-            model: batch
-                .model_events
-                .into_iter()
-                .map(|e| model_row(device_id, &batch.batch_id, received, e))
-                .collect(),
+            inference,
+            model,
             batch: batch_row,
+            rows,
             done,
         };
-        if self.tx.send(pending).is_err() {
-            self.stats.queued_rows.fetch_sub(rows, Ordering::Relaxed);
+        if let Err(mpsc::error::SendError(p)) = self.tx.send(pending) {
+            dequeued(&self.stats, &p);
             return Err(Status::unavailable("telemetry writer stopped"));
         }
         match wait.await {
@@ -379,6 +412,7 @@ impl TelemetrySink {
                     .recent
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let batch_id = key.1.clone();
                 if recent.set.insert(key.clone()) {
                     recent.order.push_back(key);
                     if recent.order.len() > RECENT_BATCHES
@@ -388,7 +422,11 @@ impl TelemetrySink {
                     }
                 }
                 self.stats.batches_acked.fetch_add(1, Ordering::Relaxed);
-                Ok((accepted, duplicate))
+                Ok(TelemetryAck {
+                    batch_id,
+                    accepted,
+                    duplicate,
+                })
             }
             Ok(Err(e)) => Err(retry(
                 Status::unavailable(format!(
@@ -407,6 +445,52 @@ impl TelemetrySink {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(row.device_id.clone(), row);
     }
+}
+
+/// The batch's event rows in RowBinary: `(inference_events, model_events)`.
+fn encode_rows(device_id: &str, batch: &TelemetryBatchView, received: u32) -> (Bytes, Bytes) {
+    // Rows are about the size of the wire events plus the ids repeated on each.
+    let per_row = device_id.len() + batch.batch_id.len() + 64;
+    let mut inference = Vec::with_capacity(batch.inference.len() * (per_row + 96));
+    for e in &batch.inference {
+        write_inference_row(
+            &mut inference,
+            device_id.as_bytes(),
+            &batch.batch_id,
+            received,
+            e,
+        );
+    }
+    let mut model = Vec::with_capacity(batch.model_events.len() * (per_row + 48));
+    for e in &batch.model_events {
+        write_model_row(
+            &mut model,
+            device_id.as_bytes(),
+            &batch.batch_id,
+            received,
+            e,
+        );
+    }
+    (inference.into(), model.into())
+}
+
+/// Takes a batch out of the queue's accounting.
+fn dequeued(stats: &SinkStats, p: &Pending) {
+    stats.queued_rows.fetch_sub(p.rows, Ordering::Relaxed);
+    stats.queued_bytes.fetch_sub(p.bytes(), Ordering::Relaxed);
+}
+
+/// Sends RowBinary chunks as one INSERT into `table`.
+async fn insert_encoded(
+    client: &Client,
+    table: &str,
+    chunks: impl Iterator<Item = Bytes>,
+) -> Result<(), clickhouse::error::Error> {
+    let mut insert = client.insert_formatted_with(format!("INSERT INTO {table} FORMAT RowBinary"));
+    for chunk in chunks.filter(|c| !c.is_empty()) {
+        insert.send(chunk).await?;
+    }
+    insert.end().await
 }
 
 async fn insert_all<T>(
@@ -428,27 +512,24 @@ where
     Ok(n)
 }
 
-async fn flush(client: &Client, group: &mut [Pending]) -> Result<usize, clickhouse::error::Error> {
-    let inference = group
-        .iter_mut()
-        .flat_map(|p| std::mem::take(&mut p.inference))
-        .collect::<Vec<_>>();
-    let model = group
-        .iter_mut()
-        .flat_map(|p| std::mem::take(&mut p.model))
-        .collect::<Vec<_>>();
-    let batches = group.iter().map(|p| p.batch.clone()).collect::<Vec<_>>();
-    let mut n = 0;
-    if !inference.is_empty() {
-        n += insert_all(client, "edgewise.inference_events", inference.into_iter()).await?;
+async fn flush(client: &Client, group: &[Pending]) -> Result<usize, clickhouse::error::Error> {
+    if group.iter().any(|p| !p.inference.is_empty()) {
+        let chunks = group.iter().map(|p| p.inference.clone());
+        insert_encoded(client, "edgewise.inference_events", chunks).await?;
     }
-    if !model.is_empty() {
-        n += insert_all(client, "edgewise.model_events", model.into_iter()).await?;
+    if group.iter().any(|p| !p.model.is_empty()) {
+        let chunks = group.iter().map(|p| p.model.clone());
+        insert_encoded(client, "edgewise.model_events", chunks).await?;
     }
     // Batches last: a recorded batch means its events are in.
-    n += insert_all(client, "edgewise.telemetry_batches", batches.into_iter()).await?;
-    Ok(n)
+    let batches = group.iter().map(|p| p.batch.clone());
+    insert_all(client, "edgewise.telemetry_batches", batches).await?;
+    Ok(group.iter().map(|p| p.rows).sum())
 }
+
+/// INSERTs in flight at once: the next group is gathered and sent while the previous one is
+/// written, so devices waiting for acks do not idle the pipeline.
+const INSERTS_IN_FLIGHT: usize = 2;
 
 async fn writer(
     client: Client,
@@ -457,61 +538,98 @@ async fn writer(
     healthy: Arc<AtomicBool>,
     stats: Arc<SinkStats>,
 ) {
-    while let Some(first) = rx.recv().await {
+    let slots = Arc::new(tokio::sync::Semaphore::new(INSERTS_IN_FLIGHT));
+    // The first failure's message, for whatever was queued behind it.
+    let (failed_tx, mut failed_rx) = mpsc::unbounded_channel::<String>();
+    loop {
+        let first = tokio::select! {
+            Some(message) = failed_rx.recv() => {
+                recover(&client, &mut rx, &healthy, &stats, &slots, &message).await;
+                continue;
+            }
+            first = rx.recv() => match first {
+                Some(p) => p,
+                None => return,
+            },
+        };
+        let mut rows = first.rows;
         let mut group = vec![first];
-        let mut rows = group[0].rows();
         let deadline = Instant::now() + config.flush_interval;
         while rows < config.max_insert_rows {
             match tokio::time::timeout_at(deadline.into(), rx.recv()).await {
                 Ok(Some(p)) => {
-                    rows += p.rows();
+                    rows += p.rows;
                     group.push(p);
                 }
                 Ok(None) | Err(_) => break,
             }
         }
-        let started = Instant::now();
-        let result = flush(&client, &mut group).await;
-        stats.last_insert_ms.store(
-            u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-            Ordering::Relaxed,
-        );
-        stats.queued_rows.fetch_sub(rows, Ordering::Relaxed);
-        match result {
-            Ok(n) => {
-                stats.rows_inserted.fetch_add(n as u64, Ordering::Relaxed);
-                stats.last_insert_rows.store(n as u64, Ordering::Relaxed);
-                debug!(rows = n, batches = group.len(), "telemetry inserted");
-                for p in group {
-                    let _ = p.done.send(Ok(()));
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let (client, stats, failed) = (client.clone(), stats.clone(), failed_tx.clone());
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let result = flush(&client, &group).await;
+            stats.last_insert_ms.store(
+                u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                Ordering::Relaxed,
+            );
+            for p in &group {
+                dequeued(&stats, p);
+            }
+            match result {
+                Ok(n) => {
+                    stats.rows_inserted.fetch_add(n as u64, Ordering::Relaxed);
+                    stats.last_insert_rows.store(n as u64, Ordering::Relaxed);
+                    debug!(rows = n, batches = group.len(), "telemetry inserted");
+                    for p in group {
+                        let _ = p.done.send(Ok(()));
+                    }
+                }
+                Err(e) => {
+                    stats.insert_failures.fetch_add(1, Ordering::Relaxed);
+                    warn!(error = %e, batches = group.len(), "telemetry insert failed; pushing back until ClickHouse answers");
+                    let message = e.to_string();
+                    for p in group {
+                        let _ = p.done.send(Err(message.clone()));
+                    }
+                    let _ = failed.send(message);
                 }
             }
-            Err(e) => {
-                stats.insert_failures.fetch_add(1, Ordering::Relaxed);
-                warn!(error = %e, batches = group.len(), "telemetry insert failed; pushing back until ClickHouse answers");
-                let message = e.to_string();
-                for p in group {
-                    let _ = p.done.send(Err(message.clone()));
-                }
-                healthy.store(false, Ordering::Relaxed);
-                // Fail whatever is already queued rather than insert into a failing store.
-                while let Ok(p) = rx.try_recv() {
-                    stats.queued_rows.fetch_sub(p.rows(), Ordering::Relaxed);
-                    let _ = p.done.send(Err(message.clone()));
-                }
-                let down = Instant::now();
-                while client.query("SELECT 1").execute().await.is_err() {
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-                stats.backpressure_ms.fetch_add(
-                    u64::try_from(down.elapsed().as_millis()).unwrap_or(u64::MAX),
-                    Ordering::Relaxed,
-                );
-                healthy.store(true, Ordering::Relaxed);
-                warn!("telemetry store answers again");
-            }
-        }
+            drop(slot);
+        });
     }
+}
+
+/// After a failed INSERT: refuse uploads, fail what is queued rather than insert into a
+/// failing store, and wait until ClickHouse answers again.
+async fn recover(
+    client: &Client,
+    rx: &mut mpsc::UnboundedReceiver<Pending>,
+    healthy: &AtomicBool,
+    stats: &SinkStats,
+    slots: &tokio::sync::Semaphore,
+    message: &str,
+) {
+    healthy.store(false, Ordering::Relaxed);
+    // Let the other INSERT in flight finish (it fails or lands on its own).
+    let in_flight = slots.acquire_many(INSERTS_IN_FLIGHT as u32).await;
+    while let Ok(p) = rx.try_recv() {
+        dequeued(stats, &p);
+        let _ = p.done.send(Err(message.to_owned()));
+    }
+    let down = Instant::now();
+    while client.query("SELECT 1").execute().await.is_err() {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    stats.backpressure_ms.fetch_add(
+        u64::try_from(down.elapsed().as_millis()).unwrap_or(u64::MAX),
+        Ordering::Relaxed,
+    );
+    drop(in_flight);
+    healthy.store(true, Ordering::Relaxed);
+    warn!("telemetry store answers again");
 }
 
 async fn status_writer(client: Client, statuses: Arc<Mutex<HashMap<String, DeviceStatusRow>>>) {

@@ -1,8 +1,15 @@
 //! Rows as they are inserted (RowBinary, column order = field order), and their
 //! construction from validated wire messages.
+//!
+//! Event rows are written straight from the (zero-copy) wire views into RowBinary bytes on
+//! the connection that received them ([`write_inference_row`], [`write_model_row`]): the
+//! queue then holds compact bytes, bounded exactly, and the single writer only concatenates.
+//! The typed rows ([`InferenceRow`], [`ModelRow`]) describe the same columns and read them
+//! back.
 
 use clickhouse::Row;
-use edgewise_proto::fleet::{InferenceEvent, ModelEvent, ModelEventKind, ShadowAgreement};
+use edgewise_proto::fleet::{ModelEventKind, ShadowAgreement};
+use edgewise_proto::view::{InferenceEventView, ModelEventView};
 use serde::{Deserialize, Serialize};
 
 /// `edgewise.inference_events`.
@@ -92,69 +99,111 @@ pub struct BatchRow {
     pub gateway: String,
 }
 
-fn seconds(ms: i64) -> u32 {
-    u32::try_from(ms.max(0) / 1000).unwrap_or(u32::MAX)
+/// Appends RowBinary values: the format the `clickhouse` crate writes for its `Row`s (its
+/// serializer is private). Strings are length-prefixed with the same LEB128 varint as
+/// protobuf; numbers are little endian.
+struct RowBinary<'a>(&'a mut Vec<u8>);
+
+impl RowBinary<'_> {
+    fn str(&mut self, s: &[u8]) -> &mut Self {
+        prost::encoding::encode_varint(s.len() as u64, self.0);
+        self.0.extend_from_slice(s);
+        self
+    }
+    fn u8(&mut self, v: u8) -> &mut Self {
+        self.0.push(v);
+        self
+    }
+    fn i8(&mut self, v: i8) -> &mut Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    fn u32(&mut self, v: u32) -> &mut Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    fn u64(&mut self, v: u64) -> &mut Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    fn f64(&mut self, v: f64) -> &mut Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
 }
 
-/// Builds an inference row (the event was validated).
-#[must_use]
-pub fn inference_row(
-    device_id: &str,
-    batch_id: &str,
-    received_at: u32,
-    e: InferenceEvent,
-) -> InferenceRow {
-    let shadow = match ShadowAgreement::try_from(e.shadow).unwrap_or(ShadowAgreement::None) {
+fn shadow_enum(shadow: i32) -> i8 {
+    match ShadowAgreement::try_from(shadow).unwrap_or(ShadowAgreement::None) {
         ShadowAgreement::None => 0,
         ShadowAgreement::Agree => 1,
         ShadowAgreement::Disagree => 2,
-    };
-    InferenceRow {
-        time: seconds(e.time_unix_ms),
-        time_ms: u64::try_from(e.time_unix_ms).unwrap_or(0),
-        device_id: device_id.to_owned(),
-        event_id: e.event_id,
-        batch_id: batch_id.to_owned(),
-        rollout: e.rollout,
-        model: e.model,
-        version: e.version,
-        variant: e.variant,
-        target: e.target,
-        on_device: u8::from(e.on_device),
-        rule: e.rule,
-        policy_version: e.policy_version,
-        latency_ms: e.latency_ms,
-        ok: u8::from(e.ok),
-        fallback_used: u8::from(e.fallback_used),
-        error: e.error,
-        input_tokens: e.input_tokens,
-        output_tokens: e.output_tokens,
-        cost_usd: e.cost_usd,
-        shadow,
-        task: e.task,
-        data_class: e.data_class,
-        received_at,
     }
 }
 
-/// Builds a model-event row (the event was validated).
-#[must_use]
-pub fn model_row(device_id: &str, batch_id: &str, received_at: u32, e: ModelEvent) -> ModelRow {
-    let kind = ModelEventKind::try_from(e.kind).map_or(0, |k| k as i8);
-    ModelRow {
-        time: seconds(e.time_unix_ms),
-        time_ms: u64::try_from(e.time_unix_ms).unwrap_or(0),
-        device_id: device_id.to_owned(),
-        event_id: e.event_id,
-        batch_id: batch_id.to_owned(),
-        rollout: e.rollout,
-        kind,
-        model: e.model,
-        version: e.version,
-        variant: e.variant,
-        duration_ms: e.duration_ms,
-        bytes: e.bytes,
-        error: e.error,
-        received_at,
-    }
+/// Appends the `inference_events` row of a validated event, columns as [`InferenceRow`].
+pub fn write_inference_row(
+    out: &mut Vec<u8>,
+    device_id: &[u8],
+    batch_id: &[u8],
+    received_at: u32,
+    e: &InferenceEventView,
+) {
+    RowBinary(out)
+        .u32(seconds(e.time_unix_ms))
+        .u64(u64::try_from(e.time_unix_ms).unwrap_or(0))
+        .str(device_id)
+        .str(&e.event_id)
+        .str(batch_id)
+        .str(&e.rollout)
+        .str(&e.model)
+        .str(&e.version)
+        .str(&e.variant)
+        .str(&e.target)
+        .u8(u8::from(e.on_device))
+        .str(&e.rule)
+        .str(&e.policy_version)
+        .f64(e.latency_ms)
+        .u8(u8::from(e.ok))
+        .u8(u8::from(e.fallback_used))
+        .str(&e.error)
+        .u32(e.input_tokens)
+        .u32(e.output_tokens)
+        .f64(e.cost_usd)
+        .i8(shadow_enum(e.shadow))
+        .str(&e.task)
+        .str(&e.data_class)
+        .u32(received_at);
+}
+
+/// Appends the `model_events` row of a validated event, columns as [`ModelRow`].
+pub fn write_model_row(
+    out: &mut Vec<u8>,
+    device_id: &[u8],
+    batch_id: &[u8],
+    received_at: u32,
+    e: &ModelEventView,
+) {
+    RowBinary(out)
+        .u32(seconds(e.time_unix_ms))
+        .u64(u64::try_from(e.time_unix_ms).unwrap_or(0))
+        .str(device_id)
+        .str(&e.event_id)
+        .str(batch_id)
+        .str(&e.rollout)
+        .i8(model_kind_enum(e.kind))
+        .str(&e.model)
+        .str(&e.version)
+        .str(&e.variant)
+        .u64(e.duration_ms)
+        .u64(e.bytes)
+        .str(&e.error)
+        .u32(received_at);
+}
+
+fn model_kind_enum(kind: i32) -> i8 {
+    ModelEventKind::try_from(kind).map_or(0, |k| k as i8)
+}
+
+fn seconds(ms: i64) -> u32 {
+    u32::try_from(ms.max(0) / 1000).unwrap_or(u32::MAX)
 }

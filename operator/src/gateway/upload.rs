@@ -1,0 +1,96 @@
+//! `Fleet.UploadTelemetry` without a decode into owned messages.
+//!
+//! Telemetry is the gateway's bulk traffic. [`FleetRoutes`] serves the whole
+//! `edgewise.v1.Fleet` service and takes this one method aside: its requests reach the
+//! telemetry sink as their encoded bytes ([`TelemetrySink::submit_encoded`] reads them as
+//! zero-copy views and writes RowBinary from the slices). Every other method goes to the
+//! generated server. Clients see the same service.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use edgewise_proto::codec::RawRequestCodec;
+use edgewise_proto::fleet::TelemetryAck;
+use edgewise_proto::fleet::fleet_server::FleetServer;
+use tonic::codegen::{BoxFuture, Service, http};
+use tonic::server::{NamedService, UnaryService};
+use tonic::{Request, Response, Status};
+
+use super::{FleetService, Inner, MAX_MESSAGE_BYTES, retry_hint};
+
+/// The method taken aside.
+const UPLOAD_TELEMETRY: &str = "/edgewise.v1.Fleet/UploadTelemetry";
+
+/// `edgewise.v1.Fleet`, with `UploadTelemetry` decoded zero-copy.
+#[derive(Clone)]
+pub struct FleetRoutes {
+    pub(super) fleet: FleetServer<FleetService>,
+    pub(super) inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for FleetRoutes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FleetRoutes").finish_non_exhaustive()
+    }
+}
+
+impl NamedService for FleetRoutes {
+    const NAME: &'static str = <FleetServer<FleetService> as NamedService>::NAME;
+}
+
+impl Service<http::Request<tonic::body::Body>> for FleetRoutes {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Infallible>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        if request.uri().path() == UPLOAD_TELEMETRY {
+            let upload = Upload(self.inner.clone());
+            Box::pin(async move {
+                let mut grpc = tonic::server::Grpc::new(RawRequestCodec::<TelemetryAck>::default())
+                    .apply_max_message_size_config(Some(MAX_MESSAGE_BYTES), None);
+                Ok(grpc.unary(upload, request).await)
+            })
+        } else {
+            let mut fleet = self.fleet.clone();
+            Box::pin(async move { Service::call(&mut fleet, request).await })
+        }
+    }
+}
+
+struct Upload(Arc<Inner>);
+
+impl UnaryService<Bytes> for Upload {
+    type Response = TelemetryAck;
+    type Future = BoxFuture<Response<TelemetryAck>, Status>;
+
+    fn call(&mut self, request: Request<Bytes>) -> Self::Future {
+        let inner = self.0.clone();
+        Box::pin(async move { upload(&inner, request).await })
+    }
+}
+
+/// Authenticates the device and hands the encoded batch to the sink.
+pub(super) async fn upload(
+    inner: &Inner,
+    request: Request<Bytes>,
+) -> Result<Response<TelemetryAck>, Status> {
+    let claims = inner.auth.verify(request.metadata())?;
+    let Some(sink) = &inner.telemetry else {
+        return Err(retry_hint(
+            Status::unavailable("this gateway has no telemetry sink configured"),
+            Duration::from_secs(30),
+        ));
+    };
+    let ack = sink
+        .submit_encoded(&claims.sub, request.into_inner())
+        .await?;
+    Ok(Response::new(ack))
+}
