@@ -708,7 +708,7 @@ async fn an_agent_started_offline_serves_decide_from_its_persisted_policy() {
         async move { tokio::net::UnixStream::connect(socket).await.ok().map(drop) }
     })
     .await;
-    let mut router = router_client(socket).await;
+    let mut router = router_client(socket.clone()).await;
     let private = router
         .decide(edgewise_proto::router::DecideRequest {
             request_id: "r1".into(),
@@ -720,6 +720,74 @@ async fn an_agent_started_offline_serves_decide_from_its_persisted_policy() {
         .into_inner();
     assert_eq!(private.rule, "private");
     assert_eq!(private.policy_version, persisted);
+
+    // The framed lane on the same socket answers the same, and survives bad frames.
+    let mut lane = edgewise_agent::router_lane::LaneClient::connect(&socket)
+        .await
+        .expect("lane connects");
+    let same = lane
+        .decide(&edgewise_proto::router::DecideRequest {
+            request_id: "r1".into(),
+            data_class: Some("private".into()),
+            ..Default::default()
+        })
+        .await
+        .expect("decides over the lane");
+    assert_eq!(same, private);
+    let (code, text) = lane.raw(9, b"").await.expect("answers");
+    assert_eq!(code, Code::InvalidArgument);
+    assert!(String::from_utf8_lossy(&text).contains("unknown method 9"));
+    let (code, text) = lane.raw(1, &[0xff, 0xff]).await.expect("answers");
+    assert_eq!(code, Code::InvalidArgument);
+    assert!(String::from_utf8_lossy(&text).contains("malformed DecideRequest"));
+    let err = lane
+        .decide(&edgewise_proto::router::DecideRequest {
+            request_id: "r3".into(),
+            network: 42,
+            ..Default::default()
+        })
+        .await
+        .expect_err("an unknown network is refused");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("network 42"), "{}", err.message());
+    let again = lane
+        .decide(&edgewise_proto::router::DecideRequest {
+            request_id: "r1".into(),
+            data_class: Some("private".into()),
+            ..Default::default()
+        })
+        .await
+        .expect("still decides after bad frames");
+    assert_eq!(again.rule, "private");
+    // An oversized frame ends that connection with a reason; others are unaffected.
+    let (code, text) = lane
+        .raw(1, &vec![0; edgewise_agent::router_lane::MAX_FRAME + 1])
+        .await
+        .expect("answers before closing");
+    assert_eq!(code, Code::ResourceExhausted);
+    assert!(String::from_utf8_lossy(&text).contains("frames hold 1 to"));
+    assert!(lane.raw(1, b"").await.is_err(), "connection closed");
+
+    // Outcomes reported over either face land in the agent's telemetry buffer.
+    let outcome = |latency_ms| edgewise_proto::router::Outcome {
+        request_id: "r1".into(),
+        target: "on-device".into(),
+        rule: "private".into(),
+        policy_version: persisted.clone(),
+        latency_ms,
+        ok: true,
+        ..Default::default()
+    };
+    router
+        .report(outcome(11.0))
+        .await
+        .expect("reported over gRPC");
+    let mut lane = edgewise_agent::router_lane::LaneClient::connect(&socket)
+        .await
+        .expect("lane connects");
+    lane.report(&outcome(22.0))
+        .await
+        .expect("reported over the lane");
     // Once the agent knows it is offline, a cloud rule falls back to the device.
     let long = eventually(Duration::from_secs(10), "offline reroute", || {
         let mut router = router.clone();
@@ -753,4 +821,22 @@ async fn an_agent_started_offline_serves_decide_from_its_persisted_policy() {
     );
     stop.cancel();
     offline.await.expect("joins").expect("runs");
+    let buffer = edgewise_agent::telemetry::TelemetryBuffer::open(
+        &dir.join("telemetry"),
+        edgewise_agent::telemetry::BufferConfig::default(),
+    )
+    .expect("opens");
+    // The uploader may hold the first event in a batch of its own (in flight, offline).
+    let mut latencies = Vec::new();
+    while let Some(batch) = buffer.next_batch(100).expect("reads") {
+        for e in batch.events() {
+            if let edgewise_agent::telemetry::Event::Inference(i) = e
+                && i.rule == "private"
+            {
+                latencies.push(i.latency_ms);
+            }
+        }
+        buffer.ack(&batch).expect("acks");
+    }
+    assert_eq!(latencies, vec![11.0, 22.0]);
 }

@@ -188,51 +188,102 @@ async fn decide_uds() {
     }
     // The app side on one thread, as a typical app client would run.
     let socket2 = socket.clone();
-    let samples = std::thread::spawn(move || {
+    let (grpc, lane) = std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
         rt.block_on(async move {
-            let mut client = router_client(socket2).await;
-            let tasks = [
-                "chat",
-                "autocomplete",
-                "reasoning",
-                "translate",
-                "summarize",
-                "poetry",
-            ];
-            let mut samples = Vec::with_capacity(20_000);
+            let mut grpc = router_client(socket2.clone()).await;
+            let mut grpc_samples = Vec::with_capacity(20_000);
             for i in 0..22_000 {
-                let req = DecideRequest {
-                    request_id: format!("req-{i}"),
-                    task: Some(tasks[i % tasks.len()].into()),
-                    data_class: Some(if i % 7 == 0 { "private" } else { "public" }.into()),
-                    input_tokens: Some((i as u32 * 37) % 12_000),
-                    ..Default::default()
-                };
+                let req = decide_request(i);
                 let t = Instant::now();
-                client.decide(req).await.unwrap();
+                grpc.decide(req).await.unwrap();
                 if i >= 2_000 {
-                    samples.push(t.elapsed());
+                    grpc_samples.push(t.elapsed());
                 }
             }
-            samples
+            // The lane as shipped (the client polls for its answer), a client that never
+            // polls, and calls 1 ms apart (the agent's poll has ended: both sides sleep).
+            let mut lanes = Vec::new();
+            for (poll, gap) in [
+                (edgewise_agent::router_lane::DEFAULT_POLL, None),
+                (Duration::ZERO, None),
+                (
+                    edgewise_agent::router_lane::DEFAULT_POLL,
+                    Some(Duration::from_millis(1)),
+                ),
+            ] {
+                let mut lane = edgewise_agent::router_lane::LaneClient::connect(&socket2)
+                    .await
+                    .unwrap()
+                    .with_poll(poll);
+                let calls = if gap.is_some() { 3_000 } else { 22_000 };
+                let mut samples = Vec::with_capacity(calls);
+                for i in 0..calls {
+                    if let Some(gap) = gap {
+                        tokio::time::sleep(gap).await;
+                    }
+                    let req = decide_request(i);
+                    let t = Instant::now();
+                    lane.decide(&req).await.unwrap();
+                    if i >= calls / 10 {
+                        samples.push(t.elapsed());
+                    }
+                }
+                lanes.push(samples);
+            }
+            (grpc_samples, lanes)
         })
     })
     .join()
     .unwrap();
-    let mut samples = samples;
-    samples.sort();
-    let pct = |p: f64| samples[((samples.len() as f64 - 1.0) * p) as usize].as_secs_f64() * 1e6;
-    println!(
-        "decide over Unix socket (app process -> edgewise-agent process, 20-rule policy, sequential, 20k calls): p50 {:.1} us, p99 {:.1} us",
-        pct(0.50),
-        pct(0.99)
-    );
+    let mut lanes = lane.into_iter();
+    let runs = [
+        ("gRPC, back to back", grpc),
+        ("framed lane, back to back", lanes.next().unwrap()),
+        ("framed lane, client not polling", lanes.next().unwrap()),
+        ("framed lane, calls 1 ms apart", lanes.next().unwrap()),
+    ];
+    for (what, mut samples) in runs {
+        samples.sort();
+        let pct = |p: f64| samples[((samples.len() as f64 - 1.0) * p) as usize].as_secs_f64() * 1e6;
+        println!(
+            "decide over Unix socket, {what} (app process -> edgewise-agent process, 20-rule policy, {} calls): p50 {:.1} us, p99 {:.1} us",
+            samples.len(),
+            pct(0.50),
+            pct(0.99)
+        );
+    }
     let _ = agent.kill();
     let _ = agent.wait();
+}
+
+/// The `i`-th of a rotation of realistic requests.
+fn decide_request(i: usize) -> DecideRequest {
+    let tasks = [
+        "chat",
+        "autocomplete",
+        "reasoning",
+        "translate",
+        "summarize",
+        "poetry",
+    ];
+    DecideRequest {
+        request_id: format!("req-{i}"),
+        task: Some(tasks[i % tasks.len()].into()),
+        data_class: Some(
+            if i.is_multiple_of(7) {
+                "private"
+            } else {
+                "public"
+            }
+            .into(),
+        ),
+        input_tokens: Some((i as u32 * 37) % 12_000),
+        ..Default::default()
+    }
 }
 
 fn serde_yaml_like(text: &str) -> edgewise_core::policy::spec::RoutingPolicySpec {
