@@ -709,12 +709,13 @@ async fn an_agent_started_offline_serves_decide_from_its_persisted_policy() {
     })
     .await;
     let mut router = router_client(socket.clone()).await;
+    let private_request = edgewise_proto::router::DecideRequest {
+        request_id: "r1".into(),
+        data_class: Some("private".into()),
+        ..Default::default()
+    };
     let private = router
-        .decide(edgewise_proto::router::DecideRequest {
-            request_id: "r1".into(),
-            data_class: Some("private".into()),
-            ..Default::default()
-        })
+        .decide(private_request.clone())
         .await
         .expect("decides offline")
         .into_inner();
@@ -726,11 +727,7 @@ async fn an_agent_started_offline_serves_decide_from_its_persisted_policy() {
         .await
         .expect("lane connects");
     let same = lane
-        .decide(&edgewise_proto::router::DecideRequest {
-            request_id: "r1".into(),
-            data_class: Some("private".into()),
-            ..Default::default()
-        })
+        .decide(&private_request)
         .await
         .expect("decides over the lane");
     assert_eq!(same, private);
@@ -751,11 +748,7 @@ async fn an_agent_started_offline_serves_decide_from_its_persisted_policy() {
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("network 42"), "{}", err.message());
     let again = lane
-        .decide(&edgewise_proto::router::DecideRequest {
-            request_id: "r1".into(),
-            data_class: Some("private".into()),
-            ..Default::default()
-        })
+        .decide(&private_request)
         .await
         .expect("still decides after bad frames");
     assert_eq!(again.rule, "private");

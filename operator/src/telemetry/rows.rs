@@ -140,6 +140,26 @@ fn shadow_enum(shadow: i32) -> i8 {
     }
 }
 
+/// The columns both event tables begin with: time, time_ms, device_id, event_id, batch_id,
+/// rollout.
+fn event_columns<'a>(
+    out: &'a mut Vec<u8>,
+    time_unix_ms: i64,
+    device_id: &[u8],
+    event_id: &[u8],
+    batch_id: &[u8],
+    rollout: &[u8],
+) -> RowBinary<'a> {
+    let mut row = RowBinary(out);
+    row.u32(seconds(time_unix_ms))
+        .u64(u64::try_from(time_unix_ms).unwrap_or(0))
+        .str(device_id)
+        .str(event_id)
+        .str(batch_id)
+        .str(rollout);
+    row
+}
+
 /// Appends the `inference_events` row of a validated event, columns as [`InferenceRow`].
 pub fn write_inference_row(
     out: &mut Vec<u8>,
@@ -148,31 +168,32 @@ pub fn write_inference_row(
     received_at: u32,
     e: &InferenceEventView,
 ) {
-    RowBinary(out)
-        .u32(seconds(e.time_unix_ms))
-        .u64(u64::try_from(e.time_unix_ms).unwrap_or(0))
-        .str(device_id)
-        .str(&e.event_id)
-        .str(batch_id)
-        .str(&e.rollout)
-        .str(&e.model)
-        .str(&e.version)
-        .str(&e.variant)
-        .str(&e.target)
-        .u8(u8::from(e.on_device))
-        .str(&e.rule)
-        .str(&e.policy_version)
-        .f64(e.latency_ms)
-        .u8(u8::from(e.ok))
-        .u8(u8::from(e.fallback_used))
-        .str(&e.error)
-        .u32(e.input_tokens)
-        .u32(e.output_tokens)
-        .f64(e.cost_usd)
-        .i8(shadow_enum(e.shadow))
-        .str(&e.task)
-        .str(&e.data_class)
-        .u32(received_at);
+    event_columns(
+        out,
+        e.time_unix_ms,
+        device_id,
+        &e.event_id,
+        batch_id,
+        &e.rollout,
+    )
+    .str(&e.model)
+    .str(&e.version)
+    .str(&e.variant)
+    .str(&e.target)
+    .u8(u8::from(e.on_device))
+    .str(&e.rule)
+    .str(&e.policy_version)
+    .f64(e.latency_ms)
+    .u8(u8::from(e.ok))
+    .u8(u8::from(e.fallback_used))
+    .str(&e.error)
+    .u32(e.input_tokens)
+    .u32(e.output_tokens)
+    .f64(e.cost_usd)
+    .i8(shadow_enum(e.shadow))
+    .str(&e.task)
+    .str(&e.data_class)
+    .u32(received_at);
 }
 
 /// Appends the `model_events` row of a validated event, columns as [`ModelRow`].
@@ -183,21 +204,22 @@ pub fn write_model_row(
     received_at: u32,
     e: &ModelEventView,
 ) {
-    RowBinary(out)
-        .u32(seconds(e.time_unix_ms))
-        .u64(u64::try_from(e.time_unix_ms).unwrap_or(0))
-        .str(device_id)
-        .str(&e.event_id)
-        .str(batch_id)
-        .str(&e.rollout)
-        .i8(model_kind_enum(e.kind))
-        .str(&e.model)
-        .str(&e.version)
-        .str(&e.variant)
-        .u64(e.duration_ms)
-        .u64(e.bytes)
-        .str(&e.error)
-        .u32(received_at);
+    event_columns(
+        out,
+        e.time_unix_ms,
+        device_id,
+        &e.event_id,
+        batch_id,
+        &e.rollout,
+    )
+    .i8(model_kind_enum(e.kind))
+    .str(&e.model)
+    .str(&e.version)
+    .str(&e.variant)
+    .u64(e.duration_ms)
+    .u64(e.bytes)
+    .str(&e.error)
+    .u32(received_at);
 }
 
 fn model_kind_enum(kind: i32) -> i8 {
