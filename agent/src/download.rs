@@ -1,8 +1,9 @@
 //! Resumable, verifying artifact download.
 //!
-//! Bytes go to `store/partial/<digest>` and through SHA-256 as they arrive; a cut connection
-//! resumes with `Range` from the bytes on disk (which are re-hashed first, so the digest
-//! always covers the whole file). Only a complete file whose size, digest and (when a
+//! Bytes go to `store/partial/<digest>` and through SHA-256 as they arrive (on a durable
+//! store around the page cache, see [`crate::direct_io`]); a cut connection resumes with
+//! `Range` from the bytes on disk (which are re-hashed first, so the digest always covers
+//! the whole file). Only a complete file whose size, digest and (when a
 //! publisher key is configured) signature check out is renamed into the store.
 
 use std::io::{Read, Write};
@@ -16,6 +17,7 @@ use reqwest::StatusCode;
 use reqwest::header::RANGE;
 use sha2::{Digest, Sha256};
 
+use crate::direct_io::{ALIGN, DirectSink};
 use crate::fsutil::sync_dir;
 use crate::store::ContentStore;
 
@@ -154,42 +156,87 @@ pub async fn fetch(
             s => return Err(interrupted(done, format!("HTTP {s}"))),
         }
         let mut body = response.bytes_stream();
-        let mut buffer = Vec::with_capacity(CHUNK);
         progress(done, f.size);
-        loop {
-            match body.next().await {
-                Some(Ok(chunk)) => {
-                    network_bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-                    if done + (buffer.len() + chunk.len()) as u64 > f.size {
-                        file.set_len(0)?;
-                        return Err(FetchError::Corrupt(format!(
-                            "artifact is larger than the assigned {} bytes",
-                            f.size
-                        )));
-                    }
-                    hasher.update(&chunk);
-                    buffer.extend_from_slice(&chunk);
-                    if buffer.len() >= CHUNK {
-                        file.write_all(&buffer)?;
-                        done += buffer.len() as u64;
-                        buffer.clear();
-                        progress(done, f.size);
-                        if store.durable() && done % FLUSH_EVERY < CHUNK as u64 {
-                            flusher.flush_behind(&file).await?;
+        // Durable stores write around the page cache when the filesystem allows it.
+        let direct = if store.durable() {
+            DirectSink::open(&partial_path, done)?
+        } else {
+            None
+        };
+        if let Some(mut sink) = direct {
+            let mut received = 0u64;
+            let outcome = loop {
+                match body.next().await {
+                    Some(Ok(chunk)) => {
+                        network_bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                        if done + received + chunk.len() as u64 > f.size {
+                            // Let the writer stop before the file is emptied.
+                            let _ = sink.finish().await;
+                            file.set_len(0)?;
+                            return Err(FetchError::Corrupt(format!(
+                                "artifact is larger than the assigned {} bytes",
+                                f.size
+                            )));
+                        }
+                        hasher.update(&chunk);
+                        if let Err(e) = sink.write(&chunk).await {
+                            break Err(e.to_string());
+                        }
+                        let before = received;
+                        received += chunk.len() as u64;
+                        if received / CHUNK as u64 != before / CHUNK as u64 {
+                            progress(done + received, f.size);
                         }
                     }
+                    Some(Err(e)) => break Err(e.to_string()),
+                    None => break Ok(()),
                 }
-                Some(Err(e)) => {
-                    file.write_all(&buffer)?;
-                    done += buffer.len() as u64;
-                    return Err(interrupted(done, e.to_string()));
-                }
-                None => break,
+            };
+            // Everything received is written (and hashed) either way: an interrupted
+            // download resumes from it.
+            sink.finish().await?;
+            done += received;
+            if let Err(message) = outcome {
+                return Err(interrupted(done, message));
             }
+            progress(done, f.size);
+        } else {
+            let mut buffer = Vec::with_capacity(CHUNK);
+            loop {
+                match body.next().await {
+                    Some(Ok(chunk)) => {
+                        network_bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                        if done + (buffer.len() + chunk.len()) as u64 > f.size {
+                            file.set_len(0)?;
+                            return Err(FetchError::Corrupt(format!(
+                                "artifact is larger than the assigned {} bytes",
+                                f.size
+                            )));
+                        }
+                        hasher.update(&chunk);
+                        buffer.extend_from_slice(&chunk);
+                        if buffer.len() >= CHUNK {
+                            file.write_all(&buffer)?;
+                            done += buffer.len() as u64;
+                            buffer.clear();
+                            progress(done, f.size);
+                            if store.durable() && done % FLUSH_EVERY < CHUNK as u64 {
+                                flusher.flush_behind(&file).await?;
+                            }
+                        }
+                    }
+                    Some(Err(e)) => {
+                        file.write_all(&buffer)?;
+                        done += buffer.len() as u64;
+                        return Err(interrupted(done, e.to_string()));
+                    }
+                    None => break,
+                }
+            }
+            file.write_all(&buffer)?;
+            done += buffer.len() as u64;
+            progress(done, f.size);
         }
-        file.write_all(&buffer)?;
-        done += buffer.len() as u64;
-        progress(done, f.size);
     }
     if done != f.size {
         return Err(FetchError::Interrupted {
@@ -237,18 +284,28 @@ pub async fn fetch(
     Ok(blob)
 }
 
-/// Hashes the bytes already on disk; discards a partial larger than the artifact.
+/// Hashes the bytes already on disk; discards a partial larger than the artifact. The
+/// partial is first cut to a multiple of [`ALIGN`], so direct writes resume at an aligned
+/// offset (at most 4 KiB is fetched again).
 fn rehash_partial(path: &std::path::Path, size: u64) -> std::io::Result<(Sha256, u64)> {
     let mut hasher = Sha256::new();
-    let mut file = match std::fs::File::open(path) {
+    let mut file = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+    {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((hasher, 0)),
         Err(e) => return Err(e),
     };
-    if file.metadata()?.len() > size {
+    let len = file.metadata()?.len();
+    if len > size {
         drop(file);
         std::fs::remove_file(path)?;
         return Ok((hasher, 0));
+    }
+    if len % ALIGN != 0 {
+        file.set_len(len - len % ALIGN)?;
     }
     let mut buf = vec![0u8; CHUNK];
     let mut done = 0u64;

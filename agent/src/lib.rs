@@ -17,6 +17,7 @@
 pub mod agent;
 pub mod config;
 pub mod device;
+pub mod direct_io;
 pub mod download;
 pub mod fsutil;
 pub mod identity;

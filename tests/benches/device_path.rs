@@ -407,7 +407,7 @@ async fn download() {
         .and_then(|v| v.trim_end_matches('k').parse::<f64>().ok())
         .map_or(0.0, |kbps| kbps * 1000.0 / 1e9);
     println!(
-        "download+verify 1 GiB from loopback S3: edgewise {ours:.2} GB/s (without the final fsync {ours_no_fsync:.2} GB/s), curl|sha256sum {curl:.2} GB/s, openssl sha256 {openssl:.2} GB/s (ratio to openssl {:.2}, {:.2} without fsync)",
+        "download+verify 1 GiB from loopback S3: edgewise {ours:.2} GB/s (non-durable store, as the simulator uses: {ours_no_fsync:.2} GB/s), curl|sha256sum {curl:.2} GB/s, openssl sha256 {openssl:.2} GB/s (ratio to openssl {:.2}; non-durable {:.2})",
         ours / openssl,
         ours_no_fsync / openssl
     );
