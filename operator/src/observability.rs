@@ -276,6 +276,7 @@ mod tests {
         for want in [
             "edgewise.gateway.connected_devices",
             "edgewise.telemetry.queue_rows",
+            "edgewise.telemetry.queue_bytes",
             "edgewise.telemetry.batches_rejected",
             "edgewise.telemetry.backpressure_ms",
         ] {
