@@ -97,6 +97,11 @@ impl From<RouterError> for Status {
     }
 }
 
+/// The status of a `Report` whose outcome could not be buffered.
+pub(crate) fn not_stored(e: BufferError) -> Status {
+    Status::unavailable(format!("outcome not stored: {e}"))
+}
+
 #[derive(Debug, Default)]
 struct DailyUsage {
     day: i64,
@@ -331,7 +336,7 @@ impl Router for RouterService {
         self.router
             .report(request.get_ref())
             .await
-            .map_err(|e| Status::unavailable(format!("outcome not stored: {e}")))?;
+            .map_err(not_stored)?;
         Ok(tonic::Response::new(ReportResponse {}))
     }
 

@@ -150,7 +150,7 @@ async fn call(router: &LocalRouter, method: u8, message: &[u8]) -> Result<Vec<u8
             router
                 .report(&outcome)
                 .await
-                .map_err(|e| Status::unavailable(format!("outcome not stored: {e}")))?;
+                .map_err(crate::router::not_stored)?;
             Ok(Vec::new())
         }
         other => Err(Status::invalid_argument(format!(
