@@ -349,6 +349,16 @@ async fn append(device: &Arc<Device>, from: usize, n: usize) {
     }
 }
 
+/// Waits until every device's buffer is acknowledged.
+async fn all_drained(fleet: &SimFleet) {
+    eventually(
+        Duration::from_secs(120),
+        "every buffer to drain",
+        || async { drained(fleet).await.then_some(()) },
+    )
+    .await;
+}
+
 async fn drained(fleet: &SimFleet) -> bool {
     fleet
         .devices()
@@ -364,12 +374,7 @@ async fn fifty_agents_times_ten_thousand_events_arrive_exactly_once() {
     for d in fleet.devices() {
         append(d, 0, 10_000).await;
     }
-    eventually(
-        Duration::from_secs(120),
-        "every buffer to drain",
-        || async { drained(&fleet).await.then_some(()) },
-    )
-    .await;
+    all_drained(&fleet).await;
     assert_eq!(
         ch.count("SELECT count() FROM edgewise.inference_events FINAL")
             .await,
@@ -412,12 +417,7 @@ async fn clickhouse_down_under_load_loses_nothing_and_counts_nothing_twice() {
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    eventually(
-        Duration::from_secs(120),
-        "every buffer to drain",
-        || async { drained(&fleet).await.then_some(()) },
-    )
-    .await;
+    all_drained(&fleet).await;
     assert_eq!(
         ch.count("SELECT count() FROM edgewise.inference_events FINAL")
             .await,
@@ -486,7 +486,9 @@ async fn upload_raw(
     );
     grpc.unary(
         request,
-        tonic::codegen::http::uri::PathAndQuery::from_static("/edgewise.v1.Fleet/UploadTelemetry"),
+        tonic::codegen::http::uri::PathAndQuery::from_static(
+            edgewise_proto::codec::UPLOAD_TELEMETRY_PATH,
+        ),
         edgewise_proto::codec::PreEncodedCodec::<edgewise_proto::fleet::TelemetryAck>::default(),
     )
     .await

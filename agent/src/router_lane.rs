@@ -75,10 +75,15 @@ pub(crate) async fn serve(mut stream: UnixStream, router: Arc<LocalRouter>) -> s
 /// Reads length-prefixed frames, polling the socket for a while before sleeping on it.
 #[derive(Debug, Default)]
 struct FrameReader {
+    /// Received bytes are `buf[pos..filled]`; the rest is room to read into (zeroed once,
+    /// when the buffer grows, not on every read).
     buf: Vec<u8>,
-    /// Where the unread bytes of `buf` start.
     pos: usize,
+    filled: usize,
 }
+
+/// Room kept free for each read.
+const READ_ROOM: usize = 16 * 1024;
 
 impl FrameReader {
     /// The next frame (without its length); `None` when the peer closed between frames.
@@ -91,7 +96,7 @@ impl FrameReader {
     ) -> std::io::Result<Option<&[u8]>> {
         let poll_until = Instant::now() + poll;
         loop {
-            let unread = &self.buf[self.pos..];
+            let unread = &self.buf[self.pos..self.filled];
             if let Some(head) = unread.first_chunk::<4>() {
                 let len = u32::from_le_bytes(*head) as usize;
                 if len == 0 || len > max {
@@ -106,23 +111,18 @@ impl FrameReader {
                     return Ok(Some(&self.buf[frame]));
                 }
             }
-            // Keep the unread bytes at the front, then read after them.
-            self.buf.drain(..self.pos);
+            // Keep the unread bytes at the front, with room after them.
+            self.buf.copy_within(self.pos..self.filled, 0);
+            self.filled -= self.pos;
             self.pos = 0;
-            let start = self.buf.len();
-            self.buf.resize(start + 16 * 1024, 0);
-            match stream.try_read(&mut self.buf[start..]) {
-                Ok(0) => {
-                    self.buf.truncate(start);
-                    return if start == 0 {
-                        Ok(None)
-                    } else {
-                        Err(std::io::ErrorKind::UnexpectedEof.into())
-                    };
-                }
-                Ok(n) => self.buf.truncate(start + n),
+            if self.buf.len() < self.filled + READ_ROOM {
+                self.buf.resize(self.filled + READ_ROOM, 0);
+            }
+            match stream.try_read(&mut self.buf[self.filled..]) {
+                Ok(0) if self.filled == 0 => return Ok(None),
+                Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => self.filled += n,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    self.buf.truncate(start);
                     if Instant::now() < poll_until {
                         // Let the runtime's other tasks run, then look again.
                         tokio::task::yield_now().await;

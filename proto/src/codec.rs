@@ -44,6 +44,9 @@ where
     }
 }
 
+/// `Fleet.UploadTelemetry`'s gRPC path, for the pre-encoded client and the zero-copy server.
+pub const UPLOAD_TELEMETRY_PATH: &str = "/edgewise.v1.Fleet/UploadTelemetry";
+
 /// A codec whose requests are already-encoded protobuf messages (`Bytes`) and whose
 /// responses are decoded as `U`.
 ///

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use edgewise_proto::codec::PreEncodedCodec;
+use edgewise_proto::codec::{PreEncodedCodec, UPLOAD_TELEMETRY_PATH};
 use edgewise_proto::fleet::{TelemetryAck, TelemetryBatch};
 use prost::Message;
 use tokio_util::sync::CancellationToken;
@@ -46,7 +46,7 @@ async fn upload(
         .map_err(|e| Status::unavailable(format!("gateway not ready: {e}")))?;
     grpc.unary(
         request,
-        PathAndQuery::from_static("/edgewise.v1.Fleet/UploadTelemetry"),
+        PathAndQuery::from_static(UPLOAD_TELEMETRY_PATH),
         PreEncodedCodec::<TelemetryAck>::default(),
     )
     .await

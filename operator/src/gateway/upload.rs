@@ -12,7 +12,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use edgewise_proto::codec::RawRequestCodec;
+use edgewise_proto::codec::{RawRequestCodec, UPLOAD_TELEMETRY_PATH};
 use edgewise_proto::fleet::TelemetryAck;
 use edgewise_proto::fleet::fleet_server::FleetServer;
 use tonic::codegen::{BoxFuture, Service, http};
@@ -20,9 +20,6 @@ use tonic::server::{NamedService, UnaryService};
 use tonic::{Request, Response, Status};
 
 use super::{FleetService, Inner, MAX_MESSAGE_BYTES, retry_hint};
-
-/// The method taken aside.
-const UPLOAD_TELEMETRY: &str = "/edgewise.v1.Fleet/UploadTelemetry";
 
 /// `edgewise.v1.Fleet`, with `UploadTelemetry` decoded zero-copy.
 #[derive(Clone)]
@@ -51,7 +48,7 @@ impl Service<http::Request<tonic::body::Body>> for FleetRoutes {
     }
 
     fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
-        if request.uri().path() == UPLOAD_TELEMETRY {
+        if request.uri().path() == UPLOAD_TELEMETRY_PATH {
             let upload = Upload(self.inner.clone());
             Box::pin(async move {
                 let mut grpc = tonic::server::Grpc::new(RawRequestCodec::<TelemetryAck>::default())
