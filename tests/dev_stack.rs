@@ -20,8 +20,17 @@ fn options(dir: &Path, exit_after_demo: bool) -> DevOptions {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dev_stack_demo_rolls_a_version_out_on_telemetry_and_succeeds() {
     init_logging();
-    let dir = tempfile::tempdir().expect("tempdir");
-    edgewise_operator::dev::run(options(dir.path(), true), CancellationToken::new())
+    // A data dir relative to the working directory, as in the README's `./scripts/dev
+    // --data-dir edgewise-dev` (removed when the test ends).
+    let dir = tempfile::Builder::new()
+        .prefix("dev-stack-test-")
+        .tempdir_in(".")
+        .expect("tempdir");
+    let cwd = std::env::current_dir().expect("cwd");
+    let relative = dir.path().strip_prefix(&cwd).unwrap_or(dir.path());
+    let relative = relative.strip_prefix(".").unwrap_or(relative);
+    assert!(relative.is_relative(), "{}", relative.display());
+    edgewise_operator::dev::run(options(relative, true), CancellationToken::new())
         .await
         .expect("every demo step succeeds");
     assert!(dir.path().join("kubeconfig").is_file());

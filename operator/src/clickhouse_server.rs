@@ -53,7 +53,9 @@ impl ClickHouseServer {
     /// [`Error::NotInstalled`] with the fix when there is no server binary.
     pub async fn start(dir: &Path) -> Result<Self, Error> {
         let mut server = ClickHouseServer {
-            dir: dir.to_owned(),
+            // The server runs in `dir` and its configuration names paths under it: a
+            // relative `dir` would be resolved twice.
+            dir: std::path::absolute(dir)?,
             http_port: free_port()?,
             tcp_port: free_port()?,
             child: None,
