@@ -3,8 +3,8 @@
 //! A buffered write copies every byte into the page cache and the final fsync then writes
 //! it all back; on the reference machine that path runs at half the disk's direct rate
 //! (767 MB/s against 1.5 GB/s for 1 GiB) and costs CPU that hashing needs. With `O_DIRECT`
-//! the disk reads our buffers itself. The download thread hashes and fills 4 KiB-aligned
-//! buffers; a blocking thread writes each at its offset, so the disk works while the next
+//! the disk reads our buffers itself. The download thread fills 4 KiB-aligned buffers and
+//! hashes each piece as it lands in them; a blocking thread writes each at its offset, so the disk works while the next
 //! buffer is received and hashed. (Hashing stays on the download thread: a direct write
 //! waits on the disk, and hashing there too would serialise the two.) Only the artifact's
 //! unaligned tail goes through a normal descriptor.
@@ -16,6 +16,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
+use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
 /// `O_DIRECT`'s alignment for buffer addresses, lengths and offsets.
@@ -110,14 +111,19 @@ impl DirectSink {
         }))
     }
 
-    /// Takes the next bytes of the body.
+    /// Takes the next bytes of the body and adds them to `digest`. They are hashed from the
+    /// aligned buffer right after the copy, while this core still caches them: the body's
+    /// own buffers were filled by the socket on another core, and SHA-256 over memory this
+    /// core has not touched runs at a third of its speed on the reference machine.
     ///
     /// # Errors
     /// When the writer thread failed (its error comes from [`DirectSink::finish`]).
-    pub async fn write(&mut self, mut bytes: &[u8]) -> std::io::Result<()> {
+    pub async fn write(&mut self, mut bytes: &[u8], digest: &mut Sha256) -> std::io::Result<()> {
         while !bytes.is_empty() {
+            let at = self.current.len;
             let n = self.current.fill(bytes);
             bytes = &bytes[n..];
+            digest.update(&self.current.filled()[at..]);
             if self.current.len == BUFFER {
                 let next = if self.allocated < BUFFERS {
                     self.allocated += 1;
@@ -192,7 +198,7 @@ mod tests {
     use super::*;
 
     /// Odd-sized chunks across several buffers, an unaligned tail and a resume offset: the
-    /// file holds exactly the bytes, in order.
+    /// file holds exactly the bytes, in order, and the digest covers exactly the body.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn writes_every_byte_in_order_from_an_aligned_offset() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -211,10 +217,16 @@ mod tests {
             assert_eq!(refused.raw_os_error(), Some(libc::EINVAL));
             return;
         };
+        let mut digest = Sha256::new();
         for chunk in body.chunks(70_001) {
-            sink.write(chunk).await.expect("writes");
+            sink.write(chunk, &mut digest).await.expect("writes");
         }
         sink.finish().await.expect("finishes");
+        assert_eq!(
+            digest.finalize(),
+            Sha256::digest(&body),
+            "every byte is hashed once, in order"
+        );
         let written = std::fs::read(&path).expect("reads");
         assert_eq!(written.len(), head.len() + body.len());
         assert!(

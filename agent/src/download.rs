@@ -178,8 +178,7 @@ pub async fn fetch(
                                 f.size
                             )));
                         }
-                        hasher.update(&chunk);
-                        if let Err(e) = sink.write(&chunk).await {
+                        if let Err(e) = sink.write(&chunk, &mut hasher).await {
                             break Err(e.to_string());
                         }
                         let before = received;
@@ -213,8 +212,11 @@ pub async fn fetch(
                                 f.size
                             )));
                         }
-                        hasher.update(&chunk);
+                        // Hashed after the copy, from memory this core just wrote (see
+                        // `DirectSink::write`).
+                        let at = buffer.len();
                         buffer.extend_from_slice(&chunk);
+                        hasher.update(&buffer[at..]);
                         if buffer.len() >= CHUNK {
                             file.write_all(&buffer)?;
                             done += buffer.len() as u64;
