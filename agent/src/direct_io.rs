@@ -4,9 +4,10 @@
 //! it all back; on the reference machine that path runs at half the disk's direct rate
 //! (767 MB/s against 1.5 GB/s for 1 GiB) and costs CPU that hashing needs. With `O_DIRECT`
 //! the disk reads our buffers itself. The download thread fills 4 KiB-aligned buffers and
-//! hashes each piece as it lands in them; a blocking thread writes each at its offset, so the disk works while the next
-//! buffer is received and hashed. (Hashing stays on the download thread: a direct write
-//! waits on the disk, and hashing there too would serialise the two.) Only the artifact's
+//! hashes each piece as it lands in them; a blocking thread writes each at its offset, so
+//! the disk works while the next buffer is received and hashed. (Hashing stays on the
+//! download thread: a direct write waits on the disk, and hashing there too would
+//! serialise the two.) Only the artifact's
 //! unaligned tail goes through a normal descriptor.
 //!
 //! Filesystems without `O_DIRECT` (tmpfs) make [`DirectSink::open`] return `None`; the
@@ -113,8 +114,8 @@ impl DirectSink {
 
     /// Takes the next bytes of the body and adds them to `digest`. They are hashed from the
     /// aligned buffer right after the copy, while this core still caches them: the body's
-    /// own buffers were filled by the socket on another core, and SHA-256 over memory this
-    /// core has not touched runs at a third of its speed on the reference machine.
+    /// own buffers were filled by the socket on another core, and SHA-256 over memory no
+    /// cache holds runs at half its speed or less on the reference machine.
     ///
     /// # Errors
     /// When the writer thread failed (its error comes from [`DirectSink::finish`]).
