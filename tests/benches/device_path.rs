@@ -4,8 +4,8 @@
 //! cargo bench -p edgewise-tests --bench device_path
 //! ```
 //!
-//! or one with `-- fanout 10000`, `-- decide-uds`, `-- download`, `-- hash-locality`,
-//! `-- agent-rss`.
+//! or one with `-- fanout 10000`, `-- decide-uds`, `-- download`, `-- download-bounds`,
+//! `-- hash-locality`, `-- agent-rss`.
 //! Results go to stdout; `docs/benchmarks.md` records them.
 #![allow(missing_docs, clippy::unwrap_used)]
 
@@ -341,10 +341,11 @@ fn write_file(path: &Path, key: &str, size: u64) -> Artifact {
     }
 }
 
-async fn download() {
-    const GIB: u64 = 1 << 30;
-    let h = Harness::start().await;
-    let artifact = put_large(&h, "bench/1gib.bin", GIB).await;
+const GIB: u64 = 1 << 30;
+
+/// Uploads 1 GiB to the loopback S3 server, syncs it to disk and presigns a GET for it.
+async fn presigned_gib(h: &Harness) -> (Artifact, String) {
+    let artifact = put_large(h, "bench/1gib.bin", GIB).await;
     // The upload leaves a gigabyte of dirty pages: written back now, not during the download.
     let synced = Command::new("sync").status().is_ok_and(|s| s.success());
     assert!(synced, "sync ran");
@@ -353,49 +354,47 @@ async fn download() {
         Duration::from_secs(3600),
     );
     let url = presigner.url(&artifact).await.unwrap().url;
+    (artifact, url)
+}
 
-    let http = edgewise_agent::artifact_client().unwrap();
-    let mut rates = Vec::new();
-    for durable in [true, false] {
-        let store = edgewise_agent::store::ContentStore::open(
-            &h.dir.path().join(format!("agent-store-{durable}")),
-            durable,
-        )
-        .unwrap();
-        let counter = std::sync::atomic::AtomicU64::new(0);
-        let t = Instant::now();
-        edgewise_agent::download::fetch(
-            &http,
-            &store,
-            edgewise_agent::download::Fetch {
-                url: &url,
-                sha256: &artifact.sha256,
-                size: artifact.size_bytes,
-                signature: None,
-                publisher: None,
-            },
-            |_, _| {},
-            &counter,
-        )
-        .await
-        .unwrap();
-        rates.push(GIB as f64 / t.elapsed().as_secs_f64() / 1e9);
-        std::fs::remove_dir_all(h.dir.path().join(format!("agent-store-{durable}"))).unwrap();
-    }
-    let (ours, ours_no_fsync) = (rates[0], rates[1]);
-
+/// GB/s of the agent's own download (`download::fetch`) into a fresh store.
+async fn agent_fetch(
+    h: &Harness,
+    http: &reqwest::Client,
+    url: &str,
+    artifact: &Artifact,
+    durable: bool,
+) -> f64 {
+    let dir = h.dir.path().join(format!("agent-store-{durable}"));
+    let store = edgewise_agent::store::ContentStore::open(&dir, durable).unwrap();
+    let counter = std::sync::atomic::AtomicU64::new(0);
     let t = Instant::now();
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(format!("curl -s '{url}' | sha256sum"))
-        .output()
-        .unwrap();
-    let curl = GIB as f64 / t.elapsed().as_secs_f64() / 1e9;
-    assert!(
-        String::from_utf8_lossy(&out.stdout).starts_with(&artifact.sha256),
-        "curl saw the same bytes"
-    );
+    edgewise_agent::download::fetch(
+        http,
+        &store,
+        edgewise_agent::download::Fetch {
+            url,
+            sha256: &artifact.sha256,
+            size: artifact.size_bytes,
+            signature: None,
+            publisher: None,
+        },
+        |_, _| {},
+        &counter,
+    )
+    .await
+    .unwrap();
+    let rate = gbps(t);
+    std::fs::remove_dir_all(&dir).unwrap();
+    rate
+}
 
+fn gbps(since: Instant) -> f64 {
+    GIB as f64 / since.elapsed().as_secs_f64() / 1e9
+}
+
+/// `openssl speed -evp sha256` over 16 KiB blocks, in GB/s.
+fn openssl_sha256() -> f64 {
     let out = Command::new("openssl")
         .args([
             "speed", "-evp", "sha256", "-bytes", "16384", "-seconds", "3",
@@ -404,17 +403,162 @@ async fn download() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    let openssl = text
+    let rate = text
         .lines()
         .find(|l| l.starts_with("sha256"))
         .and_then(|l| l.split_whitespace().last())
         .and_then(|v| v.trim_end_matches('k').parse::<f64>().ok())
         .map_or(0.0, |kbps| kbps * 1000.0 / 1e9);
+    assert!(rate > 0.0, "openssl speed reported a rate: {text}");
+    rate
+}
+
+async fn download() {
+    let h = Harness::start().await;
+    let (artifact, url) = presigned_gib(&h).await;
+    let http = edgewise_agent::artifact_client().unwrap();
+    let ours = agent_fetch(&h, &http, &url, &artifact, true).await;
+    let ours_no_fsync = agent_fetch(&h, &http, &url, &artifact, false).await;
+
+    let t = Instant::now();
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!("curl -s '{url}' | sha256sum"))
+        .output()
+        .unwrap();
+    let curl = gbps(t);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with(&artifact.sha256),
+        "curl saw the same bytes"
+    );
+    let openssl = openssl_sha256();
     println!(
         "download+verify 1 GiB from loopback S3: edgewise {ours:.2} GB/s (non-durable store, as the simulator uses: {ours_no_fsync:.2} GB/s), curl|sha256sum {curl:.2} GB/s, openssl sha256 {openssl:.2} GB/s (ratio to openssl {:.2}; non-durable {:.2})",
         ours / openssl,
         ours_no_fsync / openssl
     );
+}
+
+/// Upper bounds for download + verify on this machine, side by side in one run: what the
+/// same bytes cost with less and less of the product's work, against the openssl hash rate.
+/// - `socket`: a bare HTTP/1.1 GET read from a blocking socket into one 1 MiB buffer and
+///   hashed there: the kernel's copy and SHA-256 on one core, with no HTTP client and no disk.
+/// - `client`: the agent's HTTP client, each chunk copied into a 1 MiB buffer and hashed
+///   there, as `download::fetch` does, but nothing written.
+/// - `client + disk`: the same while an unrelated thread writes 1 GiB with `O_DIRECT` from
+///   one buffer it never touches, so the disk's own cost shows without the download waiting
+///   on it.
+/// - `agent`: the agent's durable download itself.
+async fn download_bounds() {
+    let h = Harness::start().await;
+    let (artifact, url) = presigned_gib(&h).await;
+    let http = edgewise_agent::artifact_client().unwrap();
+    for round in 1..=3 {
+        let socket = socket_hash(&url, &artifact.sha256).await;
+        let client = client_copy_hash(&http, &url, &artifact.sha256).await;
+        let writer = background_direct_writer(h.dir.path().join("unrelated.bin"));
+        let client_disk = client_copy_hash(&http, &url, &artifact.sha256).await;
+        let still_writing = !writer.is_finished();
+        writer.join().unwrap();
+        let agent = agent_fetch(&h, &http, &url, &artifact, true).await;
+        let openssl = openssl_sha256();
+        let ratio = |r: f64| r / openssl;
+        println!(
+            "round {round}: socket+hash {socket:.2} GB/s ({:.2}x openssl), client+copy+hash {client:.2} ({:.2}x), with disk writes alongside {client_disk:.2} ({:.2}x{}), agent durable {agent:.2} ({:.2}x), openssl {openssl:.2}",
+            ratio(socket),
+            ratio(client),
+            ratio(client_disk),
+            if still_writing {
+                ""
+            } else {
+                ", writer finished first"
+            },
+            ratio(agent),
+        );
+    }
+}
+
+/// A bare HTTP/1.1 GET on a blocking socket: body read into one 1 MiB buffer, hashed there.
+async fn socket_hash(url: &str, sha256: &str) -> f64 {
+    use sha2::Digest;
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").unwrap();
+    let (host, path) = rest.split_at(rest.find('/').unwrap());
+    let (host, path, sha256) = (host.to_owned(), path.to_owned(), sha256.to_owned());
+    tokio::task::spawn_blocking(move || {
+        let t = Instant::now();
+        let mut socket = std::net::TcpStream::connect(&host).unwrap();
+        write!(socket, "GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n").unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut head = Vec::new();
+        let mut digest = sha2::Sha256::new();
+        let mut body = 0u64;
+        while body == 0 {
+            let n = socket.read(&mut buf).unwrap();
+            assert!(n > 0, "the server answered");
+            head.extend_from_slice(&buf[..n]);
+            if let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                let text = String::from_utf8_lossy(&head[..end]).to_ascii_lowercase();
+                assert!(text.starts_with("http/1.1 200"), "{text}");
+                assert!(text.contains(&format!("content-length: {GIB}")), "{text}");
+                digest.update(&head[end + 4..]);
+                body = (head.len() - end - 4) as u64;
+            }
+        }
+        while body < GIB {
+            let n = socket.read(&mut buf).unwrap();
+            assert!(n > 0, "the body is complete");
+            digest.update(&buf[..n]);
+            body += n as u64;
+        }
+        assert_eq!(hex::encode(digest.finalize()), sha256);
+        gbps(t)
+    })
+    .await
+    .unwrap()
+}
+
+/// The agent's HTTP client; each chunk copied into a 1 MiB buffer and hashed from it.
+async fn client_copy_hash(http: &reqwest::Client, url: &str, sha256: &str) -> f64 {
+    use futures_util::StreamExt;
+    use sha2::Digest;
+    let t = Instant::now();
+    let mut body = http.get(url).send().await.unwrap().bytes_stream();
+    let mut buffer: Vec<u8> = Vec::with_capacity(1 << 20);
+    let mut digest = sha2::Sha256::new();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.unwrap();
+        if buffer.len() + chunk.len() > buffer.capacity() {
+            buffer.clear();
+        }
+        let at = buffer.len();
+        buffer.extend_from_slice(&chunk);
+        digest.update(&buffer[at..]);
+    }
+    assert_eq!(hex::encode(digest.finalize()), sha256);
+    gbps(t)
+}
+
+/// Writes 1 GiB to `path` with `O_DIRECT` from one aligned buffer, then removes it.
+fn background_direct_writer(path: std::path::PathBuf) -> std::thread::JoinHandle<()> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    std::thread::spawn(move || {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&path)
+            .unwrap();
+        let raw = vec![7u8; (1 << 20) + 4096];
+        let start = raw.as_ptr().align_offset(4096);
+        for i in 0..GIB >> 20 {
+            file.write_all_at(&raw[start..start + (1 << 20)], i << 20)
+                .unwrap();
+        }
+        drop(file);
+        std::fs::remove_file(&path).unwrap();
+    })
 }
 
 /// SHA-256 over a 1 GiB buffer, which no cache holds, against 1 GiB from a 1 MiB buffer the
@@ -440,7 +584,6 @@ fn hash_locality() {
 }
 
 async fn agent_rss() {
-    const GIB: u64 = 1 << 30;
     let h = Harness::start().await;
     let artifact = put_large(&h, "bench/model.bin", GIB).await;
     h.apply([
@@ -528,6 +671,7 @@ fn main() {
             }
             Some("decide-uds") => decide_uds().await,
             Some("download") => download().await,
+            Some("download-bounds") => download_bounds().await,
             Some("hash-locality") => hash_locality(),
             Some("agent-rss") => agent_rss().await,
             _ => {
@@ -535,6 +679,7 @@ fn main() {
                 fanout(1_000).await;
                 fanout(10_000).await;
                 download().await;
+                download_bounds().await;
                 hash_locality();
                 agent_rss().await;
             }
