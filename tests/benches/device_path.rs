@@ -565,18 +565,17 @@ fn background_direct_writer(path: std::path::PathBuf) -> std::thread::JoinHandle
 /// core keeps in cache: why the download hashes each piece right after copying it.
 fn hash_locality() {
     use sha2::Digest;
-    const GIB: usize = 1 << 30;
     const MIB: usize = 1 << 20;
-    let far: Vec<u8> = (0..GIB).map(|i| (i % 251) as u8).collect();
+    let far: Vec<u8> = (0..GIB as usize).map(|i| (i % 251) as u8).collect();
     let near = far[..MIB].to_vec();
     let rate = |hash: &dyn Fn(&mut sha2::Sha256)| {
         let mut digest = sha2::Sha256::new();
         let t = Instant::now();
         hash(&mut digest);
         std::hint::black_box(digest.finalize());
-        GIB as f64 / t.elapsed().as_secs_f64() / 1e9
+        gbps(t)
     };
-    let cached = rate(&|d| (0..GIB / MIB).for_each(|_| d.update(&near)));
+    let cached = rate(&|d| (0..far.len() / MIB).for_each(|_| d.update(&near)));
     let uncached = rate(&|d| d.update(&far));
     println!(
         "SHA-256 over 1 GiB: from a cached 1 MiB buffer {cached:.2} GB/s, from memory no cache holds {uncached:.2} GB/s"
