@@ -283,16 +283,17 @@ async fn a_breaching_canary_rolls_back_a_bad_digest_never_ships_and_pauses_wait_
         },
     )
     .await;
-    let annotations = mros
+    let handled = mros
         .get("assistant")
         .await
         .expect("get")
-        .metadata
-        .annotations
-        .unwrap_or_default();
-    assert!(
-        !annotations.contains_key("edgewise.dev/promote"),
-        "the handled command is removed"
+        .status
+        .and_then(|s| s.state.last_command)
+        .expect("the handled request is recorded");
+    assert!(handled.applied, "{handled:?}");
+    assert_eq!(
+        (handled.command.as_str(), handled.request.as_str()),
+        ("promote", "now")
     );
     eventually(Duration::from_secs(60), "2.0.0 everywhere", || async {
         (running(&stack, "2.0.0") == 90).then_some(())
@@ -495,4 +496,37 @@ async fn the_run_command_serves_against_a_cluster_becomes_ready_and_stops_on_sig
         "graceful shutdown is bounded"
     );
     api.stop().await;
+}
+
+/// The demo sizes its rollout to the fleet: a fleet too small for a canary and a baseline is
+/// refused at once with the size it needs; every other size finishes within a minute.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_finishes_or_refuses_clearly_for_every_fleet_size() {
+    init_logging();
+    for devices in [1, 5, 10, 30] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let started = std::time::Instant::now();
+        let outcome = tokio::time::timeout(
+            Duration::from_secs(60),
+            edgewise_operator::dev::run(
+                dev_options(dir.path(), devices, true, None),
+                CancellationToken::new(),
+            ),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("the demo with {devices} devices ran past a minute"));
+        let took = started.elapsed();
+        match devices {
+            1 => {
+                let e = outcome.expect_err("one device cannot be canary and baseline");
+                assert!(e.to_string().contains("--devices 2"), "{e}");
+                assert!(
+                    took < Duration::from_secs(5),
+                    "refused at start, took {took:?}"
+                );
+            }
+            _ => outcome.unwrap_or_else(|e| panic!("the demo with {devices} devices: {e}")),
+        }
+        eprintln!("demo with {devices} devices: {took:?}");
+    }
 }

@@ -586,7 +586,9 @@ async fn the_kubectl_plugin_reports_commands_and_explains_routing() {
         ("retry", "edgewise.dev/retry"),
     ] {
         let p = plugin.clone();
-        tokio::task::spawn_blocking(move || p(&[cmd, "assistant-eu-beta"]))
+        // No controller runs here: only the request is checked (tests/rollouts.rs waits for
+        // the controller's answer).
+        tokio::task::spawn_blocking(move || p(&["--no-wait", cmd, "assistant-eu-beta"]))
             .await
             .expect("joins");
         let r = mros.get("assistant-eu-beta").await.expect("get");

@@ -9,7 +9,8 @@ use std::process::{Command, Stdio};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use edgewise_operator::telemetry::gates::{
-    INFERENCE_METRICS_SQL, INSTALL_METRICS_SQL, POLICY_ACKS_SQL, VERSION_SKEW_SQL,
+    INFERENCE_METRICS_SQL, INSTALL_METRICS_SQL, POLICY_ACKS_SQL, SEGMENT_DEVICES_SQL,
+    VERSION_SKEW_SQL,
 };
 use edgewise_operator::telemetry::ingest::{SinkConfig, TelemetrySink};
 use edgewise_operator::telemetry::rows::DeviceStatusRow;
@@ -266,6 +267,11 @@ fn queries() -> Vec<(String, String, Option<String>)> {
         (
             "version skew".to_owned(),
             binds(VERSION_SKEW_SQL, &["'assistant'", "'assistant'"]),
+            None,
+        ),
+        (
+            "segment devices".to_owned(),
+            binds(SEGMENT_DEVICES_SQL, &["'assistant'", "'assistant'"]),
             None,
         ),
         (

@@ -87,13 +87,8 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
         Command::Gateway(opts) => serve(crate::server::Role::Gateway, opts).await,
         Command::Dev(opts) => {
             let _obs = crate::observability::init("edgewise-operator");
-            let shutdown = tokio_util::sync::CancellationToken::new();
-            let stop = shutdown.clone();
-            tokio::spawn(async move {
-                let _ = tokio::signal::ctrl_c().await;
-                stop.cancel();
-            });
-            crate::dev::run(opts, shutdown).await?;
+            // SIGTERM too: the dev stack must stop its ClickHouse child on the way out.
+            crate::dev::run(opts, shutdown_on_signal()).await?;
             Ok(())
         }
         Command::Migrate {
@@ -118,6 +113,12 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
 
 async fn serve(role: crate::server::Role, opts: crate::server::RunOptions) -> Result<(), Error> {
     let _obs = crate::observability::init("edgewise-operator");
+    crate::server::run(role, opts, shutdown_on_signal()).await?;
+    Ok(())
+}
+
+/// A token cancelled on SIGINT or SIGTERM: the one shutdown path of every long-running role.
+fn shutdown_on_signal() -> tokio_util::sync::CancellationToken {
     let shutdown = tokio_util::sync::CancellationToken::new();
     let stop = shutdown.clone();
     tokio::spawn(async move {
@@ -135,6 +136,5 @@ async fn serve(role: crate::server::Role, opts: crate::server::RunOptions) -> Re
         }
         stop.cancel();
     });
-    crate::server::run(role, opts, shutdown).await?;
-    Ok(())
+    shutdown
 }

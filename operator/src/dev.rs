@@ -52,6 +52,10 @@ pub struct DevOptions {
     /// Use this ClickHouse instead of starting `clickhouse-server`.
     #[arg(long, env = "EDGEWISE_CLICKHOUSE_URL")]
     pub clickhouse_url: Option<String>,
+    /// Synthetic requests per second per simulated device (0: none). Default: 2, more in a
+    /// small fleet so its canaries gather samples quickly.
+    #[arg(long)]
+    pub traffic_rps: Option<f64>,
     /// Run against the cluster in this kubeconfig (its current context) instead of the
     /// embedded API; the CRDs are applied to it first. For kind, k3d and the like.
     #[arg(long)]
@@ -228,11 +232,16 @@ impl DevStack {
 
         // Version 3.0.0 of the simulated model is slow: rolling it out shows an automatic
         // rollback on a latency gate.
-        let traffic = Traffic {
-            requests_per_sec: 2.0,
+        // A small fleet sends more per device, so even a canary of one or two devices reaches
+        // the demo analysis's sample count within seconds.
+        let rps = opts
+            .traffic_rps
+            .unwrap_or((DEMO_FLEET_REQUESTS_PER_SEC / opts.devices.max(1) as f64).max(2.0));
+        let traffic = (rps > 0.0).then(|| Traffic {
+            requests_per_sec: rps,
             slow_versions: [("3.0.0".to_owned(), 6.0)].into(),
             ..Traffic::default()
-        };
+        });
         let fleet = SimFleet::start(&SimConfig {
             devices: opts.devices,
             gateway: format!("http://{gw_addr}"),
@@ -244,7 +253,7 @@ impl DevStack {
             },
             devices_per_connection: 100,
             telemetry: true,
-            traffic: Some(traffic),
+            traffic,
         })
         .map_err(start("simulated fleet"))?;
         println!("Fleet           {} simulated devices", opts.devices);
@@ -311,6 +320,9 @@ async fn install_crds(client: &Client) -> Result<(), Error> {
 /// # Errors
 /// [`Error`] saying which component or demo step failed, and how to fix it.
 pub async fn run(opts: DevOptions, shutdown: CancellationToken) -> Result<(), Error> {
+    if opts.exit_after_demo {
+        check_demo_fleet(opts.devices)?;
+    }
     let stack = DevStack::start(&opts, shutdown.clone()).await?;
     let outcome = if opts.exit_after_demo {
         demo(&stack.client, &stack.s3_client, &stack.fleet).await
@@ -387,6 +399,26 @@ where
 
 async fn demo(client: &Client, s3: &aws_sdk_s3::Client, fleet: &SimFleet) -> Result<(), Error> {
     let ns = "edgewise";
+    let supported = fleet
+        .devices()
+        .iter()
+        .filter(|d| d.facts.memory_mib >= DEMO_MIN_MEMORY_MIB)
+        .count();
+    let salt = format!("{ns}/{DEMO_ROLLOUT}");
+    let buckets: Vec<u16> = fleet
+        .devices()
+        .iter()
+        .filter(|d| d.facts.memory_mib >= DEMO_MIN_MEMORY_MIB)
+        .map(|d| edgewise_core::cohort::bucket(&salt, &d.device_id))
+        .collect();
+    let plan = DemoPlan::for_fleet(&buckets).map_err(Error::Demo)?;
+    println!(
+        "    sized for this fleet: {supported} of {} devices can run a variant; canary {}% ({} device(s)), analysis needs {} canary device(s) and {DEMO_MIN_SAMPLES} samples",
+        fleet.devices().len(),
+        plan.percent,
+        plan.canary,
+        plan.min_devices
+    );
     let mvs: Api<ModelVersion> = Api::namespaced(client.clone(), ns);
     let mros: Api<ModelRollout> = Api::namespaced(client.clone(), ns);
     let rps: Api<RoutingPolicy> = Api::namespaced(client.clone(), ns);
@@ -429,7 +461,7 @@ async fn demo(client: &Client, s3: &aws_sdk_s3::Client, fleet: &SimFleet) -> Res
     }
     wait(
         "both versions verified",
-        Duration::from_secs(60),
+        Duration::from_secs(30),
         || async {
             let list = mvs.list(&Default::default()).await.ok()?;
             let ready = list
@@ -470,7 +502,7 @@ async fn demo(client: &Client, s3: &aws_sdk_s3::Client, fleet: &SimFleet) -> Res
     let devices = fleet.devices().len();
     wait(
         "the policy acked by the fleet",
-        Duration::from_secs(60),
+        Duration::from_secs(30),
         || async {
             let acked = rps
                 .get("assistant")
@@ -486,11 +518,11 @@ async fn demo(client: &Client, s3: &aws_sdk_s3::Client, fleet: &SimFleet) -> Res
     step(3, "roll assistant 1.0.0 out as the stable version");
     let rollout = |version: &str| {
         json!({
-            "apiVersion": "edgewise.dev/v1alpha1", "kind": "ModelRollout", "metadata": {"name": "assistant"},
+            "apiVersion": "edgewise.dev/v1alpha1", "kind": "ModelRollout", "metadata": {"name": DEMO_ROLLOUT},
             "spec": {
                 "model": "assistant", "version": version,
-                "steps": [{"setPercent": 25}, {"analysis": {}}, {"setPercent": 100}],
-                "analysis": {"interval": "5s", "window": "2m", "minDevices": 3, "minSamples": 20, "failureLimit": 0,
+                "steps": [{"setPercent": plan.percent}, {"analysis": {}}, {"setPercent": 100}],
+                "analysis": {"interval": "5s", "window": "2m", "minDevices": plan.min_devices, "minSamples": DEMO_MIN_SAMPLES, "failureLimit": 0,
                     "gates": [
                         {"metric": "latency_p95_ms", "max": 1.5, "relativeToBaseline": true},
                         {"metric": "error_rate", "max": 0.05}
@@ -499,15 +531,10 @@ async fn demo(client: &Client, s3: &aws_sdk_s3::Client, fleet: &SimFleet) -> Res
             }
         })
     };
-    mros.patch("assistant", &pp, &Patch::Apply(&rollout("1.0.0")))
+    mros.patch(DEMO_ROLLOUT, &pp, &Patch::Apply(&rollout("1.0.0")))
         .await
         .map_err(|e| Error::Demo(e.to_string()))?;
-    let supported = fleet
-        .devices()
-        .iter()
-        .filter(|d| d.facts.memory_mib >= 2048)
-        .count();
-    wait("1.0.0 installed", Duration::from_secs(90), || async {
+    wait("1.0.0 installed", Duration::from_secs(30), || async {
         let on = fleet
             .summary()
             .active
@@ -520,48 +547,34 @@ async fn demo(client: &Client, s3: &aws_sdk_s3::Client, fleet: &SimFleet) -> Res
 
     step(
         4,
-        "roll out 2.0.0: 25 % → analysis on telemetry (p95 vs baseline, error rate) → 100 %",
+        &format!(
+            "roll out 2.0.0: {}% ({} device(s)) → analysis on telemetry (p95 vs baseline, error rate) → 100 %",
+            plan.percent, plan.canary
+        ),
     );
-    mros.patch("assistant", &pp, &Patch::Apply(&rollout("2.0.0")))
+    mros.patch(DEMO_ROLLOUT, &pp, &Patch::Apply(&rollout("2.0.0")))
         .await
         .map_err(|e| Error::Demo(e.to_string()))?;
     wait(
         "the 2.0.0 rollout to succeed",
-        Duration::from_secs(180),
+        Duration::from_secs(40),
         || async {
-            let s = mros.get("assistant").await.ok()?.status?;
-            let phase = s.state.phase;
-            let done = phase == Some(edgewise_core::rollout::Phase::Succeeded)
+            let s = mros.get(DEMO_ROLLOUT).await.ok()?.status?;
+            let done = s.state.phase == Some(edgewise_core::rollout::Phase::Succeeded)
                 && s.state.stable_version.as_deref() == Some("2.0.0");
-            (!done).then(|| {
-                let gates = s
-                    .state
-                    .last_analysis
-                    .as_ref()
-                    .map_or_else(String::new, |a| {
-                        format!(
-                            " last analysis {:?}: {}",
-                            a.verdict,
-                            a.gates
-                                .iter()
-                                .map(|g| format!(
-                                    "{}={:.3}",
-                                    g.metric.as_str(),
-                                    g.compared.unwrap_or(f64::NAN)
-                                ))
-                                .collect::<Vec<_>>()
-                                .join(" ")
-                        )
-                    });
-                format!(
-                    "{phase:?} step {} at {}%{gates}",
-                    s.state.step_index, s.state.percent
-                )
-            })
+            (!done).then(|| rollout_progress(&s, &plan))
         },
     )
-    .await?;
-    wait("2.0.0 on the fleet", Duration::from_secs(90), || async {
+    .await
+    .map_err(|e| {
+        let e = match e {
+            Error::Demo(m) | Error::Start(m) => m,
+        };
+        Error::Demo(format!(
+            "{e}. The canary never gathered what its analysis needs: run with more --devices, or see `kubectl describe mro {DEMO_ROLLOUT}` for the gate values"
+        ))
+    })?;
+    wait("2.0.0 on the fleet", Duration::from_secs(30), || async {
         let on = fleet
             .summary()
             .active
@@ -582,4 +595,141 @@ async fn demo(client: &Client, s3: &aws_sdk_s3::Client, fleet: &SimFleet) -> Res
     println!("    policy versions: {:?}", summary.policies);
     println!("\nDemo succeeded.");
     Ok(())
+}
+
+/// The demo's rollout (`edgewise/assistant`, which is also its cohort salt).
+const DEMO_ROLLOUT: &str = "assistant";
+/// Memory the demo's smallest variant needs (its CPU variant).
+const DEMO_MIN_MEMORY_MIB: u64 = 2048;
+/// Canary samples an analysis run needs: enough that p95 and a 0.5 % error rate are not noise.
+const DEMO_MIN_SAMPLES: u64 = 150;
+/// Requests per second the whole simulated fleet sends at least.
+const DEMO_FLEET_REQUESTS_PER_SEC: f64 = 150.0;
+/// The canary share the demo prefers when the fleet allows it.
+const DEMO_PERCENT: u32 = 25;
+
+/// The demo compares a canary with devices still on the stable version, so it needs two
+/// devices that can run a variant. Refuses a smaller fleet before anything starts, naming
+/// the smallest `--devices` that works.
+fn check_demo_fleet(devices: usize) -> Result<(), Error> {
+    let can_run = |n: usize| {
+        (0..n)
+            .filter(|i| edgewise_agent::simulate::facts_for(*i).memory_mib >= DEMO_MIN_MEMORY_MIB)
+            .count()
+    };
+    if can_run(devices) >= 2 {
+        return Ok(());
+    }
+    let smallest = (1..).find(|n| can_run(*n) >= 2).unwrap_or(2);
+    Err(Error::Demo(format!(
+        "the demo rolls 2.0.0 out to a canary and compares it with devices still on 1.0.0, so it needs at least 2 devices that can run a variant; --devices {devices} gives {}. Run with --devices {smallest} or more",
+        can_run(devices)
+    )))
+}
+
+/// The demo's rollout, sized to the fleet it runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct DemoPlan {
+    /// The canary step's percentage.
+    percent: u32,
+    /// `spec.analysis.minDevices`.
+    min_devices: u32,
+    /// Devices that can run a variant in the canary cohort at `percent`.
+    canary: usize,
+}
+
+impl DemoPlan {
+    /// From the cohort buckets of the devices that can run a variant: a canary of about a
+    /// quarter of them (at most 3 needed for the analysis), with at least one device left on
+    /// the stable version as the baseline.
+    fn for_fleet(buckets: &[u16]) -> Result<DemoPlan, String> {
+        let n = buckets.len();
+        let min_devices = (n / 4).clamp(1, 3);
+        let in_cohort = |p: u32| {
+            buckets
+                .iter()
+                .filter(|b| edgewise_core::cohort::bucket_in_cohort(**b, p))
+                .count()
+        };
+        let fits = |p: u32| in_cohort(p) >= min_devices && in_cohort(p) < n;
+        let smallest = (1..100).find(|p| fits(*p)).ok_or_else(|| {
+            format!(
+                "no canary percentage of this fleet holds {min_devices} device(s) and leaves one on the stable version ({n} devices can run a variant); run with more --devices"
+            )
+        })?;
+        let percent = if fits(DEMO_PERCENT) {
+            smallest.max(DEMO_PERCENT)
+        } else {
+            smallest
+        };
+        Ok(DemoPlan {
+            percent,
+            min_devices: min_devices as u32,
+            canary: in_cohort(percent),
+        })
+    }
+}
+
+/// One line of rollout progress: the phase and step, and while an analysis waits, how many
+/// canary devices and samples it has against what it needs.
+fn rollout_progress(s: &crate::crd::ModelRolloutStatus, plan: &DemoPlan) -> String {
+    if s.state.canary_version.is_none() && s.state.phase.is_some_and(|p| !p.in_flight()) {
+        return "waiting for the controller to start the rollout".into();
+    }
+    let phase = s
+        .state
+        .phase
+        .map_or_else(|| "Pending".to_owned(), |p| format!("{p:?}"));
+    let mut line = format!(
+        "{phase} step {} at {}%",
+        s.state.step_index, s.state.percent
+    );
+    if let Some(a) = &s.state.last_analysis {
+        line.push_str(&format!(
+            ": {}/{} canary devices, {}/{DEMO_MIN_SAMPLES} samples, analysis {:?}",
+            a.canary_devices, plan.min_devices, a.canary_samples, a.verdict
+        ));
+        for g in &a.gates {
+            line.push_str(&format!(
+                " {}={:.3}",
+                g.metric.as_str(),
+                g.compared.unwrap_or(f64::NAN)
+            ));
+        }
+    }
+    if let Some(c) = s.conditions.iter().find(|c| {
+        c.status == "False" && (c.type_ == "DevicesAvailable" || c.type_ == "VersionReady")
+    }) {
+        line.push_str(&format!(" ({})", c.message));
+    } else if let Some(m) = &s.state.message {
+        line.push_str(&format!(" ({m})"));
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fleet_too_small_for_a_canary_and_a_baseline_is_refused_with_the_size_it_needs() {
+        let e = check_demo_fleet(1).expect_err("one device cannot be canary and baseline");
+        assert!(e.to_string().contains("--devices 2"), "{e}");
+        assert!(check_demo_fleet(2).is_ok());
+    }
+
+    #[test]
+    fn the_plan_keeps_a_baseline_and_enough_canary_devices() {
+        let two = DemoPlan::for_fleet(&[10, 9000]).expect("plan");
+        assert_eq!((two.min_devices, two.canary), (1, 1));
+        assert!(two.percent <= 90);
+        let many: Vec<u16> = (0..90).map(|i| i * 111).collect();
+        let plan = DemoPlan::for_fleet(&many).expect("plan");
+        assert_eq!((plan.percent, plan.min_devices), (DEMO_PERCENT, 3));
+        assert!(plan.canary >= 3);
+        assert!(
+            DemoPlan::for_fleet(&[5000, 5001]).is_err(),
+            "no percent splits them"
+        );
+    }
 }

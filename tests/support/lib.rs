@@ -245,6 +245,7 @@ pub fn dev_options(
         s3_addr: loopback(),
         gateway_addr: loopback(),
         clickhouse_url: None,
+        traffic_rps: None,
         kubeconfig,
     }
 }

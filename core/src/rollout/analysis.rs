@@ -81,9 +81,11 @@ pub struct AnalysisResult {
     pub reason: Option<String>,
 }
 
-/// Evaluates every gate. A failing gate fails the run even when data is thin: a breach
-/// seen early is still a breach. Otherwise thin data (`minDevices`, `minSamples`) or a
-/// metric with no data makes the run inconclusive.
+/// Evaluates every gate. Thin data (`minDevices`, `minSamples`) makes the run inconclusive
+/// even when a gate is out of bounds, naming the breach: a p95 over a dozen samples is their
+/// maximum, and one error in ten requests is a 10 % error rate, so judging early would roll
+/// back good versions on noise. With enough data any failing gate fails the run; a metric with
+/// no data makes it inconclusive.
 #[must_use]
 pub fn evaluate(spec: &AnalysisSpec, metrics: &GateMetrics, at: Timestamp) -> AnalysisResult {
     let gates: Vec<GateResult> = spec
@@ -105,17 +107,28 @@ pub fn evaluate(spec: &AnalysisSpec, metrics: &GateMetrics, at: Timestamp) -> An
     } else {
         None
     };
-    let (verdict, reason) = if gates.iter().any(|g| g.verdict == Verdict::Fail) {
-        (Verdict::Fail, None)
-    } else if thin.is_some() {
-        (Verdict::Inconclusive, thin)
-    } else if let Some(g) = gates.iter().find(|g| g.verdict == Verdict::Inconclusive) {
-        (
+    let breaching: Vec<&str> = gates
+        .iter()
+        .filter(|g| g.verdict == Verdict::Fail)
+        .map(|g| g.metric.as_str())
+        .collect();
+    let (verdict, reason) = match (thin, breaching.is_empty()) {
+        (Some(thin), true) => (Verdict::Inconclusive, Some(thin)),
+        (Some(thin), false) => (
             Verdict::Inconclusive,
-            Some(format!("no data for {}", g.metric.as_str())),
-        )
-    } else {
-        (Verdict::Pass, None)
+            Some(format!(
+                "{thin} ({} out of bounds so far)",
+                breaching.join(", ")
+            )),
+        ),
+        (None, false) => (Verdict::Fail, None),
+        (None, true) => match gates.iter().find(|g| g.verdict == Verdict::Inconclusive) {
+            Some(g) => (
+                Verdict::Inconclusive,
+                Some(format!("no data for {}", g.metric.as_str())),
+            ),
+            None => (Verdict::Pass, None),
+        },
     };
     AnalysisResult {
         at,
@@ -235,15 +248,27 @@ mod tests {
     }
 
     #[test]
-    fn one_breach_fails_the_run_even_with_thin_data() {
+    fn thin_data_never_fails_a_run_but_names_the_breach() {
         let s = spec(vec![gate(Metric::LatencyP99Ms, Some(300.0), None, false)]);
-        let m = GateMetrics {
+        let thin = GateMetrics {
             canary: set(&[(Metric::LatencyP99Ms, 450.0)], 3, 1),
             baseline: MetricSet::default(),
         };
-        let r = evaluate(&s, &m, Timestamp::UNIX_EPOCH);
-        assert_eq!(r.verdict, Verdict::Fail);
+        let r = evaluate(&s, &thin, Timestamp::UNIX_EPOCH);
+        assert_eq!(r.verdict, Verdict::Inconclusive);
         assert_eq!(r.gates[0].verdict, Verdict::Fail);
+        assert_eq!(
+            r.reason.as_deref(),
+            Some("1 canary devices reported, 5 needed (latency_p99_ms out of bounds so far)")
+        );
+        let enough = GateMetrics {
+            canary: set(&[(Metric::LatencyP99Ms, 450.0)], 300, 10),
+            baseline: MetricSet::default(),
+        };
+        assert_eq!(
+            evaluate(&s, &enough, Timestamp::UNIX_EPOCH).verdict,
+            Verdict::Fail
+        );
     }
 
     #[test]

@@ -88,19 +88,28 @@ fn healthy() -> Observations {
     Observations {
         targeted_devices: 1_000,
         metrics: Some(metrics(0.01, 110.0)),
-        command: None,
+        version: Availability::Ready,
+        ..Observations::default()
     }
 }
 fn breaching() -> Observations {
     Observations {
-        targeted_devices: 1_000,
         metrics: Some(metrics(0.01, 400.0)),
-        command: None,
+        ..healthy()
+    }
+}
+fn quiet() -> Observations {
+    Observations {
+        metrics: None,
+        ..healthy()
     }
 }
 fn command(c: Command) -> Observations {
     Observations {
-        command: Some(c),
+        command: Some(Request {
+            command: c,
+            id: "1".into(),
+        }),
         ..healthy()
     }
 }
@@ -114,7 +123,7 @@ fn started() -> RolloutState {
         t(0),
     )
     .state;
-    advance(&strategy("2.0.0"), &stable, &Observations::default(), t(0)).state
+    advance(&strategy("2.0.0"), &stable, &quiet(), t(0)).state
 }
 
 fn reasons(tr: &Transition) -> Vec<&'static str> {
@@ -217,11 +226,14 @@ fn on_failure_pause_holds_the_canary_until_retry() {
     let held = advance(&st, &paused, &healthy(), t(500)).state;
     assert_eq!(held.step_index, 1, "no progress without a command");
     let retried = advance(&st, &paused, &command(Command::Retry), t(501));
+    assert_eq!(reasons(&retried), ["Retried", "CanaryPercent"]);
     assert_eq!(
-        reasons(&retried),
-        ["Retried", "AnalysisPassed", "CanaryPercent"]
+        (retried.state.step_index, retried.state.percent),
+        (1, 5),
+        "retry restarts from the first step and waits for a fresh analysis"
     );
-    assert_eq!(retried.state.percent, 25);
+    assert_eq!(retried.state.last_analysis, None);
+    assert_eq!(retried.state.failure, None);
 }
 
 #[test]
@@ -279,8 +291,15 @@ fn commands_that_do_not_apply_are_reported_not_obeyed() {
     )
     .state;
     let tr = advance(&strategy("1.0.0"), &done, &command(Command::Promote), t(1));
-    assert_eq!(reasons(&tr), ["CommandIgnored"]);
-    assert_eq!(tr.state, done);
+    assert_eq!(reasons(&tr), ["CommandRefused"]);
+    let outcome = tr.state.last_command.clone().expect("recorded");
+    assert!(!outcome.applied);
+    assert!(outcome.message.contains("Succeeded"), "{outcome:?}");
+    assert_eq!(tr.state.handled_commands["promote"], "1");
+    let mut unchanged = tr.state.clone();
+    unchanged.last_command = None;
+    unchanged.handled_commands.clear();
+    assert_eq!(unchanged, done, "a refused command changes nothing else");
 }
 
 #[test]

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use edgewise_core::policy::{Network, Request, compile};
+use edgewise_core::rollout::Command;
 use edgewise_operator::crd::{ModelRollout, RoutingPolicy};
 use kube::api::{Api, Patch, PatchParams};
 use kube::{Client, ResourceExt};
@@ -20,6 +21,10 @@ struct Cli {
     /// Namespace.
     #[arg(short, long, global = true, default_value = "default")]
     namespace: String,
+    /// Commands (promote, abort, retry): return once requested, without waiting for the
+    /// controller's answer.
+    #[arg(long, global = true)]
+    no_wait: bool,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -32,15 +37,21 @@ enum Cmd {
         #[arg(long)]
         watch: bool,
     },
-    /// Skip the current step (a pause, an analysis, a rate-limited ramp).
-    Promote { rollout: String },
+    /// Skip the current pause step (never an analysis); `--full` makes the canary stable
+    /// now, skipping every remaining step and analysis.
+    Promote {
+        rollout: String,
+        /// Promote in full: 100 % now, remaining steps and analysis skipped.
+        #[arg(long)]
+        full: bool,
+    },
     /// Hold a rollout where it is.
     Pause { rollout: String },
     /// Let a paused rollout go on.
     Resume { rollout: String },
     /// Send every device back to the stable version.
     Abort { rollout: String },
-    /// Restart after an abort or rollback, or re-run failed analysis.
+    /// Restart from the first step after an abort, a rollback or a failed analysis.
     Retry { rollout: String },
     /// Which versions the rollout's devices run.
     Skew { rollout: String },
@@ -111,24 +122,56 @@ fn status_line(r: &ModelRollout) -> String {
     line
 }
 
+/// Sets the command's annotation to a new request id, then waits for the controller's
+/// answer to that request (`status.lastCommand`): carried out, or refused and why.
+async fn request_command(
+    rollouts: &Api<ModelRollout>,
+    name: &str,
+    cmd: Command,
+    wait: bool,
+) -> Result<(), String> {
+    let id = jiff::Timestamp::now().to_string();
+    let patch = json!({"metadata": {"annotations": {cmd.annotation(): id}}});
+    rollouts
+        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map_err(|e| e.to_string())?;
+    println!("modelrollout/{name}: {cmd} requested");
+    if !wait {
+        return Ok(());
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while tokio::time::Instant::now() < deadline {
+        let outcome = rollouts
+            .get(name)
+            .await
+            .map_err(|e| e.to_string())?
+            .status
+            .and_then(|s| s.state.last_command)
+            .filter(|c| c.request == id);
+        match outcome {
+            Some(c) if c.applied => {
+                println!("modelrollout/{name}: {cmd} applied: {}", c.message);
+                return Ok(());
+            }
+            Some(c) => return Err(format!("{cmd} refused: {}", c.message)),
+            None => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    }
+    Err(format!(
+        "the controller has not answered the {cmd} request within 30 s; is it running?"
+    ))
+}
+
 async fn run(cli: Cli) -> Result<(), String> {
     let client = Client::try_default()
         .await
         .map_err(|e| format!("kubeconfig: {e}"))?;
     let rollouts: Api<ModelRollout> = Api::namespaced(client.clone(), &cli.namespace);
-    let annotate = |cmd: &'static str| {
+    let wait = !cli.no_wait;
+    let request = |cmd: Command| {
         let rollouts = rollouts.clone();
-        move |name: String| async move {
-            let stamp = jiff::Timestamp::now().to_string();
-            let patch =
-                json!({"metadata": {"annotations": {format!("edgewise.dev/{cmd}"): stamp}}});
-            rollouts
-                .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-                .await
-                .map_err(|e| e.to_string())?;
-            println!("modelrollout/{name}: {cmd} requested");
-            Ok::<(), String>(())
-        }
+        move |name: String| async move { request_command(&rollouts, &name, cmd, wait).await }
     };
     match cli.command {
         Cmd::Status { watch } => loop {
@@ -149,9 +192,16 @@ async fn run(cli: Cli) -> Result<(), String> {
             tokio::time::sleep(Duration::from_secs(2)).await;
             println!();
         },
-        Cmd::Promote { rollout } => annotate("promote")(rollout).await,
-        Cmd::Abort { rollout } => annotate("abort")(rollout).await,
-        Cmd::Retry { rollout } => annotate("retry")(rollout).await,
+        Cmd::Promote { rollout, full } => {
+            let cmd = if full {
+                Command::PromoteFull
+            } else {
+                Command::Promote
+            };
+            request(cmd)(rollout).await
+        }
+        Cmd::Abort { rollout } => request(Command::Abort)(rollout).await,
+        Cmd::Retry { rollout } => request(Command::Retry)(rollout).await,
         Cmd::Pause { rollout } => {
             rollouts
                 .patch(

@@ -2,14 +2,17 @@
 //! hash, ack counts) and ModelRollout (drive the step machine on telemetry), plus the
 //! reflectors that feed the gateway's desired state and Lease-based leader election.
 //!
-//! Reconcilers are idempotent; status is written by server-side apply with one field
-//! manager; every user-visible transition is a Kubernetes Event.
+//! Reconcilers are idempotent and compute the whole status they want; it is written only
+//! when it changed, with the resourceVersion it was computed from ([`status`]); every
+//! user-visible transition is a Kubernetes Event, published once its status is stored.
 
 pub mod leader;
 mod model_rollout;
 mod model_version;
 mod reflect;
 mod routing_policy;
+mod segment;
+mod status;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +20,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use tokio_util::sync::CancellationToken;
@@ -27,7 +31,7 @@ pub use reflect::feed_gateway;
 use crate::crd::{ModelRollout, ModelVersion, RoutingPolicy};
 use crate::gateway::Gateway;
 
-/// Field manager for every status write.
+/// The controllers' name as Events report it.
 pub const MANAGER: &str = "edgewise-controller";
 
 /// Why a reconcile failed (it is retried with backoff).
@@ -42,6 +46,9 @@ pub enum Error {
     /// An object without the metadata a reconciler needs.
     #[error("object has no {0}")]
     Metadata(&'static str),
+    /// A call that took too long.
+    #[error("{0} timed out")]
+    Timeout(&'static str),
 }
 
 /// What every reconciler shares.
@@ -115,6 +122,11 @@ impl Context {
 }
 
 fn error_policy<K>(_obj: Arc<K>, error: &Error, _ctx: Arc<Context>) -> Action {
+    if status::is_conflict(error) {
+        // The object changed since it was read: look again at once, on the fresh copy.
+        tracing::debug!(%error, "stale object; reconciling again");
+        return Action::requeue(Duration::from_millis(100));
+    }
     warn!(%error, "reconcile failed; retrying");
     Action::requeue(Duration::from_secs(5))
 }
@@ -147,14 +159,30 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     let mro = Controller::new(
         Api::<ModelRollout>::all(client.clone()),
         watcher::Config::default(),
-    )
-    .graceful_shutdown_on(shutdown.clone().cancelled_owned())
-    .run(model_rollout::reconcile, error_policy, ctx.clone())
-    .for_each(|r| async move {
-        if let Err(e) = r {
-            tracing::debug!(error = %e, "ModelRollout reconcile");
-        }
-    });
+    );
+    // A rollout waiting for its ModelVersion moves as soon as it is verified.
+    let rollouts = mro.store();
+    let mro = mro
+        .watches(
+            Api::<ModelVersion>::all(client.clone()),
+            watcher::Config::default(),
+            move |mv: ModelVersion| {
+                let ns = mv.namespace();
+                rollouts
+                    .state()
+                    .into_iter()
+                    .filter(|r| r.namespace() == ns && r.spec.model == mv.spec.model)
+                    .map(|r| ObjectRef::from_obj(r.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .graceful_shutdown_on(shutdown.clone().cancelled_owned())
+        .run(model_rollout::reconcile, error_policy, ctx.clone())
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "ModelRollout reconcile");
+            }
+        });
     info!("controllers running");
     tokio::join!(mv, rp, mro);
 }
@@ -162,63 +190,4 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
 /// `namespace/name` of an object.
 pub(crate) fn key<K: ResourceExt>(obj: &K) -> String {
     format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any())
-}
-
-/// A standard condition; `lastTransitionTime` is filled in by [`apply_status`].
-pub(crate) fn condition(
-    type_: &str,
-    ok: bool,
-    reason: &str,
-    message: &str,
-    generation: Option<i64>,
-) -> serde_json::Value {
-    serde_json::json!({
-        "type": type_, "status": if ok { "True" } else { "False" }, "reason": reason, "message": message,
-        "observedGeneration": generation,
-    })
-}
-
-/// Writes `desired` (`{apiVersion, kind, status}`) by server-side apply, unless the
-/// object's status already says the same: an unchanged status must not trigger another
-/// reconcile. Conditions keep their `lastTransitionTime` while their status holds.
-pub(crate) async fn apply_status<K, S>(
-    api: &kube::Api<K>,
-    name: &str,
-    current: Option<&S>,
-    mut desired: serde_json::Value,
-) -> Result<(), Error>
-where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
-    S: serde::Serialize,
-{
-    let current = current
-        .and_then(|c| serde_json::to_value(c).ok())
-        .unwrap_or(serde_json::Value::Null);
-    let now = jiff::Timestamp::now()
-        .strftime("%Y-%m-%dT%H:%M:%SZ")
-        .to_string();
-    if let Some(conds) = desired["status"]["conditions"].as_array_mut() {
-        for c in conds {
-            let previous = current["conditions"]
-                .as_array()
-                .and_then(|cs| {
-                    cs.iter()
-                        .find(|p| p["type"] == c["type"] && p["status"] == c["status"])
-                })
-                .and_then(|p| p["lastTransitionTime"].as_str().map(str::to_owned));
-            c["lastTransitionTime"] = serde_json::json!(previous.unwrap_or_else(|| now.clone()));
-        }
-    }
-    let mut merged = current.clone();
-    json_patch::merge(&mut merged, &desired["status"]);
-    if merged == current && !current.is_null() {
-        return Ok(());
-    }
-    api.patch_status(
-        name,
-        &kube::api::PatchParams::apply(MANAGER).force(),
-        &kube::api::Patch::Apply(&desired),
-    )
-    .await?;
-    Ok(())
 }

@@ -1,29 +1,33 @@
-//! ModelRollout: drive the core step machine. Inputs are the strategy, manual commands
-//! (annotations `edgewise.dev/promote`, `edgewise.dev/abort`, `edgewise.dev/retry`, removed
-//! once handled), device counts from the gateway, and gate metrics from ClickHouse when an
-//! analysis is due. Output is the status the gateways assign from, and an Event per
-//! transition.
+//! ModelRollout: drive the core step machine. Inputs are the strategy, the pending manual
+//! request (annotations `edgewise.dev/promote`, `promote-full`, `abort`, `retry`; see
+//! [`edgewise_core::rollout::command`]), whether the ModelVersion of `spec.version` is
+//! Ready, the segment's devices (from the in-process gateway or ClickHouse), and gate
+//! metrics from ClickHouse when an analysis is due. Output is the status the gateways
+//! assign from, and an Event per transition, published once the status holding it is stored.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use edgewise_core::rollout::{Command, Observations, RolloutState, advance, analysis_due};
-use edgewise_proto::fleet::ModelState;
+use edgewise_core::cohort::bucket;
+use edgewise_core::rollout::command::pending;
+use edgewise_core::rollout::{
+    Availability, Observations, Phase, RolloutState, Transition, Verdict, advance, analysis_due,
+};
+use edgewise_core::variant::choose_variant;
 use kube::ResourceExt;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::Api;
 use kube::runtime::controller::Action;
-use serde_json::json;
+use tracing::instrument;
 
-use super::{Context, Error, condition, key};
-use crate::crd::{DeviceCounts, ModelRollout, SkewEntry};
+use super::segment::{SegmentDevice, summarize};
+use super::status::{Cond, conditions, write_status};
+use super::{Context, Error, key};
+use crate::crd::{ModelRollout, ModelRolloutStatus, ModelVersion, ModelVersionPhase};
+use crate::gateway::desired::cohort_salt;
 
-/// Annotation → command.
-pub const COMMANDS: [(&str, Command); 3] = [
-    ("edgewise.dev/promote", Command::Promote),
-    ("edgewise.dev/abort", Command::Abort),
-    ("edgewise.dev/retry", Command::Retry),
-];
+/// How often a rollout with nothing pending is looked at again: device counts and skew
+/// change without the object changing.
+const RESYNC: Duration = Duration::from_secs(10);
 
 fn window(r: &ModelRollout) -> Duration {
     r.spec
@@ -34,63 +38,20 @@ fn window(r: &ModelRollout) -> Duration {
         .unwrap_or(Duration::from_secs(600))
 }
 
+#[instrument(skip_all, fields(rollout = %key(r.as_ref())))]
 pub(super) async fn reconcile(r: Arc<ModelRollout>, ctx: Arc<Context>) -> Result<Action, Error> {
     let ns = r.namespace().ok_or(Error::Metadata("namespace"))?;
     let api: Api<ModelRollout> = Api::namespaced(ctx.client.clone(), &ns);
-    let name = r.name_any();
     let state: RolloutState = r
         .status
         .as_ref()
         .map(|s| s.state.clone())
         .unwrap_or_default();
     let strategy = &r.spec.strategy;
-    let annotations = r.annotations();
-    let command = COMMANDS
-        .iter()
-        .find(|(a, _)| annotations.contains_key(*a))
-        .map(|(a, c)| (*a, *c));
+    let mv = model_version(&ctx, &ns, &r.spec.model, &strategy.version).await?;
+    let version = availability(mv.as_ref());
+    let devices = segment_devices(&ctx, &r, mv.as_ref()).await?;
 
-    // Device counts and skew from the gateway's view of the segment.
-    let mut counts = DeviceCounts::default();
-    let mut skew: BTreeMap<String, u64> = BTreeMap::new();
-    let canary = state.canary_version.clone();
-    if let Some(gw) = &ctx.gateway {
-        for d in gw.registry().devices() {
-            if !r.spec.selector.matches(&d.labels) {
-                continue;
-            }
-            counts.targeted += 1;
-            if let Some(v) = d.active_version(&r.spec.model) {
-                *skew.entry(v.to_owned()).or_default() += 1;
-            }
-            if let (Some(c), Some(s)) = (&canary, d.models.get(&r.spec.model))
-                && &s.version == c
-            {
-                counts.assigned += 1;
-                match s.state() {
-                    ModelState::Downloading => counts.downloading += 1,
-                    ModelState::Active | ModelState::Installed => counts.installed += 1,
-                    ModelState::Failed | ModelState::Unsupported => counts.failed += 1,
-                    ModelState::Unspecified => {}
-                }
-            }
-        }
-    }
-
-    // Without an in-process gateway (the `controller` role), counts come from the devices'
-    // latest status in ClickHouse: every device running the model, whatever its segment.
-    if ctx.gateway.is_none()
-        && let Some(ch) = &ctx.clickhouse
-    {
-        for (version, devices) in crate::telemetry::gates::version_skew(ch, &r.spec.model).await? {
-            counts.targeted += devices;
-            if canary.as_deref() == Some(version.as_str()) {
-                counts.assigned += devices;
-                counts.installed += devices;
-            }
-            skew.insert(version, devices);
-        }
-    }
     let now = jiff::Timestamp::now();
     let mut metrics = None;
     if analysis_due(strategy, &state, now)
@@ -117,88 +78,246 @@ pub(super) async fn reconcile(r: Arc<ModelRollout>, ctx: Arc<Context>) -> Result
         strategy,
         &state,
         &Observations {
-            targeted_devices: counts.targeted,
+            targeted_devices: devices.len() as u64,
+            eligible_buckets: Some(
+                devices
+                    .iter()
+                    .filter(|d| d.eligible)
+                    .map(|d| d.bucket)
+                    .collect(),
+            ),
             metrics,
-            command: command.map(|(_, c)| c),
+            command: pending(r.annotations(), &state.handled_commands),
+            version: version.clone(),
         },
         now,
     );
-    for e in &transition.events {
-        ctx.event(r.as_ref(), e.reason, e.message.clone(), e.warning)
-            .await;
-    }
 
-    // The older rollout of a model wins devices both select; the newer says so.
-    let all: Api<ModelRollout> = Api::all(ctx.client.clone());
-    let conflict = all
+    let conflict = older_overlapping(&ctx, &r).await?;
+    let state = &transition.state;
+    let target = state
+        .canary_version
+        .as_deref()
+        .or(state.stable_version.as_deref());
+    let summary = summarize(&devices, target);
+    let generation = r.metadata.generation;
+    let previous = r.status.as_ref().map_or(&[][..], |s| &s.conditions[..]);
+    let status = ModelRolloutStatus {
+        observed_generation: generation,
+        state: state.clone(),
+        devices: summary.counts,
+        skew: summary.skew,
+        conditions: conditions(
+            previous,
+            rollout_conditions(&r, &transition, &version, conflict),
+            generation,
+        ),
+    };
+    if write_status(&api, r.as_ref(), status).await?.is_some() {
+        // Only a stored transition is announced: a stale reconcile fails its write above.
+        for e in &transition.events {
+            ctx.event(r.as_ref(), e.reason, e.message.clone(), e.warning)
+                .await;
+        }
+    }
+    let wait = transition.requeue_after.unwrap_or(RESYNC).min(RESYNC);
+    Ok(Action::requeue(wait.max(Duration::from_millis(200))))
+}
+
+/// The ModelVersion of `model` at `version` in `ns`, Ready ones first.
+async fn model_version(
+    ctx: &Context,
+    ns: &str,
+    model: &str,
+    version: &str,
+) -> Result<Option<ModelVersion>, Error> {
+    let api: Api<ModelVersion> = Api::namespaced(ctx.client.clone(), ns);
+    let mut found: Vec<ModelVersion> = api
         .list(&Default::default())
         .await?
         .items
         .into_iter()
-        .filter(|o| o.spec.model == r.spec.model && key(o) != key(r.as_ref()))
+        .filter(|m| m.spec.model == model && m.spec.version == version)
+        .collect();
+    found
+        .sort_by_key(|m| m.status.as_ref().and_then(|s| s.phase) != Some(ModelVersionPhase::Ready));
+    Ok(found.into_iter().next())
+}
+
+fn availability(mv: Option<&ModelVersion>) -> Availability {
+    let Some(mv) = mv else {
+        return Availability::Missing;
+    };
+    let status = mv.status.as_ref();
+    match status.and_then(|s| s.phase) {
+        Some(ModelVersionPhase::Ready) => Availability::Ready,
+        Some(ModelVersionPhase::Failed) => Availability::Failed(
+            status
+                .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Verified"))
+                .map_or_else(|| "verification failed".to_owned(), |c| c.message.clone()),
+        ),
+        Some(phase) => Availability::NotReady(format!("{phase:?}")),
+        None => Availability::NotReady("Pending".into()),
+    }
+}
+
+/// The devices the rollout's selector targets, from the in-process gateway's registry, or
+/// (the `controller` role) from the devices' latest status in ClickHouse.
+async fn segment_devices(
+    ctx: &Context,
+    r: &ModelRollout,
+    mv: Option<&ModelVersion>,
+) -> Result<Vec<SegmentDevice>, Error> {
+    let salt = cohort_salt(r);
+    let model = &r.spec.model;
+    if let Some(gw) = &ctx.gateway {
+        return Ok(gw
+            .registry()
+            .devices()
+            .into_iter()
+            .filter(|d| r.spec.selector.matches(&d.labels))
+            .map(|d| SegmentDevice {
+                bucket: bucket(&salt, &d.device_id),
+                running: d.active_version(model).map(str::to_owned),
+                reported: d.models.get(model).map(|s| (s.version.clone(), s.state())),
+                eligible: match (mv, &d.facts) {
+                    (Some(mv), Some(facts)) => choose_variant(&mv.spec.variants, facts).is_ok(),
+                    _ => true,
+                },
+            })
+            .collect());
+    }
+    let Some(ch) = &ctx.clickhouse else {
+        return Ok(Vec::new());
+    };
+    Ok(crate::telemetry::gates::segment_devices(ch, model)
+        .await?
+        .into_iter()
+        .filter(|d| r.spec.selector.matches(&d.labels))
+        .map(|d| SegmentDevice {
+            bucket: bucket(&salt, &d.device_id),
+            running: d.version,
+            reported: None,
+            eligible: true,
+        })
+        .collect())
+}
+
+/// The older rollout of the same model whose selector may share devices with this one: it
+/// wins them.
+async fn older_overlapping(ctx: &Context, r: &ModelRollout) -> Result<Option<String>, Error> {
+    let all: Api<ModelRollout> = Api::all(ctx.client.clone());
+    Ok(all
+        .list(&Default::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|o| o.spec.model == r.spec.model && key(o) != key(r))
         .filter(|o| o.metadata.creation_timestamp < r.metadata.creation_timestamp)
         .find(|o| o.spec.selector.may_overlap(&r.spec.selector))
-        .map(|o| key(&o));
-    let generation = r.metadata.generation;
-    let phase = transition.state.phase;
-    let healthy = transition
-        .state
-        .last_analysis
-        .as_ref()
-        .is_none_or(|a| a.verdict != edgewise_core::rollout::Verdict::Fail);
-    let conditions = vec![
-        condition(
-            "Progressing",
-            phase.is_some_and(edgewise_core::rollout::Phase::in_flight),
-            &format!("{phase:?}")
-                .replace(['(', ')'], "")
-                .replace("Some", ""),
-            transition.state.message.as_deref().unwrap_or(""),
-            generation,
-        ),
-        condition(
-            "Healthy",
-            healthy,
-            if healthy {
-                "GatesPassing"
-            } else {
-                "GateFailed"
+        .map(|o| key(&o)))
+}
+
+fn rollout_conditions<'a>(
+    r: &ModelRollout,
+    tr: &'a Transition,
+    version: &Availability,
+    conflict: Option<String>,
+) -> Vec<Cond<'a>> {
+    let s = &tr.state;
+    let phase = s.phase.unwrap_or(Phase::Progressing);
+    let healthy = s.failure.is_none()
+        && s.last_analysis
+            .as_ref()
+            .is_none_or(|a| a.verdict != Verdict::Fail);
+    let wanted = &r.spec.strategy.version;
+    let ns = r.namespace().unwrap_or_default();
+    let mut out = vec![
+        Cond {
+            type_: "Progressing",
+            ok: phase.in_flight(),
+            reason: phase_name(phase),
+            message: s.message.clone().unwrap_or_default(),
+        },
+        Cond {
+            type_: "Healthy",
+            ok: healthy,
+            reason: if healthy { "GatesPassing" } else { "Failed" },
+            message: s.failure.clone().unwrap_or_default(),
+        },
+        match version {
+            Availability::Ready => Cond {
+                type_: "VersionReady",
+                ok: true,
+                reason: "ModelVersionReady",
+                message: format!("the ModelVersion of {} {wanted} is Ready", r.spec.model),
             },
-            "",
-            generation,
-        ),
-        match &conflict {
-            Some(other) => condition(
-                "Conflict",
-                true,
-                "OverlappingSelector",
-                &format!("{other} is older and selects some of the same devices; it wins them"),
-                generation,
-            ),
-            None => condition("Conflict", false, "NoOverlap", "", generation),
+            other => Cond {
+                type_: "VersionReady",
+                ok: false,
+                reason: tr
+                    .version_blocker
+                    .as_ref()
+                    .map_or("ModelVersionNotReady", |b| b.reason),
+                message: match other {
+                    Availability::Missing => format!(
+                        "no ModelVersion in namespace {ns} has spec.model {} and spec.version {wanted}; publish one",
+                        r.spec.model
+                    ),
+                    _ => other.problem(wanted).unwrap_or_default(),
+                },
+            },
+        },
+        match &tr.device_blocker {
+            Some(b) => Cond {
+                type_: "DevicesAvailable",
+                ok: false,
+                reason: b.reason,
+                message: b.message.clone(),
+            },
+            None => Cond {
+                type_: "DevicesAvailable",
+                ok: true,
+                reason: "DevicesTargeted",
+                message: String::new(),
+            },
+        },
+        match conflict {
+            Some(other) => Cond {
+                type_: "Conflict",
+                ok: true,
+                reason: "OverlappingSelector",
+                message: format!(
+                    "{other} is older and selects some of the same devices; it wins them"
+                ),
+            },
+            None => Cond {
+                type_: "Conflict",
+                ok: false,
+                reason: "NoOverlap",
+                message: String::new(),
+            },
         },
     ];
-    let mut status = serde_json::to_value(&transition.state).unwrap_or_default();
-    status["observedGeneration"] = json!(generation);
-    status["devices"] = json!(counts);
-    status["skew"] = json!(
-        skew.into_iter()
-            .map(|(version, devices)| SkewEntry { version, devices })
-            .collect::<Vec<_>>()
-    );
-    status["conditions"] = json!(conditions);
-    let desired =
-        json!({"apiVersion": "edgewise.dev/v1alpha1", "kind": "ModelRollout", "status": status});
-    super::apply_status(&api, &name, r.status.as_ref(), desired).await?;
-
-    if let Some((annotation, _)) = command {
-        let clear = json!({"metadata": {"annotations": {annotation: null}}});
-        api.patch(&name, &PatchParams::default(), &Patch::Merge(&clear))
-            .await?;
+    if let Some(c) = &s.last_command {
+        out.push(Cond {
+            type_: "LastCommand",
+            ok: c.applied,
+            reason: if c.applied { "Applied" } else { "Refused" },
+            message: format!("{} (request {}): {}", c.command, c.request, c.message),
+        });
     }
-    let wait = transition
-        .requeue_after
-        .unwrap_or(Duration::from_secs(10))
-        .min(Duration::from_secs(10));
-    Ok(Action::requeue(wait.max(Duration::from_millis(200))))
+    out
+}
+
+fn phase_name(phase: Phase) -> &'static str {
+    match phase {
+        Phase::Progressing => "Progressing",
+        Phase::Paused => "Paused",
+        Phase::Analyzing => "Analyzing",
+        Phase::Succeeded => "Succeeded",
+        Phase::RolledBack => "RolledBack",
+        Phase::Aborted => "Aborted",
+        Phase::Failed => "Failed",
+    }
 }

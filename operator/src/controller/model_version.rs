@@ -9,11 +9,12 @@ use edgewise_core::variant::Variant;
 use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::controller::Action;
-use serde_json::json;
 use sha2::{Digest, Sha256};
+use tracing::instrument;
 
-use super::{Context, Error, condition};
-use crate::crd::{ModelVersion, ModelVersionPhase, VariantStatus};
+use super::status::{Cond, conditions, write_status};
+use super::{Context, Error};
+use crate::crd::{ModelVersion, ModelVersionPhase, ModelVersionStatus, VariantStatus};
 
 /// Checks one variant's artifact; `Err` says what is wrong.
 async fn verify(s3: &aws_sdk_s3::Client, v: &Variant) -> Result<(), String> {
@@ -70,11 +71,12 @@ async fn verify(s3: &aws_sdk_s3::Client, v: &Variant) -> Result<(), String> {
     Ok(())
 }
 
+#[instrument(skip_all, fields(model_version = %super::key(mv.as_ref())))]
 pub(super) async fn reconcile(mv: Arc<ModelVersion>, ctx: Arc<Context>) -> Result<Action, Error> {
     let ns = mv.namespace().ok_or(Error::Metadata("namespace"))?;
     let api: Api<ModelVersion> = Api::namespaced(ctx.client.clone(), &ns);
     let generation = mv.metadata.generation;
-    let status = mv.status.clone().unwrap_or_default();
+    let current = mv.status.clone().unwrap_or_default();
     let devices = match (&ctx.gateway, &ctx.clickhouse) {
         (Some(gw), _) => Some(
             gw.registry()
@@ -92,20 +94,27 @@ pub(super) async fn reconcile(mv: Arc<ModelVersion>, ctx: Arc<Context>) -> Resul
             .or(Some(0)),
         (None, None) => None,
     };
-    let done = status.observed_generation == generation
+    let done = current.observed_generation == generation
         && matches!(
-            status.phase,
+            current.phase,
             Some(ModelVersionPhase::Ready | ModelVersionPhase::Failed)
         );
     if done {
         // Verified for this generation: only the device count moves.
-        let desired = json!({"apiVersion": "edgewise.dev/v1alpha1", "kind": "ModelVersion", "status": {"devices": devices}});
-        super::apply_status(&api, &mv.name_any(), mv.status.as_ref(), desired).await?;
+        let status = ModelVersionStatus { devices, ..current };
+        write_status(&api, mv.as_ref(), status).await?;
         return Ok(Action::requeue(Duration::from_secs(15)));
     }
-    if status.phase != Some(ModelVersionPhase::Verifying) {
-        let verifying = json!({"apiVersion": "edgewise.dev/v1alpha1", "kind": "ModelVersion", "status": {"phase": "Verifying"}});
-        super::apply_status(&api, &mv.name_any(), mv.status.as_ref(), verifying).await?;
+    let mut obj = mv.as_ref().clone();
+    if current.phase != Some(ModelVersionPhase::Verifying) {
+        let verifying = ModelVersionStatus {
+            phase: Some(ModelVersionPhase::Verifying),
+            devices,
+            ..current.clone()
+        };
+        if let Some(written) = write_status(&api, &obj, verifying).await? {
+            obj = written;
+        }
         ctx.event(
             mv.as_ref(),
             "VerificationStarted",
@@ -131,25 +140,37 @@ pub(super) async fn reconcile(mv: Arc<ModelVersion>, ctx: Arc<Context>) -> Resul
         .collect();
     let (phase, reason, message) = if all {
         (
-            "Ready",
+            ModelVersionPhase::Ready,
             "ArtifactsVerified",
             format!("{ok} variant(s) verified"),
         )
     } else {
-        ("Failed", "VerificationFailed", failures.join("; "))
+        (
+            ModelVersionPhase::Failed,
+            "VerificationFailed",
+            failures.join("; "),
+        )
     };
-    ctx.event(mv.as_ref(), reason, message.clone(), !all).await;
-    let desired = json!({
-        "apiVersion": "edgewise.dev/v1alpha1", "kind": "ModelVersion",
-        "status": {
-            "observedGeneration": generation,
-            "phase": phase,
-            "verified": format!("{ok}/{}", results.len()),
-            "variants": results,
-            "devices": devices,
-            "conditions": [condition("Verified", all, reason, &message, generation)],
-        }
-    });
-    super::apply_status(&api, &mv.name_any(), mv.status.as_ref(), desired).await?;
+    let previous = obj.status.as_ref().map_or(&[][..], |s| &s.conditions[..]);
+    let status = ModelVersionStatus {
+        observed_generation: generation,
+        phase: Some(phase),
+        verified: Some(format!("{ok}/{}", results.len())),
+        variants: results,
+        devices,
+        conditions: conditions(
+            previous,
+            vec![Cond {
+                type_: "Verified",
+                ok: all,
+                reason,
+                message: message.clone(),
+            }],
+            generation,
+        ),
+    };
+    if write_status(&api, &obj, status).await?.is_some() {
+        ctx.event(mv.as_ref(), reason, message, !all).await;
+    }
     Ok(Action::requeue(Duration::from_secs(15)))
 }

@@ -7,13 +7,13 @@ use edgewise_core::policy::{compile, policy_version};
 use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::controller::Action;
-use serde_json::json;
+use tracing::instrument;
 
+use super::status::{Cond, conditions, write_status};
 use super::{Context, Error};
-use crate::crd::RoutingPolicy;
+use crate::crd::{PolicyDeviceCounts, RoutingPolicy, RoutingPolicyStatus};
 
-use super::condition;
-
+#[instrument(skip_all, fields(routing_policy = %super::key(rp.as_ref())))]
 pub(super) async fn reconcile(rp: Arc<RoutingPolicy>, ctx: Arc<Context>) -> Result<Action, Error> {
     let ns = rp.namespace().ok_or(Error::Metadata("namespace"))?;
     let api: Api<RoutingPolicy> = Api::namespaced(ctx.client.clone(), &ns);
@@ -21,14 +21,18 @@ pub(super) async fn reconcile(rp: Arc<RoutingPolicy>, ctx: Arc<Context>) -> Resu
     let version = policy_version(&rp.spec.policy);
     let compiled = compile(&rp.spec.policy);
     let accepted = match &compiled {
-        Ok(_) => condition(
-            "Accepted",
-            true,
-            "Compiled",
-            "the policy compiles",
-            generation,
-        ),
-        Err(e) => condition("Accepted", false, "Invalid", &e.to_string(), generation),
+        Ok(_) => Cond {
+            type_: "Accepted",
+            ok: true,
+            reason: "Compiled",
+            message: "the policy compiles".into(),
+        },
+        Err(e) => Cond {
+            type_: "Accepted",
+            ok: false,
+            reason: "Invalid",
+            message: e.to_string(),
+        },
     };
     let (mut acked, mut rejected, mut reasons) = (0u64, 0u64, Vec::new());
     // A controller without an in-process gateway (the `controller` role) counts acks from
@@ -59,35 +63,32 @@ pub(super) async fn reconcile(rp: Arc<RoutingPolicy>, ctx: Arc<Context>) -> Resu
         .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Accepted"))
         .map(|c| c.status == "True");
     let now_accepted = compiled.is_ok();
-    if was_accepted != Some(now_accepted) {
-        match &compiled {
-            Ok(p) => {
-                ctx.event(
-                    rp.as_ref(),
-                    "PolicyCompiled",
-                    format!("version {version}, {} rules", p.rule_count()),
-                    false,
-                )
-                .await
-            }
-            Err(e) => {
-                ctx.event(rp.as_ref(), "PolicyInvalid", e.to_string(), true)
-                    .await
-            }
-        }
-    }
-    let status = json!({
-        "apiVersion": "edgewise.dev/v1alpha1", "kind": "RoutingPolicy",
-        "status": {
-            "observedGeneration": generation,
-            "version": version,
-            "rules": rp.spec.policy.rules.len(),
-            "devices": {"targeted": acked + rejected, "acked": acked, "rejected": rejected},
-            "lastRejections": reasons,
-            "conditions": [accepted],
-        }
+    let announce = (was_accepted != Some(now_accepted)).then(|| match &compiled {
+        Ok(p) => (
+            "PolicyCompiled",
+            format!("version {version}, {} rules", p.rule_count()),
+            false,
+        ),
+        Err(e) => ("PolicyInvalid", e.to_string(), true),
     });
-    super::apply_status(&api, &rp.name_any(), rp.status.as_ref(), status).await?;
+    let previous = rp.status.as_ref().map_or(&[][..], |s| &s.conditions[..]);
+    let status = RoutingPolicyStatus {
+        observed_generation: generation,
+        version: Some(version),
+        rules: Some(rp.spec.policy.rules.len() as u32),
+        devices: PolicyDeviceCounts {
+            targeted: acked + rejected,
+            acked,
+            rejected,
+        },
+        last_rejections: reasons,
+        conditions: conditions(previous, vec![accepted], generation),
+    };
+    if write_status(&api, rp.as_ref(), status).await?.is_some()
+        && let Some((reason, note, warning)) = announce
+    {
+        ctx.event(rp.as_ref(), reason, note, warning).await;
+    }
     // Ack counts change without the object changing: look again.
     Ok(Action::requeue(Duration::from_secs(10)))
 }

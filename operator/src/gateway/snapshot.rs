@@ -93,6 +93,9 @@ impl FleetSnapshot {
 }
 
 /// A change to the desired state.
+// Each change is moved once, into the snapshot's `Arc`; boxing the large variants would
+// only add an allocation per change.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]
 pub enum Change {
     /// A ModelVersion was created or updated.

@@ -44,6 +44,15 @@ WHERE has(installed_models, ?)
 GROUP BY version
 ORDER BY version";
 
+/// Every device's latest labels and the version of a model it runs ('' for none): a
+/// rollout's segment when no gateway runs in-process (its selector is applied in Rust).
+pub const SEGMENT_DEVICES_SQL: &str = "SELECT
+    device_id,
+    label_keys,
+    label_values,
+    if(has(installed_models, ?), installed_versions[indexOf(installed_models, ?)], '') AS version
+FROM edgewise.device_status FINAL";
+
 /// Devices whose latest status says they run a policy version.
 pub const POLICY_ACKS_SQL: &str =
     "SELECT count() FROM edgewise.device_status FINAL WHERE policy_version = ?";
@@ -66,6 +75,25 @@ struct InstallAgg {
     failed: u64,
     attempts: u64,
     devices: u64,
+}
+
+#[derive(Debug, Row, Deserialize)]
+struct SegmentRow {
+    device_id: String,
+    label_keys: Vec<String>,
+    label_values: Vec<String>,
+    version: String,
+}
+
+/// A device as its latest status in ClickHouse describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredDevice {
+    /// Device id.
+    pub device_id: String,
+    /// Targeting labels.
+    pub labels: BTreeMap<String, String>,
+    /// The version of the model it runs.
+    pub version: Option<String>,
 }
 
 #[derive(Debug, Row, Deserialize)]
@@ -195,6 +223,30 @@ pub async fn version_skew(
         .fetch_all()
         .await?;
     Ok(rows.into_iter().map(|r| (r.version, r.devices)).collect())
+}
+
+/// Every device with its labels and the version of `model` it runs.
+///
+/// # Errors
+/// ClickHouse errors.
+pub async fn segment_devices(
+    client: &Client,
+    model: &str,
+) -> Result<Vec<StoredDevice>, clickhouse::error::Error> {
+    let rows: Vec<SegmentRow> = client
+        .query(SEGMENT_DEVICES_SQL)
+        .bind(model)
+        .bind(model)
+        .fetch_all()
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| StoredDevice {
+            device_id: r.device_id,
+            labels: r.label_keys.into_iter().zip(r.label_values).collect(),
+            version: (!r.version.is_empty()).then_some(r.version),
+        })
+        .collect())
 }
 
 /// Devices running policy `version`, from their latest status.
