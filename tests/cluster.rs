@@ -9,7 +9,7 @@
 //! ```
 //!
 //! The controllers, gateway, S3, ClickHouse and the simulated fleet run on this machine, as
-//! in `edgewise-operator dev --kubeconfig`; the cluster's API server does admission (OpenAPI
+//! in `edgewise-dev --kubeconfig`; the cluster's API server does admission (OpenAPI
 //! schema and CEL) and storage.
 
 use std::path::PathBuf;
@@ -74,7 +74,7 @@ async fn the_demo_runs_against_a_real_cluster() {
     let client = cluster().await;
     clear(&client).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    edgewise_operator::dev::run(
+    edgewise_dev::run(
         dev_options(dir.path(), 50, true, Some(kubeconfig())),
         CancellationToken::new(),
     )
@@ -93,7 +93,7 @@ async fn the_real_api_server_enforces_the_crd_schema_and_cel_rules() {
     init_logging();
     let dir = tempfile::tempdir().expect("tempdir");
     // Starting the stack installs the CRDs; the rules are then the API server's own.
-    let stack = edgewise_operator::dev::DevStack::start(
+    let stack = edgewise_dev::DevStack::start(
         &dev_options(dir.path(), 1, false, Some(kubeconfig())),
         CancellationToken::new(),
     )

@@ -5,9 +5,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use edgewise_core::rollout::Phase;
+use edgewise_dev::{DevOptions, DevStack, publish};
 use edgewise_operator::controller::leader::{LeaseConfig, campaign};
 use edgewise_operator::crd::{ModelRollout, ModelVersion, ModelVersionPhase, RoutingPolicy};
-use edgewise_operator::dev::{DevOptions, DevStack, publish};
 use edgewise_tests::*;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
@@ -30,7 +30,7 @@ async fn the_dev_stack_demo_rolls_a_version_out_on_telemetry_and_succeeds() {
     let relative = dir.path().strip_prefix(&cwd).unwrap_or(dir.path());
     let relative = relative.strip_prefix(".").unwrap_or(relative);
     assert!(relative.is_relative(), "{}", relative.display());
-    edgewise_operator::dev::run(options(relative, true), CancellationToken::new())
+    edgewise_dev::run(options(relative, true), CancellationToken::new())
         .await
         .expect("every demo step succeeds");
     assert!(dir.path().join("kubeconfig").is_file());
@@ -309,7 +309,7 @@ async fn the_dev_stack_installs_its_crds_into_an_existing_cluster_and_reconciles
     use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
     init_logging();
     let dir = tempfile::tempdir().expect("tempdir");
-    let cluster = edgewise_operator::devapi::DevApi::start(&dir.path().join("cluster"), loopback())
+    let cluster = edgewise_dev::devapi::DevApi::start(&dir.path().join("cluster"), loopback())
         .await
         .expect("api");
     let kubeconfig = dir.path().join("cluster-kubeconfig");
@@ -362,7 +362,7 @@ async fn the_dev_stack_installs_its_crds_into_an_existing_cluster_and_reconciles
 async fn leadership_fails_over_within_the_lease_duration() {
     init_logging();
     let dir = tempfile::tempdir().expect("tempdir");
-    let api = edgewise_operator::devapi::DevApi::start(dir.path(), loopback())
+    let api = edgewise_dev::devapi::DevApi::start(dir.path(), loopback())
         .await
         .expect("starts");
     let client =
@@ -410,12 +410,12 @@ async fn leadership_fails_over_within_the_lease_duration() {
 async fn the_run_command_serves_against_a_cluster_becomes_ready_and_stops_on_sigterm() {
     init_logging();
     let dir = tempfile::tempdir().expect("tempdir");
-    let api = edgewise_operator::devapi::DevApi::start(&dir.path().join("api"), loopback())
+    let api = edgewise_dev::devapi::DevApi::start(&dir.path().join("api"), loopback())
         .await
         .expect("api");
     std::fs::write(dir.path().join("kubeconfig"), api.kubeconfig()).expect("kubeconfig");
     let ch = ClickHouse::start().await;
-    let s3 = edgewise_operator::s3_server::EmbeddedS3::start(
+    let s3 = edgewise_dev::s3_server::EmbeddedS3::start(
         &dir.path().join("s3"),
         loopback(),
         "a",
@@ -508,7 +508,7 @@ async fn the_demo_finishes_or_refuses_clearly_for_every_fleet_size() {
         let started = std::time::Instant::now();
         let outcome = tokio::time::timeout(
             Duration::from_secs(60),
-            edgewise_operator::dev::run(
+            edgewise_dev::run(
                 dev_options(dir.path(), devices, true, None),
                 CancellationToken::new(),
             ),

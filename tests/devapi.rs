@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
+use edgewise_dev::devapi::DevApi;
 use edgewise_operator::crd::{ModelRollout, ModelVersion, ModelVersionPhase, ModelVersionStatus};
-use edgewise_operator::devapi::DevApi;
 use edgewise_tests::*;
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};

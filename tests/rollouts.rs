@@ -10,8 +10,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use edgewise_core::rollout::Phase;
+use edgewise_dev::{DevStack, publish};
 use edgewise_operator::crd::{ModelRollout, ModelRolloutStatus, ModelVersion, RoutingPolicy};
-use edgewise_operator::dev::{DevStack, publish};
 use edgewise_tests::*;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, ListParams, Patch, PatchParams};
@@ -324,7 +324,7 @@ async fn missing_versions_wait_promote_never_skips_analysis_and_full_promotion_i
     stack.stop().await;
 }
 
-/// A running `edgewise-operator dev` and its endpoints.
+/// A running `edgewise-dev` and its endpoints.
 struct DevProcess {
     child: Child,
     kubeconfig: std::path::PathBuf,
@@ -333,8 +333,8 @@ struct DevProcess {
 
 impl DevProcess {
     fn start(dir: &Path) -> DevProcess {
-        let mut child = Command::new(workspace_binary("edgewise-operator"))
-            .args(["dev", "--devices", "10", "--traffic-rps", "0"])
+        let mut child = Command::new(workspace_binary("edgewise-dev"))
+            .args(["--devices", "10", "--traffic-rps", "0"])
             .arg("--data-dir")
             .arg(dir)
             .args(["--api-addr", "127.0.0.1:0", "--s3-addr", "127.0.0.1:0"])
@@ -342,7 +342,7 @@ impl DevProcess {
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .spawn()
-            .expect("edgewise-operator dev starts");
+            .expect("edgewise-dev starts");
         let stdout = child.stdout.take().expect("stdout");
         let mut s3 = String::new();
         for line in BufReader::new(stdout).lines() {

@@ -782,7 +782,7 @@ impl TestAgentWithTelemetry {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_migrate_command_applies_the_schema_and_can_run_again() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = edgewise_operator::clickhouse_server::ClickHouseServer::start(dir.path())
+    let server = edgewise_dev::clickhouse_server::ClickHouseServer::start(dir.path())
         .await
         .expect("starts");
     for round in 0..2 {

@@ -24,8 +24,6 @@ use tracing::{debug, info, warn};
 use crate::config::Backoff;
 use crate::device::{Connection, Device};
 
-/// Metadata key of the gateway's retry hint.
-const RETRY_AFTER_MS: &str = "retry-after-ms";
 /// A session that lasted this long was healthy: the next failure starts backoff afresh.
 const HEALTHY_SESSION: Duration = Duration::from_secs(30);
 
@@ -60,7 +58,7 @@ pub async fn run(device: Arc<Device>, channel: Channel, shutdown: CancellationTo
             }
             Ok(End::Closed) => None,
             Err(status) => {
-                let hint = retry_hint(&status);
+                let hint = edgewise_proto::retry::retry_after(&status);
                 match status.code() {
                     Code::Unauthenticated => {
                         warn!(reason = %status.message(), "credential refused; re-enrolling");
@@ -92,15 +90,6 @@ pub async fn run(device: Arc<Device>, channel: Channel, shutdown: CancellationTo
             () = tokio::time::sleep(delay) => {}
         }
     }
-}
-
-fn retry_hint(status: &Status) -> Option<Duration> {
-    status
-        .metadata()
-        .get(RETRY_AFTER_MS)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
-        .map(Duration::from_millis)
 }
 
 fn bearer(token: &str) -> Result<tonic::metadata::MetadataValue<tonic::metadata::Ascii>, Status> {

@@ -25,9 +25,13 @@ pub enum Command {
     Controller(crate::server::RunOptions),
     /// Run the device gateway only.
     Gateway(crate::server::RunOptions),
-    /// Run everything on one machine: dev Kubernetes API, S3, ClickHouse, controllers,
-    /// gateway and a simulated fleet.
-    Dev(crate::dev::DevOptions),
+    /// Moved: the dev stack is its own binary, `edgewise-dev` (run `./scripts/dev`).
+    #[command(hide = true)]
+    Dev {
+        /// Whatever was passed; only named in the error.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Create or upgrade the ClickHouse schema (database `edgewise`); safe to repeat.
     Migrate {
         /// ClickHouse HTTP URL.
@@ -63,9 +67,11 @@ pub enum Error {
     /// Migrating failed.
     #[error(transparent)]
     Migrate(#[from] crate::telemetry::schema::Error),
-    /// The dev stack failed.
-    #[error(transparent)]
-    Dev(#[from] crate::dev::Error),
+    /// `edgewise-operator dev` was asked for.
+    #[error(
+        "the dev stack is its own binary now, so that production images carry none of it: run `./scripts/dev` (or `cargo run -p edgewise-dev --`)"
+    )]
+    DevMoved,
     /// The server failed.
     #[error(transparent)]
     Server(#[from] crate::server::Error),
@@ -85,12 +91,7 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
         Command::Run(opts) => serve(crate::server::Role::All, opts).await,
         Command::Controller(opts) => serve(crate::server::Role::Controller, opts).await,
         Command::Gateway(opts) => serve(crate::server::Role::Gateway, opts).await,
-        Command::Dev(opts) => {
-            let _obs = crate::observability::init("edgewise-operator");
-            // SIGTERM too: the dev stack must stop its ClickHouse child on the way out.
-            crate::dev::run(opts, shutdown_on_signal()).await?;
-            Ok(())
-        }
+        Command::Dev { .. } => Err(Error::DevMoved),
         Command::Migrate {
             clickhouse_url,
             clickhouse_user,
@@ -113,28 +114,6 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
 
 async fn serve(role: crate::server::Role, opts: crate::server::RunOptions) -> Result<(), Error> {
     let _obs = crate::observability::init("edgewise-operator");
-    crate::server::run(role, opts, shutdown_on_signal()).await?;
+    crate::server::run(role, opts, crate::shutdown::on_signal()).await?;
     Ok(())
-}
-
-/// A token cancelled on SIGINT or SIGTERM: the one shutdown path of every long-running role.
-fn shutdown_on_signal() -> tokio_util::sync::CancellationToken {
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let stop = shutdown.clone();
-    tokio::spawn(async move {
-        let term = async {
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(mut s) => {
-                    s.recv().await;
-                }
-                Err(_) => std::future::pending::<()>().await,
-            }
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            () = term => {}
-        }
-        stop.cancel();
-    });
-    shutdown
 }

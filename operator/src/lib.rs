@@ -1,16 +1,14 @@
-//! The Edgewise control plane: custom resources and (in later modules) the controllers, the
-//! agent gateway, the S3 and ClickHouse adapters and the embedded dev stack.
+//! The Edgewise control plane: the custom resources, their controllers, the device gateway
+//! and the S3 and ClickHouse adapters, as the production binary `edgewise-operator` runs
+//! them. The dev stack (`operator/dev`, crate `edgewise-dev`) builds on this crate; nothing
+//! here depends on it or on the agent.
 
-pub mod admission;
 pub mod cli;
-pub mod clickhouse_server;
 pub mod controller;
 pub mod crd;
-pub mod dev;
-pub mod devapi;
 pub mod gateway;
 pub mod observability;
 pub mod s3;
-pub mod s3_server;
 pub mod server;
+pub mod shutdown;
 pub mod telemetry;

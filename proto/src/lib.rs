@@ -5,6 +5,7 @@
 pub mod codec;
 pub mod convert;
 pub mod identity;
+pub mod retry;
 
 /// Agent ↔ gateway protocol (`edgewise.v1`).
 #[allow(missing_docs, clippy::all, clippy::pedantic)]

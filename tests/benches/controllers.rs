@@ -13,8 +13,8 @@
 use std::time::{Duration, Instant, SystemTime};
 
 use edgewise_core::rollout::Metric;
+use edgewise_dev::{DevStack, publish};
 use edgewise_operator::crd::{ModelRollout, ModelVersion, RoutingPolicy};
-use edgewise_operator::dev::{DevStack, publish};
 use edgewise_tests::*;
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;

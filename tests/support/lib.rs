@@ -20,12 +20,12 @@ use edgewise_core::rollout::{Phase, RolloutState, RolloutStrategy, Step};
 use edgewise_core::selector::DeviceSelector;
 use edgewise_core::variant::{Artifact, DeviceFacts, ModelFormat, Requirements, Variant};
 use edgewise_core::version::Version;
+use edgewise_dev::s3_server::EmbeddedS3;
 use edgewise_operator::crd::{
     ModelRollout, ModelRolloutSpec, ModelRolloutStatus, ModelVersion, ModelVersionPhase,
     ModelVersionSpec, ModelVersionStatus, RoutingPolicy, RoutingPolicySpec,
 };
 use edgewise_operator::gateway::{BootstrapToken, Change, Gateway, GatewayConfig};
-use edgewise_operator::s3_server::EmbeddedS3;
 use edgewise_operator::telemetry::ingest::{SinkConfig, TelemetrySink};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use sha2::{Digest, Sha256};
@@ -236,8 +236,8 @@ pub fn dev_options(
     devices: usize,
     exit_after_demo: bool,
     kubeconfig: Option<PathBuf>,
-) -> edgewise_operator::dev::DevOptions {
-    edgewise_operator::dev::DevOptions {
+) -> edgewise_dev::DevOptions {
+    edgewise_dev::DevOptions {
         devices,
         data_dir: dir.to_owned(),
         exit_after_demo,
@@ -635,7 +635,7 @@ pub struct ClickHouse {
     /// Its data lives here.
     pub dir: tempfile::TempDir,
     /// The server.
-    pub server: edgewise_operator::clickhouse_server::ClickHouseServer,
+    pub server: edgewise_dev::clickhouse_server::ClickHouseServer,
     /// A client.
     pub client: clickhouse::Client,
 }
@@ -644,7 +644,7 @@ impl ClickHouse {
     /// Starts a server and applies the migrations.
     pub async fn start() -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let server = edgewise_operator::clickhouse_server::ClickHouseServer::start(dir.path())
+        let server = edgewise_dev::clickhouse_server::ClickHouseServer::start(dir.path())
             .await
             .expect("clickhouse-server starts (the test command installs it)");
         let client = edgewise_operator::telemetry::client(&server.url());

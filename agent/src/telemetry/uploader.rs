@@ -110,12 +110,7 @@ pub async fn run(
                 continue;
             }
             Err(status) => {
-                let hint = status
-                    .metadata()
-                    .get("retry-after-ms")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse().ok())
-                    .map(Duration::from_millis);
+                let hint = edgewise_proto::retry::retry_after(&status);
                 match status.code() {
                     Code::InvalidArgument => {
                         // Retrying cannot help: record the loss (it is reported upstream) and move on.

@@ -37,10 +37,30 @@ pub enum Phase {
 }
 
 impl Phase {
+    /// The name as it appears in status and in `kubectl get`.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Progressing => "Progressing",
+            Phase::Paused => "Paused",
+            Phase::Analyzing => "Analyzing",
+            Phase::Succeeded => "Succeeded",
+            Phase::RolledBack => "RolledBack",
+            Phase::Aborted => "Aborted",
+            Phase::Failed => "Failed",
+        }
+    }
+
     /// Whether the rollout is still moving or holding mid-way.
     #[must_use]
     pub fn in_flight(self) -> bool {
         matches!(self, Phase::Progressing | Phase::Paused | Phase::Analyzing)
+    }
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

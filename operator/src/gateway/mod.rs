@@ -124,9 +124,6 @@ impl Default for GatewayConfig {
     }
 }
 
-/// Metadata key of the retry hint sent with `UNAVAILABLE` / `RESOURCE_EXHAUSTED`.
-pub const RETRY_AFTER_MS: &str = "retry-after-ms";
-
 struct Inner {
     telemetry: Option<Arc<TelemetrySink>>,
     config: GatewayConfig,
@@ -280,13 +277,6 @@ pub struct FleetService {
 
 type SyncStream = Pin<Box<dyn Stream<Item = Result<GatewayMessage, Status>> + Send>>;
 
-fn retry_hint(mut status: Status, after: Duration) -> Status {
-    if let Ok(v) = after.as_millis().to_string().parse() {
-        status.metadata_mut().insert(RETRY_AFTER_MS, v);
-    }
-    status
-}
-
 /// Releases a session slot when the stream's task ends, however it ends.
 struct SessionSlot(Arc<Inner>);
 
@@ -319,7 +309,7 @@ impl Fleet for FleetService {
         let open = self.inner.sessions.fetch_add(1, Ordering::Relaxed) + 1;
         let slot = SessionSlot(self.inner.clone());
         if open > self.inner.config.max_sessions {
-            return Err(retry_hint(
+            return Err(edgewise_proto::retry::with_retry_after(
                 Status::resource_exhausted(
                     "gateway is at its stream limit; retry later or elsewhere",
                 ),

@@ -15,11 +15,30 @@ use bytes::Bytes;
 use edgewise_proto::codec::{RawRequestCodec, UPLOAD_TELEMETRY_PATH};
 use edgewise_proto::fleet::TelemetryAck;
 use edgewise_proto::fleet::fleet_server::FleetServer;
+use edgewise_proto::retry::with_retry_after;
 use tonic::codegen::{BoxFuture, Service, http};
 use tonic::server::{NamedService, UnaryService};
 use tonic::{Request, Response, Status};
 
-use super::{FleetService, Inner, MAX_MESSAGE_BYTES, retry_hint};
+use super::{FleetService, Inner, MAX_MESSAGE_BYTES};
+use crate::telemetry::ingest::IngestError;
+
+/// The gRPC status a device sees for an ingest error: `INVALID_ARGUMENT` (do not retry),
+/// `PERMISSION_DENIED`, or `UNAVAILABLE` / `RESOURCE_EXHAUSTED` with the retry hint.
+pub fn status_of(e: &IngestError) -> Status {
+    let status = match e {
+        IngestError::Invalid(_) => Status::invalid_argument(e.to_string()),
+        IngestError::WrongDevice(_) => Status::permission_denied(e.to_string()),
+        IngestError::QueueFull { .. } => Status::resource_exhausted(e.to_string()),
+        IngestError::StoreUnavailable | IngestError::InsertFailed(_) | IngestError::Stopped => {
+            Status::unavailable(e.to_string())
+        }
+    };
+    match e.retry_after() {
+        Some(after) => with_retry_after(status, after),
+        None => status,
+    }
+}
 
 /// `edgewise.v1.Fleet`, with `UploadTelemetry` decoded zero-copy.
 #[derive(Clone)]
@@ -81,13 +100,14 @@ pub(super) async fn upload(
 ) -> Result<Response<TelemetryAck>, Status> {
     let claims = inner.auth.verify(request.metadata())?;
     let Some(sink) = &inner.telemetry else {
-        return Err(retry_hint(
+        return Err(with_retry_after(
             Status::unavailable("this gateway has no telemetry sink configured"),
             Duration::from_secs(30),
         ));
     };
     let ack = sink
         .submit_encoded(&claims.sub, request.into_inner())
-        .await?;
+        .await
+        .map_err(|e| status_of(&e))?;
     Ok(Response::new(ack))
 }

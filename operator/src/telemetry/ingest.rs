@@ -19,7 +19,6 @@ use edgewise_proto::fleet::{ModelEventKind, ShadowAgreement, TelemetryAck, Telem
 use edgewise_proto::view::TelemetryBatchView;
 use prost::Message;
 use tokio::sync::{mpsc, oneshot};
-use tonic::Status;
 use tracing::{debug, warn};
 
 use super::rows::{BatchRow, DeviceStatusRow, write_inference_row, write_model_row};
@@ -89,7 +88,7 @@ struct Pending {
     model: Bytes,
     batch: BatchRow,
     rows: usize,
-    done: oneshot::Sender<Result<(), String>>,
+    done: oneshot::Sender<Result<(), Arc<clickhouse::error::Error>>>,
 }
 
 impl Pending {
@@ -132,8 +131,49 @@ fn now_ms() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
-fn invalid(message: String) -> Status {
-    Status::invalid_argument(message)
+/// Why a batch was not stored. The gateway's service edge maps each to a gRPC status (and
+/// a retry hint for the ones a device should retry); nothing here knows about gRPC.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum IngestError {
+    /// The batch is malformed; the message names the field at fault. Retrying is useless.
+    #[error("{0}")]
+    Invalid(String),
+    /// The batch claims another device's id.
+    #[error("device_id {0:?} is not the credential's device")]
+    WrongDevice(String),
+    /// ClickHouse is down: keep the batch and retry after the hint.
+    #[error("telemetry store is unavailable; keep the batch and retry")]
+    StoreUnavailable,
+    /// The queue is full: keep the batch and retry after `retry_after`.
+    #[error("telemetry queue is full; keep the batch and retry")]
+    QueueFull {
+        /// About two INSERT rounds.
+        retry_after: Duration,
+    },
+    /// The INSERT holding this batch failed: keep it and retry.
+    #[error("telemetry insert failed ({0}); keep the batch and retry")]
+    InsertFailed(#[source] Arc<clickhouse::error::Error>),
+    /// The sink is shutting down.
+    #[error("telemetry writer stopped")]
+    Stopped,
+}
+
+impl IngestError {
+    /// When a device should send the same batch again, if it should.
+    #[must_use]
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            IngestError::Invalid(_) | IngestError::WrongDevice(_) | IngestError::Stopped => None,
+            IngestError::StoreUnavailable | IngestError::InsertFailed(_) => {
+                Some(Duration::from_secs(2))
+            }
+            IngestError::QueueFull { retry_after } => Some(*retry_after),
+        }
+    }
+}
+
+fn invalid(message: String) -> IngestError {
+    IngestError::Invalid(message)
 }
 
 /// A text field of a view: UTF-8, within `max` bytes. `at` names the field.
@@ -142,7 +182,7 @@ fn text<'a>(
     field: &str,
     value: &'a [u8],
     max: usize,
-) -> Result<&'a str, Status> {
+) -> Result<&'a str, IngestError> {
     if value.len() > max {
         return Err(invalid(format!("{} is longer than {max} bytes", at(field))));
     }
@@ -158,7 +198,7 @@ fn check_event(
     error: &Bytes,
     time_unix_ms: i64,
     time_ok: &impl Fn(i64) -> bool,
-) -> Result<(), Status> {
+) -> Result<(), IngestError> {
     for (field, value) in required {
         if value.is_empty() {
             return Err(invalid(format!("{} is required", at(field))));
@@ -180,18 +220,17 @@ fn check_event(
 /// Checks a batch from `device_id`; the error names the field at fault.
 ///
 /// # Errors
-/// `INVALID_ARGUMENT` or `PERMISSION_DENIED` (another device's id).
-pub fn validate(device_id: &str, batch: &TelemetryBatchView) -> Result<(), Status> {
+/// [`IngestError::Invalid`], or [`IngestError::WrongDevice`] for another device's id.
+pub fn validate(device_id: &str, batch: &TelemetryBatchView) -> Result<(), IngestError> {
     let top = |field: &str| field.to_owned();
     if batch.batch_id.is_empty() {
         return Err(invalid("batch_id is required".into()));
     }
     text(&top, "batch_id", &batch.batch_id, MAX_FIELD_LEN)?;
     if batch.device_id != device_id.as_bytes() {
-        return Err(Status::permission_denied(format!(
-            "device_id {:?} is not the credential's device",
-            String::from_utf8_lossy(&batch.device_id)
-        )));
+        return Err(IngestError::WrongDevice(
+            String::from_utf8_lossy(&batch.device_id).into_owned(),
+        ));
     }
     let events = batch.inference.len() + batch.model_events.len();
     if events > MAX_BATCH_EVENTS {
@@ -271,15 +310,6 @@ pub fn validate(device_id: &str, batch: &TelemetryBatchView) -> Result<(), Statu
     Ok(())
 }
 
-fn retry(mut status: Status, after: Duration) -> Status {
-    if let Ok(v) = after.as_millis().to_string().parse() {
-        status
-            .metadata_mut()
-            .insert(crate::gateway::RETRY_AFTER_MS, v);
-    }
-    status
-}
-
 impl TelemetrySink {
     /// Starts the writer and status-flush tasks.
     #[must_use]
@@ -320,7 +350,7 @@ impl TelemetrySink {
         &self,
         device_id: &str,
         batch: &TelemetryBatch,
-    ) -> Result<TelemetryAck, Status> {
+    ) -> Result<TelemetryAck, IngestError> {
         self.submit_encoded(device_id, batch.encode_to_vec().into())
             .await
     }
@@ -330,13 +360,12 @@ impl TelemetrySink {
     /// RowBinary from there.
     ///
     /// # Errors
-    /// `INVALID_ARGUMENT` for a bad batch; `RESOURCE_EXHAUSTED` / `UNAVAILABLE` with a retry
-    /// hint when the gateway must push back.
+    /// [`IngestError`]: a bad batch, or push-back with [`IngestError::retry_after`].
     pub async fn submit_encoded(
         &self,
         device_id: &str,
         body: Bytes,
-    ) -> Result<TelemetryAck, Status> {
+    ) -> Result<TelemetryAck, IngestError> {
         let checked = TelemetryBatchView::decode(body)
             .map_err(|e| invalid(format!("malformed TelemetryBatch: {e}")))
             .and_then(|batch| validate(device_id, &batch).map(|()| batch));
@@ -351,10 +380,7 @@ impl TelemetrySink {
         let batch_id = String::from_utf8_lossy(&batch.batch_id).into_owned();
         if !self.healthy.load(Ordering::Relaxed) {
             self.stats.pushed_back.fetch_add(1, Ordering::Relaxed);
-            return Err(retry(
-                Status::unavailable("telemetry store is unavailable; keep the batch and retry"),
-                Duration::from_secs(2),
-            ));
+            return Err(IngestError::StoreUnavailable);
         }
         let received = u32::try_from(now_ms() / 1000).unwrap_or(0);
         let (inference, model) = encode_rows(device_id, &batch, received);
@@ -367,10 +393,9 @@ impl TelemetrySink {
             // About two INSERT rounds: long enough for the queue to drain, short enough not
             // to idle when it does. Agents add their own jitter.
             let round = self.stats.last_insert_ms.load(Ordering::Relaxed);
-            return Err(retry(
-                Status::resource_exhausted("telemetry queue is full; keep the batch and retry"),
-                Duration::from_millis(round.saturating_mul(2).clamp(50, 1_000)),
-            ));
+            return Err(IngestError::QueueFull {
+                retry_after: Duration::from_millis(round.saturating_mul(2).clamp(50, 1_000)),
+            });
         }
         self.stats.queued_rows.fetch_add(rows, Ordering::Relaxed);
         self.stats
@@ -404,7 +429,7 @@ impl TelemetrySink {
         };
         if let Err(mpsc::error::SendError(p)) = self.tx.send(pending) {
             dequeued(&self.stats, &p);
-            return Err(Status::unavailable("telemetry writer stopped"));
+            return Err(IngestError::Stopped);
         }
         match wait.await {
             Ok(Ok(())) => {
@@ -428,13 +453,8 @@ impl TelemetrySink {
                     duplicate,
                 })
             }
-            Ok(Err(e)) => Err(retry(
-                Status::unavailable(format!(
-                    "telemetry insert failed ({e}); keep the batch and retry"
-                )),
-                Duration::from_secs(2),
-            )),
-            Err(_) => Err(Status::unavailable("telemetry writer stopped")),
+            Ok(Err(e)) => Err(IngestError::InsertFailed(e)),
+            Err(_) => Err(IngestError::Stopped),
         }
     }
 
@@ -540,7 +560,7 @@ async fn writer(
 ) {
     let slots = Arc::new(tokio::sync::Semaphore::new(INSERTS_IN_FLIGHT));
     // The first failure's message, for whatever was queued behind it.
-    let (failed_tx, mut failed_rx) = mpsc::unbounded_channel::<String>();
+    let (failed_tx, mut failed_rx) = mpsc::unbounded_channel::<Arc<clickhouse::error::Error>>();
     loop {
         let first = tokio::select! {
             Some(message) = failed_rx.recv() => {
@@ -590,11 +610,11 @@ async fn writer(
                 Err(e) => {
                     stats.insert_failures.fetch_add(1, Ordering::Relaxed);
                     warn!(error = %e, batches = group.len(), "telemetry insert failed; pushing back until ClickHouse answers");
-                    let message = e.to_string();
+                    let e = Arc::new(e);
                     for p in group {
-                        let _ = p.done.send(Err(message.clone()));
+                        let _ = p.done.send(Err(e.clone()));
                     }
-                    let _ = failed.send(message);
+                    let _ = failed.send(e);
                 }
             }
             drop(slot);
@@ -610,14 +630,14 @@ async fn recover(
     healthy: &AtomicBool,
     stats: &SinkStats,
     slots: &tokio::sync::Semaphore,
-    message: &str,
+    cause: &Arc<clickhouse::error::Error>,
 ) {
     healthy.store(false, Ordering::Relaxed);
     // Let the other INSERT in flight finish (it fails or lands on its own).
     let in_flight = slots.acquire_many(INSERTS_IN_FLIGHT as u32).await;
     while let Ok(p) = rx.try_recv() {
         dequeued(stats, &p);
-        let _ = p.done.send(Err(message.to_owned()));
+        let _ = p.done.send(Err(cause.clone()));
     }
     let down = Instant::now();
     while client.query("SELECT 1").execute().await.is_err() {

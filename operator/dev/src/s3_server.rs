@@ -22,7 +22,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info_span, warn};
 
-use crate::s3::S3Settings;
+use edgewise_operator::s3::S3Settings;
 
 /// A running embedded S3 server.
 #[derive(Debug)]

@@ -92,14 +92,14 @@ impl Resource {
     fn from_crd(crd: &CustomResourceDefinition) -> Self {
         let names = &crd.spec.names;
         let version = &crd.spec.versions[0];
-        let group: &'static str = if crd.spec.group == crate::crd::GROUP {
-            crate::crd::GROUP
+        let group: &'static str = if crd.spec.group == edgewise_operator::crd::GROUP {
+            edgewise_operator::crd::GROUP
         } else {
             "unknown"
         };
         Resource {
             group,
-            version: crate::crd::VERSION,
+            version: edgewise_operator::crd::VERSION,
             kind: names.kind.clone(),
             plural: names.plural.clone(),
             singular: names
@@ -147,6 +147,6 @@ pub fn all() -> Vec<Resource> {
             &["crd"],
         ),
     ];
-    out.extend(crate::crd::all().iter().map(Resource::from_crd));
+    out.extend(edgewise_operator::crd::all().iter().map(Resource::from_crd));
     out
 }

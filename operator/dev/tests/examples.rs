@@ -4,14 +4,14 @@
 
 use std::path::PathBuf;
 
-use edgewise_operator::admission::{FieldError, SchemaValidator};
+use edgewise_dev::admission::{FieldError, SchemaValidator};
 use edgewise_operator::crd::{self, ModelRollout, ModelVersion, RoutingPolicy};
 use kube::CustomResourceExt;
 use serde_json::{Value, json};
 
 fn example(name: &str) -> Value {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../examples")
+        .join("../../examples")
         .join(name);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_yaml_ng::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
@@ -42,7 +42,7 @@ fn assert_rejects(errors: &[FieldError], field: &str, words: &str) {
 
 #[test]
 fn every_example_parses_into_the_rust_types_and_passes_admission() {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples");
     let mut kinds = Vec::new();
     for entry in std::fs::read_dir(dir).expect("examples/ exists") {
         let path = entry.expect("entry").path();

@@ -1,0 +1,532 @@
+//! The demo `--exit-after-demo` runs: publish a model with two variants, push a routing
+//! policy, roll a first version out, then a second one in steps gated on telemetry, and
+//! report the outcome. It is sized to the fleet it runs on and never waits without a
+//! deadline.
+
+use std::time::Duration;
+
+use aws_sdk_s3::primitives::ByteStream;
+use edgewise_agent::simulate::{SimFleet, Summary};
+use edgewise_core::rollout::Phase;
+use edgewise_operator::crd::{
+    ModelRollout, ModelRolloutStatus, ModelVersion, ModelVersionPhase, RoutingPolicy,
+};
+use kube::Client;
+use kube::api::{Api, Patch, PatchParams};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+/// Why the demo failed, with what to change where there is something.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    /// The fleet cannot hold a canary and a baseline.
+    #[error(
+        "the demo rolls 2.0.0 out to a canary and compares it with devices still on 1.0.0, so it needs at least 2 devices that can run a variant; --devices {devices} gives {can_run}. Run with --devices {smallest} or more"
+    )]
+    FleetTooSmall {
+        /// `--devices`.
+        devices: usize,
+        /// Of those, devices that can run a variant.
+        can_run: usize,
+        /// The smallest `--devices` that works.
+        smallest: usize,
+    },
+    /// No canary percentage splits this fleet usefully.
+    #[error(
+        "no canary percentage of this fleet holds {min_devices} device(s) and leaves one on the stable version ({can_run} devices can run a variant); run with more --devices"
+    )]
+    NoCanarySplit {
+        /// Canary devices the analysis needs.
+        min_devices: usize,
+        /// Devices that can run a variant.
+        can_run: usize,
+    },
+    /// Uploading an artifact failed.
+    #[error("uploading {key}: {source}")]
+    Upload {
+        /// The object key.
+        key: String,
+        /// Why.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A Kubernetes request failed.
+    #[error("{what}: {source}")]
+    Kube {
+        /// What the demo was doing.
+        what: &'static str,
+        /// Why.
+        source: kube::Error,
+    },
+    /// Something the demo waits for did not happen in time.
+    #[error("{what} did not happen within {} s ({last}){hint}", timeout.as_secs())]
+    Timeout {
+        /// What the demo waited for.
+        what: &'static str,
+        /// How long it waited.
+        timeout: Duration,
+        /// The last progress seen.
+        last: String,
+        /// What to change, with its leading punctuation; may be empty.
+        hint: String,
+    },
+}
+
+fn kube_err(what: &'static str) -> impl FnOnce(kube::Error) -> DemoError {
+    move |source| DemoError::Kube { what, source }
+}
+
+fn step(n: usize, text: &str) {
+    println!("[{n}] {text}");
+}
+
+/// Uploads an artifact to the demo bucket; returns its `artifact` spec.
+///
+/// # Errors
+/// [`DemoError::Upload`] when the upload fails.
+pub async fn publish(
+    s3: &aws_sdk_s3::Client,
+    key: &str,
+    bytes: Vec<u8>,
+) -> Result<serde_json::Value, DemoError> {
+    let sha = hex::encode(Sha256::digest(&bytes));
+    let size = bytes.len();
+    s3.put_object()
+        .bucket("models")
+        .key(key)
+        .body(ByteStream::from(bytes))
+        .send()
+        .await
+        .map_err(|e| DemoError::Upload {
+            key: key.to_owned(),
+            source: e.into(),
+        })?;
+    Ok(json!({"uri": format!("s3://models/{key}"), "sha256": sha, "sizeBytes": size}))
+}
+
+/// One look at what the demo waits for: how far it got, and whether that is the end.
+struct Progress {
+    line: String,
+    done: bool,
+}
+
+impl Progress {
+    fn at(line: String, done: bool) -> Option<Progress> {
+        Some(Progress { line, done })
+    }
+}
+
+/// Polls `check` until it reports done, printing each new state it reaches (the final one
+/// included), or fails after `timeout` with the last state and `hint`.
+async fn wait<F, Fut>(
+    what: &'static str,
+    timeout: Duration,
+    hint: &str,
+    mut check: F,
+) -> Result<(), DemoError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<Progress>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last = String::new();
+    loop {
+        if let Some(progress) = check().await {
+            if progress.line != last {
+                println!("    {}", progress.line);
+                last = progress.line;
+            }
+            if progress.done {
+                return Ok(());
+            }
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(DemoError::Timeout {
+                what,
+                timeout,
+                last,
+                hint: hint.to_owned(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Devices running `version` of the demo model, out of `of`.
+fn running(fleet: &SimFleet, version: &str, of: usize) -> Option<Progress> {
+    let on = fleet
+        .summary()
+        .active
+        .get(&("assistant".to_owned(), version.to_owned()))
+        .copied()
+        .unwrap_or(0);
+    Progress::at(format!("{on}/{of} devices run {version}"), on >= of)
+}
+
+/// `assistant 2.0.0: 27, assistant 1.0.0: 3` — what a summary map reads as.
+fn counts<'a, K: 'a>(
+    map: impl IntoIterator<Item = (&'a K, &'a usize)>,
+    name: impl Fn(&K) -> String,
+) -> String {
+    let parts: Vec<String> = map
+        .into_iter()
+        .map(|(k, n)| format!("{} on {n}", name(k)))
+        .collect();
+    if parts.is_empty() {
+        "none".into()
+    } else {
+        parts.join(", ")
+    }
+}
+
+fn print_outcome(devices: usize, summary: &Summary) {
+    println!(
+        "    devices: {devices} ({} cannot run any variant and say why)",
+        summary.unsupported
+    );
+    println!(
+        "    running: {}",
+        counts(&summary.active, |(m, v)| format!("{m} {v}"))
+    );
+    println!(
+        "    policy versions: {}",
+        counts(&summary.policies, |p| p.chars().take(12).collect())
+    );
+}
+
+/// Runs the demo against a started stack.
+///
+/// # Errors
+/// [`DemoError`] naming the step that failed and, where there is one, what to change.
+pub async fn run(
+    client: &Client,
+    s3: &aws_sdk_s3::Client,
+    fleet: &SimFleet,
+) -> Result<(), DemoError> {
+    let ns = "edgewise";
+    let supported = fleet
+        .devices()
+        .iter()
+        .filter(|d| d.facts.memory_mib >= DEMO_MIN_MEMORY_MIB)
+        .count();
+    let salt = format!("{ns}/{DEMO_ROLLOUT}");
+    let buckets: Vec<u16> = fleet
+        .devices()
+        .iter()
+        .filter(|d| d.facts.memory_mib >= DEMO_MIN_MEMORY_MIB)
+        .map(|d| edgewise_core::cohort::bucket(&salt, &d.device_id))
+        .collect();
+    let plan = DemoPlan::for_fleet(&buckets)?;
+    println!(
+        "    sized for this fleet: {supported} of {} devices can run a variant; canary {}% ({} device(s)), analysis needs {} canary device(s) and {DEMO_MIN_SAMPLES} samples",
+        fleet.devices().len(),
+        plan.percent,
+        plan.canary,
+        plan.min_devices
+    );
+    let mvs: Api<ModelVersion> = Api::namespaced(client.clone(), ns);
+    let mros: Api<ModelRollout> = Api::namespaced(client.clone(), ns);
+    let rps: Api<RoutingPolicy> = Api::namespaced(client.clone(), ns);
+    let pp = PatchParams::apply("edgewise-demo").force();
+
+    println!("\nDemo");
+    step(
+        1,
+        "publish assistant 1.0.0 and 2.0.0, each an NPU (GGUF) and a CPU (ONNX) variant, to S3",
+    );
+    for (version, seed) in [("1.0.0", 1u8), ("2.0.0", 2u8)] {
+        let bytes = |n: usize, s: u8| {
+            (0..n)
+                .map(|i| (i as u8).wrapping_mul(31).wrapping_add(s))
+                .collect::<Vec<u8>>()
+        };
+        let npu = publish(
+            s3,
+            &format!("assistant/{version}/npu.gguf"),
+            bytes(256 << 10, seed),
+        )
+        .await?;
+        let cpu = publish(
+            s3,
+            &format!("assistant/{version}/cpu.onnx"),
+            bytes(128 << 10, seed + 100),
+        )
+        .await?;
+        let mv = json!({
+            "apiVersion": "edgewise.dev/v1alpha1", "kind": "ModelVersion",
+            "metadata": {"name": format!("assistant-{version}")},
+            "spec": {"model": "assistant", "version": version, "variants": [
+                {"name": "npu-gguf", "format": "gguf", "artifact": npu, "requires": {"minMemoryMiB": 6144, "accelerators": ["npu"]}},
+                {"name": "cpu-onnx", "format": "onnx", "artifact": cpu, "requires": {"minMemoryMiB": 2048}}
+            ]}
+        });
+        mvs.patch(&format!("assistant-{version}"), &pp, &Patch::Apply(&mv))
+            .await
+            .map_err(kube_err("publishing the ModelVersions"))?;
+    }
+    wait(
+        "both versions verified",
+        Duration::from_secs(30),
+        "",
+        || async {
+            let list = mvs.list(&Default::default()).await.ok()?;
+            let ready = list
+                .items
+                .iter()
+                .filter(|m| {
+                    m.status.as_ref().and_then(|s| s.phase) == Some(ModelVersionPhase::Ready)
+                })
+                .count();
+            Progress::at(format!("{ready}/2 ModelVersions Ready"), ready >= 2)
+        },
+    )
+    .await?;
+
+    step(
+        2,
+        "push a routing policy: private data stays on device, long context goes to the cloud",
+    );
+    let rp = json!({
+        "apiVersion": "edgewise.dev/v1alpha1", "kind": "RoutingPolicy", "metadata": {"name": "assistant"},
+        "spec": {
+            "targets": [
+                {"name": "on-device", "device": {"model": "assistant"}},
+                {"name": "cloud", "cloud": {"endpoint": "https://inference.example.com/v1", "model": "large", "costPer1kTokensUsd": 0.002}}
+            ],
+            "rules": [
+                {"name": "private", "match": [{"attribute": "dataClass", "eq": "private"}], "route": "on-device"},
+                {"name": "long-context", "match": [{"attribute": "inputTokens", "gt": 8000}], "route": "cloud", "fallback": ["on-device"]}
+            ],
+            "default": {"route": "on-device", "fallback": ["cloud"]},
+            "shadow": {"sampleRate": 0.1, "target": "cloud"}
+        }
+    });
+    rps.patch("assistant", &pp, &Patch::Apply(&rp))
+        .await
+        .map_err(kube_err("pushing the routing policy"))?;
+    let devices = fleet.devices().len();
+    wait(
+        "the policy acked by the fleet",
+        Duration::from_secs(30),
+        "",
+        || async {
+            let acked = rps
+                .get("assistant")
+                .await
+                .ok()?
+                .status
+                .map_or(0, |s| s.devices.acked);
+            Progress::at(
+                format!("{acked}/{devices} devices acked the policy"),
+                acked >= devices as u64,
+            )
+        },
+    )
+    .await?;
+
+    step(3, "roll assistant 1.0.0 out as the stable version");
+    let rollout = |version: &str| {
+        json!({
+            "apiVersion": "edgewise.dev/v1alpha1", "kind": "ModelRollout", "metadata": {"name": DEMO_ROLLOUT},
+            "spec": {
+                "model": "assistant", "version": version,
+                "steps": [{"setPercent": plan.percent}, {"analysis": {}}, {"setPercent": 100}],
+                "analysis": {"interval": "5s", "window": "2m", "minDevices": plan.min_devices, "minSamples": DEMO_MIN_SAMPLES, "failureLimit": 0,
+                    "gates": [
+                        {"metric": "latency_p95_ms", "max": 1.5, "relativeToBaseline": true},
+                        {"metric": "error_rate", "max": 0.05}
+                    ]},
+                "onFailure": "Rollback"
+            }
+        })
+    };
+    mros.patch(DEMO_ROLLOUT, &pp, &Patch::Apply(&rollout("1.0.0")))
+        .await
+        .map_err(kube_err("rolling out 1.0.0"))?;
+    wait("1.0.0 installed", Duration::from_secs(30), "", || async {
+        running(fleet, "1.0.0", supported)
+    })
+    .await?;
+
+    step(
+        4,
+        &format!(
+            "roll out 2.0.0: {}% ({} device(s)) → analysis on telemetry (p95 vs baseline, error rate) → 100 %",
+            plan.percent, plan.canary
+        ),
+    );
+    mros.patch(DEMO_ROLLOUT, &pp, &Patch::Apply(&rollout("2.0.0")))
+        .await
+        .map_err(kube_err("rolling out 2.0.0"))?;
+    let hint = format!(
+        ". The canary never gathered what its analysis needs: run with more --devices, or see `kubectl describe mro {DEMO_ROLLOUT}` for the gate values"
+    );
+    wait(
+        "the 2.0.0 rollout to succeed",
+        Duration::from_secs(40),
+        &hint,
+        || async {
+            let s = mros.get(DEMO_ROLLOUT).await.ok()?.status?;
+            let done = s.state.phase == Some(Phase::Succeeded)
+                && s.state.stable_version.as_deref() == Some("2.0.0");
+            Progress::at(rollout_progress(&s, &plan), done)
+        },
+    )
+    .await?;
+    wait(
+        "2.0.0 on the fleet",
+        Duration::from_secs(30),
+        "",
+        || async { running(fleet, "2.0.0", supported) },
+    )
+    .await?;
+
+    step(5, "outcome");
+    print_outcome(devices, &fleet.summary());
+    println!("\nDemo succeeded.");
+    Ok(())
+}
+
+/// The demo's rollout (`edgewise/assistant`, which is also its cohort salt).
+const DEMO_ROLLOUT: &str = "assistant";
+/// Memory the demo's smallest variant needs (its CPU variant).
+const DEMO_MIN_MEMORY_MIB: u64 = 2048;
+/// Canary samples an analysis run needs: enough that p95 and a 0.5 % error rate are not noise.
+const DEMO_MIN_SAMPLES: u64 = 150;
+/// Requests per second the whole simulated fleet sends at least.
+const DEMO_FLEET_REQUESTS_PER_SEC: f64 = 150.0;
+
+/// Synthetic requests per second per device: 2, more in a small fleet so its canaries
+/// gather the analysis's samples within seconds.
+#[must_use]
+pub fn requests_per_device(devices: usize) -> f64 {
+    (DEMO_FLEET_REQUESTS_PER_SEC / devices.max(1) as f64).max(2.0)
+}
+/// The canary share the demo prefers when the fleet allows it.
+const DEMO_PERCENT: u32 = 25;
+
+/// The demo compares a canary with devices still on the stable version, so it needs two
+/// devices that can run a variant. Refuses a smaller fleet before anything starts, naming
+/// the smallest `--devices` that works.
+///
+/// # Errors
+/// [`DemoError::FleetTooSmall`].
+pub fn check_fleet(devices: usize) -> Result<(), DemoError> {
+    let can_run = |n: usize| {
+        (0..n)
+            .filter(|i| edgewise_agent::simulate::facts_for(*i).memory_mib >= DEMO_MIN_MEMORY_MIB)
+            .count()
+    };
+    if can_run(devices) >= 2 {
+        return Ok(());
+    }
+    Err(DemoError::FleetTooSmall {
+        devices,
+        can_run: can_run(devices),
+        smallest: (1..).find(|n| can_run(*n) >= 2).unwrap_or(2),
+    })
+}
+
+/// The demo's rollout, sized to the fleet it runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct DemoPlan {
+    /// The canary step's percentage.
+    percent: u32,
+    /// `spec.analysis.minDevices`.
+    min_devices: u32,
+    /// Devices that can run a variant in the canary cohort at `percent`.
+    canary: usize,
+}
+
+impl DemoPlan {
+    /// From the cohort buckets of the devices that can run a variant: a canary of about a
+    /// quarter of them (at most 3 needed for the analysis), with at least one device left on
+    /// the stable version as the baseline.
+    fn for_fleet(buckets: &[u16]) -> Result<DemoPlan, DemoError> {
+        let n = buckets.len();
+        let min_devices = (n / 4).clamp(1, 3);
+        let in_cohort = |p: u32| {
+            buckets
+                .iter()
+                .filter(|b| edgewise_core::cohort::bucket_in_cohort(**b, p))
+                .count()
+        };
+        let fits = |p: u32| in_cohort(p) >= min_devices && in_cohort(p) < n;
+        let smallest = (1..100)
+            .find(|p| fits(*p))
+            .ok_or(DemoError::NoCanarySplit {
+                min_devices,
+                can_run: n,
+            })?;
+        let percent = if fits(DEMO_PERCENT) {
+            smallest.max(DEMO_PERCENT)
+        } else {
+            smallest
+        };
+        Ok(DemoPlan {
+            percent,
+            min_devices: min_devices as u32,
+            canary: in_cohort(percent),
+        })
+    }
+}
+
+/// One line of rollout progress: the phase and step, and while an analysis waits, how many
+/// canary devices and samples it has against what it needs.
+fn rollout_progress(s: &ModelRolloutStatus, plan: &DemoPlan) -> String {
+    if s.state.canary_version.is_none() && s.state.phase.is_some_and(|p| !p.in_flight()) {
+        return "waiting for the controller to start the rollout".into();
+    }
+    let phase = s.state.phase.map_or("Pending", Phase::as_str);
+    let mut line = format!(
+        "{phase} step {} at {}%",
+        s.state.step_index, s.state.percent
+    );
+    if let Some(a) = &s.state.last_analysis {
+        line.push_str(&format!(
+            ": {}/{} canary devices, {}/{DEMO_MIN_SAMPLES} samples, analysis {}",
+            a.canary_devices, plan.min_devices, a.canary_samples, a.verdict
+        ));
+        for g in &a.gates {
+            line.push_str(&format!(
+                " {}={:.3}",
+                g.metric.as_str(),
+                g.compared.unwrap_or(f64::NAN)
+            ));
+        }
+    }
+    if let Some(c) = s.conditions.iter().find(|c| {
+        c.status == "False" && (c.type_ == "DevicesAvailable" || c.type_ == "VersionReady")
+    }) {
+        line.push_str(&format!(" ({})", c.message));
+    } else if let Some(m) = &s.state.message {
+        line.push_str(&format!(" ({m})"));
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fleet_too_small_for_a_canary_and_a_baseline_is_refused_with_the_size_it_needs() {
+        let e = check_fleet(1).expect_err("one device cannot be canary and baseline");
+        assert!(e.to_string().contains("--devices 2"), "{e}");
+        assert!(check_fleet(2).is_ok());
+    }
+
+    #[test]
+    fn the_plan_keeps_a_baseline_and_enough_canary_devices() {
+        let two = DemoPlan::for_fleet(&[10, 9000]).expect("plan");
+        assert_eq!((two.min_devices, two.canary), (1, 1));
+        assert!(two.percent <= 90);
+        let many: Vec<u16> = (0..90).map(|i| i * 111).collect();
+        let plan = DemoPlan::for_fleet(&many).expect("plan");
+        assert_eq!((plan.percent, plan.min_devices), (DEMO_PERCENT, 3));
+        assert!(plan.canary >= 3);
+        assert!(
+            DemoPlan::for_fleet(&[5000, 5001]).is_err(),
+            "no percent splits them"
+        );
+    }
+}

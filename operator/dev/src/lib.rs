@@ -1,0 +1,15 @@
+//! The Edgewise dev stack: everything a laptop needs to try Edgewise with no cluster, and
+//! what the end-to-end tests run on. A Kubernetes-compatible API endpoint for the Edgewise
+//! kinds (with admission as an API server runs it), an embedded S3 server, a
+//! `clickhouse-server` child process, the operator's controllers and gateway, a simulated
+//! fleet and the demo. The production binary (`edgewise-operator`) links none of it.
+
+pub mod admission;
+pub mod clickhouse_server;
+pub mod demo;
+pub mod devapi;
+pub mod s3_server;
+pub mod stack;
+
+pub use demo::publish;
+pub use stack::{DevOptions, DevStack, Error, run};

@@ -1,0 +1,350 @@
+//! The whole system on one machine: the dev Kubernetes API, an embedded S3 server,
+//! ClickHouse (a child process, or `--clickhouse-url`), migrations, the controllers, the
+//! gateway and a simulated fleet. `--exit-after-demo` then runs [`crate::demo`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use edgewise_agent::simulate::{SimConfig, SimFleet, Traffic};
+use edgewise_operator::gateway::{BootstrapToken, Gateway, GatewayConfig};
+use edgewise_operator::telemetry::ingest::{SinkConfig, TelemetrySink};
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::wait::{await_condition, conditions};
+use kube::{Client, Config};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::clickhouse_server::ClickHouseServer;
+use crate::demo::{self, DemoError};
+use crate::devapi::DevApi;
+use crate::s3_server::EmbeddedS3;
+
+/// `edgewise-dev` flags.
+#[derive(Clone, Debug, clap::Args)]
+pub struct DevOptions {
+    /// Simulated devices.
+    #[arg(long, default_value_t = 100)]
+    pub devices: usize,
+    /// Where everything keeps its state (kubeconfig, S3 objects, ClickHouse data…).
+    #[arg(long, default_value = "edgewise-dev")]
+    pub data_dir: PathBuf,
+    /// Run the demo and exit 0 only if every step succeeded.
+    #[arg(long)]
+    pub exit_after_demo: bool,
+    /// Kubernetes-compatible API listen address.
+    #[arg(long, default_value = "127.0.0.1:6443")]
+    pub api_addr: SocketAddr,
+    /// Embedded S3 listen address.
+    #[arg(long, default_value = "127.0.0.1:9000")]
+    pub s3_addr: SocketAddr,
+    /// Gateway listen address.
+    #[arg(long, default_value = "127.0.0.1:7443")]
+    pub gateway_addr: SocketAddr,
+    /// Use this ClickHouse instead of starting `clickhouse-server`.
+    #[arg(long, env = "EDGEWISE_CLICKHOUSE_URL")]
+    pub clickhouse_url: Option<String>,
+    /// Synthetic requests per second per simulated device (0: none). Default: 2, more in a
+    /// small fleet so its canaries gather samples quickly.
+    #[arg(long)]
+    pub traffic_rps: Option<f64>,
+    /// Run against the cluster in this kubeconfig (its current context) instead of the
+    /// embedded API; the CRDs are applied to it first. For kind, k3d and the like.
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+}
+
+/// Why the dev stack failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A component did not start.
+    #[error("{what}: {source}")]
+    Start {
+        /// The component.
+        what: &'static str,
+        /// Why.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A CRD was applied to the cluster but never became established.
+    #[error("CRD {0} not established within 30 s")]
+    CrdNotEstablished(String),
+    /// A demo step failed.
+    #[error("demo step failed: {0}")]
+    Demo(#[from] DemoError),
+}
+
+fn start<E: Into<Box<dyn std::error::Error + Send + Sync>>>(
+    what: &'static str,
+) -> impl FnOnce(E) -> Error {
+    move |e| Error::Start {
+        what,
+        source: e.into(),
+    }
+}
+
+/// The running parts of the dev stack.
+pub struct DevStack {
+    /// The embedded Kubernetes-compatible API, unless `--kubeconfig` named a cluster.
+    pub api: Option<DevApi>,
+    /// The S3 server.
+    pub s3: EmbeddedS3,
+    /// An S3 client.
+    pub s3_client: aws_sdk_s3::Client,
+    /// The ClickHouse child process, unless `--clickhouse-url` was given.
+    pub clickhouse_server: Option<ClickHouseServer>,
+    /// A ClickHouse client.
+    pub clickhouse: clickhouse::Client,
+    /// The gateway.
+    pub gateway: Gateway,
+    /// A Kubernetes client for the dev API.
+    pub client: Client,
+    /// The simulated fleet.
+    pub fleet: SimFleet,
+    shutdown: CancellationToken,
+}
+
+impl std::fmt::Debug for DevStack {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DevStack")
+            .field("api", &self.api.as_ref().map(DevApi::url))
+            .finish_non_exhaustive()
+    }
+}
+
+impl DevStack {
+    /// Starts every component, printing each endpoint as it comes up.
+    ///
+    /// # Errors
+    /// [`Error::Start`] naming the component that failed, with the fix where there is one.
+    pub async fn start(opts: &DevOptions, shutdown: CancellationToken) -> Result<Self, Error> {
+        let dir = &opts.data_dir;
+        std::fs::create_dir_all(dir).map_err(start("data dir"))?;
+        let (api, client) = match &opts.kubeconfig {
+            Some(path) => {
+                let (client, url) = cluster_client(path).await?;
+                install_crds(&client).await?;
+                println!(
+                    "Kubernetes API  {url}   (kubectl --kubeconfig {} get edgewise -A)",
+                    path.display()
+                );
+                (None, client)
+            }
+            None => {
+                let api = DevApi::start(&dir.join("api"), opts.api_addr)
+                    .await
+                    .map_err(start("Kubernetes API"))?;
+                std::fs::write(dir.join("kubeconfig"), api.kubeconfig())
+                    .map_err(start("kubeconfig"))?;
+                println!(
+                    "Kubernetes API  {}   (kubectl --kubeconfig {}/kubeconfig get edgewise -A)",
+                    api.url(),
+                    dir.display()
+                );
+                let client =
+                    Client::try_from(Config::new(api.url().parse().map_err(start("API URL"))?))
+                        .map_err(start("kube client"))?;
+                (Some(api), client)
+            }
+        };
+        let s3 = EmbeddedS3::start(
+            &dir.join("s3"),
+            opts.s3_addr,
+            "edgewise",
+            "edgewise-dev-secret",
+        )
+        .await
+        .map_err(start("S3"))?;
+        println!("S3              {}   (access key edgewise)", s3.endpoint());
+        let mut clickhouse_server = None;
+        let clickhouse_url = match &opts.clickhouse_url {
+            Some(url) => url.clone(),
+            None => {
+                let server = ClickHouseServer::start(&dir.join("clickhouse"))
+                    .await
+                    .map_err(start("ClickHouse"))?;
+                let url = server.url();
+                clickhouse_server = Some(server);
+                url
+            }
+        };
+        let ch = edgewise_operator::telemetry::client(&clickhouse_url);
+        let report = edgewise_operator::telemetry::schema::migrate(&ch)
+            .await
+            .map_err(start("migrations"))?;
+        println!(
+            "ClickHouse      {clickhouse_url}   ({}, schema applied {:?})",
+            report.server, report.applied
+        );
+
+        let s3_client = s3.settings().client();
+        let _ = s3_client.create_bucket().bucket("models").send().await;
+        let token = format!("{:032x}", rand::random::<u128>());
+        std::fs::write(dir.join("bootstrap-token"), &token).map_err(start("bootstrap token"))?;
+        let sink = TelemetrySink::start(ch.clone(), SinkConfig::default());
+        let gateway = Gateway::new(
+            GatewayConfig {
+                signing_key: rand::random::<[u8; 32]>().to_vec(),
+                ..GatewayConfig::default()
+            },
+            s3_client.clone(),
+        )
+        .with_telemetry(sink);
+        gateway.auth().set_bootstrap_tokens(vec![BootstrapToken {
+            name: "dev".into(),
+            token: token.clone(),
+            labels: [("cluster".to_owned(), "dev".to_owned())].into(),
+        }]);
+        let (gw_addr, _gw) = gateway
+            .spawn(opts.gateway_addr, shutdown.clone())
+            .await
+            .map_err(start("gateway"))?;
+        println!(
+            "Gateway         http://{gw_addr}   (bootstrap token in {}/bootstrap-token)",
+            dir.display()
+        );
+
+        let namespaces: Api<Namespace> = Api::all(client.clone());
+        if namespaces
+            .get_opt("edgewise")
+            .await
+            .map_err(start("namespace"))?
+            .is_none()
+        {
+            let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": "edgewise"}}))
+                .map_err(start("namespace"))?;
+            namespaces
+                .create(&PostParams::default(), &ns)
+                .await
+                .map_err(start("namespace"))?;
+        }
+        let ctx = Arc::new(edgewise_operator::controller::Context::new(
+            client.clone(),
+            s3_client.clone(),
+            Some(ch.clone()),
+            Some(gateway.clone()),
+        ));
+        tokio::spawn(edgewise_operator::controller::feed_gateway(
+            client.clone(),
+            gateway.clone(),
+            shutdown.clone(),
+        ));
+        tokio::spawn(edgewise_operator::controller::run(ctx, shutdown.clone()));
+        println!("Controllers     ModelVersion, ModelRollout, RoutingPolicy");
+
+        // Version 3.0.0 of the simulated model is slow: rolling it out shows an automatic
+        // rollback on a latency gate.
+        // A small fleet sends more per device, so even a canary of one or two devices reaches
+        // the demo analysis's sample count within seconds.
+        let rps = opts
+            .traffic_rps
+            .unwrap_or_else(|| demo::requests_per_device(opts.devices));
+        let traffic = (rps > 0.0).then(|| Traffic {
+            requests_per_sec: rps,
+            slow_versions: [("3.0.0".to_owned(), 6.0)].into(),
+            ..Traffic::default()
+        });
+        let fleet = SimFleet::start(&SimConfig {
+            devices: opts.devices,
+            gateway: format!("http://{gw_addr}"),
+            bootstrap_token: token,
+            data_dir: dir.join("sim"),
+            backoff: edgewise_agent::config::Backoff {
+                initial: Duration::from_millis(200),
+                max: Duration::from_secs(5),
+            },
+            devices_per_connection: 100,
+            telemetry: true,
+            traffic,
+        })
+        .map_err(start("simulated fleet"))?;
+        println!("Fleet           {} simulated devices", opts.devices);
+        Ok(DevStack {
+            api,
+            s3,
+            s3_client,
+            clickhouse_server,
+            clickhouse: ch,
+            gateway,
+            client,
+            fleet,
+            shutdown,
+        })
+    }
+
+    /// Stops every component.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.fleet.stop().await;
+        if let Some(api) = self.api {
+            api.stop().await;
+        }
+        self.s3.stop().await;
+        if let Some(mut server) = self.clickhouse_server {
+            server.stop().await;
+        }
+    }
+}
+
+/// A client for the current context of `kubeconfig`.
+async fn cluster_client(kubeconfig: &std::path::Path) -> Result<(Client, String), Error> {
+    let kubeconfig = Kubeconfig::read_from(kubeconfig).map_err(start("kubeconfig"))?;
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .map_err(start("kubeconfig"))?;
+    let url = config.cluster_url.to_string();
+    Ok((Client::try_from(config).map_err(start("kube client"))?, url))
+}
+
+/// Applies the CRDs (server-side, so a re-run updates them) and waits until the API server
+/// serves them.
+async fn install_crds(client: &Client) -> Result<(), Error> {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let pp = PatchParams::apply("edgewise-dev").force();
+    for crd in edgewise_operator::crd::all() {
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        crds.patch(&name, &pp, &Patch::Apply(&crd))
+            .await
+            .map_err(start("applying CRDs"))?;
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            await_condition(crds.clone(), &name, conditions::is_crd_established()),
+        )
+        .await
+        .map_err(|_| Error::CrdNotEstablished(name.clone()))?
+        .map_err(start("waiting for CRDs"))?;
+    }
+    Ok(())
+}
+
+/// Runs the dev stack until `shutdown` (or the demo's end).
+///
+/// # Errors
+/// [`Error`] saying which component or demo step failed, and how to fix it.
+pub async fn run(opts: DevOptions, shutdown: CancellationToken) -> Result<(), Error> {
+    if opts.exit_after_demo {
+        demo::check_fleet(opts.devices)?;
+    }
+    let stack = DevStack::start(&opts, shutdown.clone()).await?;
+    let outcome = if opts.exit_after_demo {
+        demo::run(&stack.client, &stack.s3_client, &stack.fleet)
+            .await
+            .map_err(Error::from)
+    } else {
+        let kubeconfig = opts
+            .kubeconfig
+            .clone()
+            .unwrap_or_else(|| opts.data_dir.join("kubeconfig"));
+        println!(
+            "\nReady. Try: kubectl --kubeconfig {} apply -n edgewise -f examples/   (Ctrl-C to stop)",
+            kubeconfig.display()
+        );
+        shutdown.cancelled().await;
+        Ok(())
+    };
+    stack.stop().await;
+    outcome
+}
