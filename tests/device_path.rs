@@ -723,7 +723,7 @@ async fn an_agent_started_offline_serves_decide_from_its_persisted_policy() {
     assert_eq!(private.policy_version, persisted);
 
     // The framed lane on the same socket answers the same, and survives bad frames.
-    let mut lane = edgewise_agent::router_lane::LaneClient::connect(&socket)
+    let mut lane = edgewise_agent::router::lane::LaneClient::connect(&socket)
         .await
         .expect("lane connects");
     let same = lane
@@ -754,7 +754,7 @@ async fn an_agent_started_offline_serves_decide_from_its_persisted_policy() {
     assert_eq!(again.rule, "private");
     // An oversized frame ends that connection with a reason; others are unaffected.
     let (code, text) = lane
-        .raw(1, &vec![0; edgewise_agent::router_lane::MAX_FRAME + 1])
+        .raw(1, &vec![0; edgewise_agent::router::lane::MAX_FRAME + 1])
         .await
         .expect("answers before closing");
     assert_eq!(code, Code::ResourceExhausted);
@@ -775,7 +775,7 @@ async fn an_agent_started_offline_serves_decide_from_its_persisted_policy() {
         .report(outcome(11.0))
         .await
         .expect("reported over gRPC");
-    let mut lane = edgewise_agent::router_lane::LaneClient::connect(&socket)
+    let mut lane = edgewise_agent::router::lane::LaneClient::connect(&socket)
         .await
         .expect("lane connects");
     lane.report(&outcome(22.0))

@@ -19,14 +19,7 @@ use crate::identity::Identity;
 use crate::policy::PolicyStore;
 use crate::router::{LocalRouter, ModelsView};
 use crate::store::{ContentStore, ModelState};
-use crate::telemetry::{Event, TelemetryBuffer};
-
-/// A fresh event id: 128 random bits in hex, fixed when the event is made so that every
-/// retry of its batch carries the same id.
-#[must_use]
-pub fn new_event_id() -> String {
-    format!("{:032x}", rand::random::<u128>())
-}
+use crate::telemetry::{Event, TelemetryBuffer, new_event_id, now_unix_ms};
 
 /// Connection state, for `edgewise-agent status`.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -265,7 +258,7 @@ impl Device {
         };
         let event = ModelEvent {
             event_id: new_event_id(),
-            time_unix_ms: crate::identity::now_unix_ms(),
+            time_unix_ms: now_unix_ms(),
             kind: kind as i32,
             model: model.to_owned(),
             version: a.version.clone(),

@@ -4,7 +4,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -15,6 +14,7 @@ use edgewise_proto::identity::{device_id_for, enroll_proof_message};
 use serde::{Deserialize, Serialize};
 
 use crate::fsutil::{atomic_write, read_json};
+use crate::telemetry::now_unix_ms;
 
 /// A credential and its expiry.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,12 +67,6 @@ pub enum IdentityError {
         /// What is wrong.
         message: String,
     },
-}
-
-pub(crate) fn now_unix_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 impl Identity {

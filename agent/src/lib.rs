@@ -24,7 +24,6 @@ pub mod identity;
 pub mod installer;
 pub mod policy;
 pub mod router;
-pub mod router_lane;
 pub mod simulate;
 pub mod status;
 pub mod store;

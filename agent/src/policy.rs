@@ -85,17 +85,17 @@ impl PolicyStore {
     /// Compiles, checks and installs an update.
     ///
     /// # Errors
-    /// The NACK reason; the previous policy stays in force.
-    pub fn apply(&self, update: &PolicyUpdate) -> Result<(), String> {
-        let spec: RoutingPolicySpec = serde_json::from_slice(&update.spec_json)
-            .map_err(|e| format!("spec_json is not a RoutingPolicy spec: {e}"))?;
-        let compiled = compile(&spec).map_err(|e| e.to_string())?;
+    /// [`RejectedPolicy`], the NACK reason; the previous policy stays in force.
+    pub fn apply(&self, update: &PolicyUpdate) -> Result<(), RejectedPolicy> {
+        let spec: RoutingPolicySpec =
+            serde_json::from_slice(&update.spec_json).map_err(RejectedPolicy::NotASpec)?;
+        let compiled = compile(&spec)?;
         let computed = policy_version(&spec);
         if computed != update.version {
-            return Err(format!(
-                "version {:?} does not match the policy's content hash {computed:?}",
-                update.version
-            ));
+            return Err(RejectedPolicy::VersionMismatch {
+                claimed: update.version.clone(),
+                computed,
+            });
         }
         if let Some(path) = &self.path {
             let file = PolicyFile {
@@ -103,9 +103,8 @@ impl PolicyStore {
                 source: update.source.clone(),
                 spec,
             };
-            let bytes = serde_json::to_vec_pretty(&file).map_err(|e| e.to_string())?;
-            atomic_write(path, &bytes, self.durable)
-                .map_err(|e| format!("persisting policy: {e}"))?;
+            let bytes = serde_json::to_vec_pretty(&file).map_err(RejectedPolicy::NotASpec)?;
+            atomic_write(path, &bytes, self.durable).map_err(RejectedPolicy::Persist)?;
         }
         self.current.store(Some(Arc::new(LoadedPolicy {
             version: update.version.clone(),
@@ -114,6 +113,28 @@ impl PolicyStore {
         })));
         Ok(())
     }
+}
+
+/// Why a policy update was NACKed; its text is the NACK reason the gateway records.
+#[derive(Debug, thiserror::Error)]
+pub enum RejectedPolicy {
+    /// `spec_json` does not parse as a RoutingPolicy spec.
+    #[error("spec_json is not a RoutingPolicy spec: {0}")]
+    NotASpec(#[source] serde_json::Error),
+    /// The spec parses but does not compile (the message names the field).
+    #[error(transparent)]
+    Invalid(#[from] edgewise_core::policy::PolicyError),
+    /// The update's version is not the content hash of its spec.
+    #[error("version {claimed:?} does not match the policy's content hash {computed:?}")]
+    VersionMismatch {
+        /// What the update said.
+        claimed: String,
+        /// The spec's content hash.
+        computed: String,
+    },
+    /// The policy could not be kept on disk for the next start.
+    #[error("persisting policy: {0}")]
+    Persist(#[source] std::io::Error),
 }
 
 #[cfg(test)]
@@ -145,7 +166,9 @@ mod tests {
         bad["default"]["route"] = "nowhere".into();
         let reason = store.apply(&update(bad)).expect_err("bad policy");
         assert!(
-            reason.contains("default.route: no target named \"nowhere\""),
+            reason
+                .to_string()
+                .contains("default.route: no target named \"nowhere\""),
             "{reason}"
         );
         assert_eq!(store.version(), Some(first.version.clone()));
@@ -162,6 +185,7 @@ mod tests {
             store
                 .apply(&u)
                 .expect_err("mismatch")
+                .to_string()
                 .contains("content hash")
         );
         assert!(store.current().is_none());

@@ -196,7 +196,7 @@ fn assignment(device: &Device, a: Assignment) -> Ack {
     };
     if let Err(reason) = a.models.iter().try_for_each(validate_assignment) {
         warn!(%reason, "assignment NACKed");
-        ack.error = reason;
+        ack.error = reason.to_string();
         return ack;
     }
     device
@@ -212,15 +212,28 @@ fn assignment(device: &Device, a: Assignment) -> Ack {
     ack
 }
 
-fn validate_assignment(m: &ModelAssignment) -> Result<(), String> {
+/// Why an assignment was NACKed; its text is the NACK reason.
+#[derive(Debug, thiserror::Error)]
+enum BadAssignment {
+    #[error("models[].model and models[].version are required")]
+    Unnamed,
+    #[error("{0}: url is not http(s)")]
+    Url(String),
+    #[error("{0}: sha256 is not 64 lowercase hex digits")]
+    Sha256(String),
+    #[error("{0}: size_bytes is 0")]
+    Empty(String),
+}
+
+fn validate_assignment(m: &ModelAssignment) -> Result<(), BadAssignment> {
     if m.model.is_empty() || m.version.is_empty() {
-        return Err("models[].model and models[].version are required".into());
+        return Err(BadAssignment::Unnamed);
     }
     if !m.unsupported_reason.is_empty() {
         return Ok(());
     }
     if !(m.url.starts_with("http://") || m.url.starts_with("https://")) {
-        return Err(format!("{}: url is not http(s)", m.model));
+        return Err(BadAssignment::Url(m.model.clone()));
     }
     if m.sha256.len() != 64
         || !m
@@ -228,13 +241,10 @@ fn validate_assignment(m: &ModelAssignment) -> Result<(), String> {
             .bytes()
             .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
     {
-        return Err(format!(
-            "{}: sha256 is not 64 lowercase hex digits",
-            m.model
-        ));
+        return Err(BadAssignment::Sha256(m.model.clone()));
     }
     if m.size_bytes == 0 {
-        return Err(format!("{}: size_bytes is 0", m.model));
+        return Err(BadAssignment::Empty(m.model.clone()));
     }
     Ok(())
 }
@@ -261,7 +271,7 @@ fn policy(device: &Device, p: &PolicyUpdate) -> Ack {
                 .fetch_add(1, Ordering::Relaxed);
             warn!(version = %p.version, %reason, "routing policy NACKed; keeping the last good one");
             ack.version = device.policy.version().unwrap_or_default();
-            ack.error = reason;
+            ack.error = reason.to_string();
         }
     }
     ack

@@ -16,11 +16,12 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::runtime::watcher;
 use kube::{Api, Client};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{info, info_span, warn};
 
 use crate::controller::leader::{LeaseConfig, campaign};
 use crate::gateway::{BootstrapToken, Gateway, GatewayConfig};
 use crate::s3::S3Settings;
+use crate::shutdown::Tasks;
 use crate::telemetry::ingest::{SinkConfig, TelemetrySink};
 
 /// Which parts run.
@@ -102,7 +103,10 @@ pub enum Error {
 
 /// Bootstrap tokens are Secrets labelled `edgewise.dev/bootstrap-token=true` with a `token`
 /// key and, optionally, `labels` (YAML map) for the devices enrolled with it.
-pub const BOOTSTRAP_LABEL: &str = "edgewise.dev/bootstrap-token=true";
+/// Label selector of the Secrets holding bootstrap tokens.
+fn bootstrap_selector() -> String {
+    format!("{}=true", crate::crd::names::label::BOOTSTRAP_TOKEN)
+}
 
 fn tokens_from(secrets: &[Secret]) -> Vec<BootstrapToken> {
     secrets
@@ -132,7 +136,7 @@ async fn watch_tokens(
     let api: Api<Secret> = Api::namespaced(client, &namespace);
     let stream = watcher::watcher(
         api.clone(),
-        watcher::Config::default().labels(BOOTSTRAP_LABEL),
+        watcher::Config::default().labels(&bootstrap_selector()),
     );
     let mut stream = Box::pin(stream);
     loop {
@@ -142,7 +146,7 @@ async fn watch_tokens(
                 None => return,
                 Some(Err(e)) => warn!(error = %e, "watching bootstrap tokens"),
                 // Any change: re-read the set (tokens are few).
-                Some(Ok(_)) => match api.list(&kube::api::ListParams::default().labels(BOOTSTRAP_LABEL)).await {
+                Some(Ok(_)) => match api.list(&kube::api::ListParams::default().labels(&bootstrap_selector())).await {
                     Ok(list) => gateway.auth().set_bootstrap_tokens(tokens_from(&list.items)),
                     Err(e) => warn!(error = %e, "listing bootstrap tokens"),
                 },
@@ -155,6 +159,7 @@ async fn health(
     addr: SocketAddr,
     ready: Arc<AtomicBool>,
     shutdown: CancellationToken,
+    tasks: &Tasks,
 ) -> Result<(), Error> {
     let app = axum::Router::new()
         .route("/healthz", axum::routing::get(|| async { "ok" }))
@@ -174,7 +179,7 @@ async fn health(
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| Error::Bind(addr, e))?;
-    tokio::spawn(async move {
+    tasks.spawn(info_span!("health", %addr), async move {
         let _ = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown.cancelled_owned())
             .await;
@@ -189,7 +194,8 @@ async fn health(
 pub async fn run(role: Role, opts: RunOptions, shutdown: CancellationToken) -> Result<(), Error> {
     let client = Client::try_default().await?;
     let ready = Arc::new(AtomicBool::new(false));
-    health(opts.health_addr, ready.clone(), shutdown.clone()).await?;
+    let tasks = Tasks::new();
+    health(opts.health_addr, ready.clone(), shutdown.clone(), &tasks).await?;
     let ch = crate::telemetry::client(&opts.clickhouse_url)
         .with_user(opts.clickhouse_user.clone())
         .with_password(opts.clickhouse_password.clone());
@@ -240,22 +246,25 @@ pub async fn run(role: Role, opts: RunOptions, shutdown: CancellationToken) -> R
         )
         .with_telemetry(sink);
         instruments.gateway(&meter, &gateway);
-        tokio::spawn(crate::controller::feed_gateway(
-            client.clone(),
-            gateway.clone(),
-            shutdown.clone(),
-        ));
-        tokio::spawn(watch_tokens(
-            client.clone(),
-            opts.namespace.clone(),
-            gateway.clone(),
-            shutdown.clone(),
-        ));
-        let (addr, _task) = gateway
+        tasks.spawn(
+            info_span!("feed_gateway"),
+            crate::controller::feed_gateway(client.clone(), gateway.clone(), shutdown.clone()),
+        );
+        tasks.spawn(
+            info_span!("bootstrap_tokens", namespace = %opts.namespace),
+            watch_tokens(
+                client.clone(),
+                opts.namespace.clone(),
+                gateway.clone(),
+                shutdown.clone(),
+            ),
+        );
+        let (addr, task) = gateway
             .spawn(opts.gateway_addr, shutdown.clone())
             .await
             .map_err(|e| Error::Bind(opts.gateway_addr, e))?;
         info!(%addr, "gateway listening");
+        tasks.track(task);
         Some(gateway)
     } else {
         None
@@ -278,14 +287,21 @@ pub async fn run(role: Role, opts: RunOptions, shutdown: CancellationToken) -> R
             s3.clone(),
             Some(ch.clone()),
             gateway.clone(),
+            Some(opts.identity.clone()),
         ));
-        tokio::spawn(lead(leading, ctx, shutdown.clone()));
+        tasks.spawn(
+            info_span!("leader", identity = %opts.identity),
+            lead(leading, ctx, shutdown.clone()),
+        );
     }
     ready.store(true, Ordering::Relaxed);
     shutdown.cancelled().await;
     info!(grace = opts.grace_period_secs, "shutting down");
-    // Streams end at once (devices reconnect elsewhere); give in-flight work a moment.
-    tokio::time::sleep(Duration::from_secs(opts.grace_period_secs.min(2))).await;
+    // Streams end at once (devices reconnect elsewhere); the controllers finish the
+    // reconciles in flight and the servers their requests, within the grace period.
+    tasks
+        .drain(Duration::from_secs(opts.grace_period_secs))
+        .await;
     drop(instruments);
     Ok(())
 }

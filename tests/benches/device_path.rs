@@ -209,14 +209,14 @@ async fn decide_uds() {
             // polls, and calls 1 ms apart (the agent's poll has ended: both sides sleep).
             let mut lanes = Vec::new();
             for (poll, gap) in [
-                (edgewise_agent::router_lane::DEFAULT_POLL, None),
+                (edgewise_agent::router::lane::DEFAULT_POLL, None),
                 (Duration::ZERO, None),
                 (
-                    edgewise_agent::router_lane::DEFAULT_POLL,
+                    edgewise_agent::router::lane::DEFAULT_POLL,
                     Some(Duration::from_millis(1)),
                 ),
             ] {
-                let mut lane = edgewise_agent::router_lane::LaneClient::connect(&socket2)
+                let mut lane = edgewise_agent::router::lane::LaneClient::connect(&socket2)
                     .await
                     .unwrap()
                     .with_poll(poll);

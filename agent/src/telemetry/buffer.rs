@@ -171,7 +171,7 @@ struct State {
     cursor: CursorFile,
 }
 
-type Commit = (Vec<Event>, oneshot::Sender<Result<(), String>>);
+type Commit = (Vec<Event>, oneshot::Sender<Result<(), Arc<std::io::Error>>>);
 
 /// The buffer. Cheap to share behind an `Arc`.
 pub struct TelemetryBuffer {
@@ -376,7 +376,7 @@ impl TelemetryBuffer {
             .map_err(|_| BufferError::Closed)?;
         rx.await
             .map_err(|_| BufferError::Closed)?
-            .map_err(|e| BufferError::Io(std::io::Error::other(e)))
+            .map_err(|e| BufferError::Io(std::io::Error::new(e.kind(), e)))
     }
 
     /// Waits until something is appended.
@@ -651,7 +651,7 @@ fn writer(state: &Mutex<State>, rx: &mpsc::Receiver<Commit>, appended: &Notify) 
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             commit(&mut st, &buf)
         };
-        let outcome = result.map_err(|e| e.to_string());
+        let outcome = result.map_err(Arc::new);
         for (_, done) in group {
             let _ = done.send(outcome.clone());
         }

@@ -64,6 +64,13 @@ impl std::fmt::Display for Phase {
     }
 }
 
+/// A command that acted: the reason and message of the event that records it.
+type Applied = (&'static str, String);
+
+/// Why a command was refused, as its `CommandRefused` event and `status.lastCommand` say.
+#[derive(Debug)]
+struct Refused(String);
+
 /// The rollout's state, persisted as the ModelRollout status.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -644,7 +651,7 @@ impl Machine<'_> {
                 Command::Retry => self.retry(),
             }
         } else {
-            Err("the spec is invalid; fix it first".to_owned())
+            Err(Refused("the spec is invalid; fix it first".to_owned()))
         };
         let name = request.command.name();
         let (applied, message) = match outcome {
@@ -653,7 +660,7 @@ impl Machine<'_> {
                 self.event(reason, warning, message.clone());
                 (true, message)
             }
-            Err(why) => {
+            Err(Refused(why)) => {
                 self.event("CommandRefused", true, format!("{name} refused: {why}"));
                 (false, why)
             }
@@ -670,26 +677,31 @@ impl Machine<'_> {
     }
 
     /// The running canary, or why there is none to act on.
-    fn running_canary(&self) -> Result<String, String> {
+    ///
+    /// Commands answer [`Applied`] (the event's reason and message) or [`Refused`].
+    fn running_canary(&self) -> Result<String, Refused> {
         let phase = self.phase();
         match &self.s.canary_version {
             Some(c) if phase.in_flight() => Ok(c.clone()),
-            _ if phase.in_flight() => Err(self
-                .s
-                .message
-                .clone()
-                .unwrap_or_else(|| "no canary is running".into())),
-            _ => Err(format!("the rollout is {phase:?}; no canary is running")),
+            _ if phase.in_flight() => Err(Refused(
+                self.s
+                    .message
+                    .clone()
+                    .unwrap_or_else(|| "no canary is running".into()),
+            )),
+            _ => Err(Refused(format!(
+                "the rollout is {phase}; no canary is running"
+            ))),
         }
     }
 
-    fn promote(&mut self) -> Result<(&'static str, String), String> {
+    fn promote(&mut self) -> Result<Applied, Refused> {
         self.running_canary()?;
         if self.s.held_on_failure() {
-            return Err(
+            return Err(Refused(
                 "analysis failed; retry, abort, or promote --full to accept the canary anyway"
                     .into(),
-            );
+            ));
         }
         let i = self.s.step_index;
         match self.strategy.steps.get(i as usize) {
@@ -697,20 +709,20 @@ impl Machine<'_> {
                 self.next_step();
                 Ok(("Promoted", format!("pause step {i} skipped by hand")))
             }
-            Some(step) if step.analysis.is_some() => Err(format!(
+            Some(step) if step.analysis.is_some() => Err(Refused(format!(
                 "step {i} is an analysis; promote never skips one: wait for its gates, or promote --full"
-            )),
-            Some(_) => Err(format!(
+            ))),
+            Some(_) => Err(Refused(format!(
                 "step {i} is not a pause; promote skips pause steps only"
-            )),
-            None => Err("no step left to skip".into()),
+            ))),
+            None => Err(Refused("no step left to skip".into())),
         }
     }
 
-    fn promote_full(&mut self) -> Result<(&'static str, String), String> {
+    fn promote_full(&mut self) -> Result<Applied, Refused> {
         let canary = self.running_canary()?;
         if let Some(problem) = self.obs.version.problem(&canary) {
-            return Err(problem);
+            return Err(Refused(problem));
         }
         let from = self.s.step_index;
         self.s.promoted_full_at = Some(self.now);
@@ -724,7 +736,7 @@ impl Machine<'_> {
         ))
     }
 
-    fn abort(&mut self) -> Result<(&'static str, String), String> {
+    fn abort(&mut self) -> Result<Applied, Refused> {
         let canary = self.running_canary()?;
         self.s.phase = Some(Phase::Aborted);
         self.s.percent = 0;
@@ -732,17 +744,17 @@ impl Machine<'_> {
         Ok(("Aborted", format!("rollout of {canary} aborted")))
     }
 
-    fn retry(&mut self) -> Result<(&'static str, String), String> {
+    fn retry(&mut self) -> Result<Applied, Refused> {
         let phase = self.phase();
         let retryable =
             matches!(phase, Phase::Aborted | Phase::RolledBack) || self.s.held_on_failure();
         let Some(canary) = self.s.canary_version.clone().filter(|_| retryable) else {
-            return Err(format!(
-                "the rollout is {phase:?}; retry applies to a rollout that rolled back, was aborted or is held on failure"
-            ));
+            return Err(Refused(format!(
+                "the rollout is {phase}; retry applies to a rollout that rolled back, was aborted or is held on failure"
+            )));
         };
         if let Some(problem) = self.obs.version.problem(&canary) {
-            return Err(problem);
+            return Err(Refused(problem));
         }
         self.restart();
         Ok((

@@ -8,6 +8,7 @@ use std::time::Duration;
 use aws_sdk_s3::primitives::ByteStream;
 use edgewise_agent::simulate::{SimFleet, Summary};
 use edgewise_core::rollout::Phase;
+use edgewise_operator::crd::names::condition;
 use edgewise_operator::crd::{
     ModelRollout, ModelRolloutStatus, ModelVersion, ModelVersionPhase, RoutingPolicy,
 };
@@ -495,7 +496,8 @@ fn rollout_progress(s: &ModelRolloutStatus, plan: &DemoPlan) -> String {
         }
     }
     if let Some(c) = s.conditions.iter().find(|c| {
-        c.status == "False" && (c.type_ == "DevicesAvailable" || c.type_ == "VersionReady")
+        c.status == "False"
+            && (c.type_ == condition::DEVICES_AVAILABLE || c.type_ == condition::VERSION_READY)
     }) {
         line.push_str(&format!(" ({})", c.message));
     } else if let Some(m) = &s.state.message {

@@ -226,6 +226,7 @@ impl DevStack {
             s3_client.clone(),
             Some(ch.clone()),
             Some(gateway.clone()),
+            Some("edgewise-dev".into()),
         ));
         tokio::spawn(edgewise_operator::controller::feed_gateway(
             client.clone(),

@@ -14,17 +14,18 @@ mod routing_policy;
 mod segment;
 mod status;
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::{Controller, watcher};
+use kube::runtime::{Controller, WatchStreamExt, reflector, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{Instrument, info, info_span, warn};
 
 pub use reflect::feed_gateway;
 
@@ -49,6 +50,9 @@ pub enum Error {
     /// A call that took too long.
     #[error("{0} timed out")]
     Timeout(&'static str),
+    /// A reflector store's writer is gone (the controllers are stopping).
+    #[error("the {0} store stopped")]
+    StoreStopped(&'static str),
 }
 
 /// What every reconciler shares.
@@ -72,19 +76,21 @@ impl std::fmt::Debug for Context {
 }
 
 impl Context {
-    /// A context for `client`.
+    /// A context for `client`; `instance` names this replica in the Events it records
+    /// (the controller's `--identity`).
     #[must_use]
     pub fn new(
         client: Client,
         s3: aws_sdk_s3::Client,
         clickhouse: Option<clickhouse::Client>,
         gateway: Option<Gateway>,
+        instance: Option<String>,
     ) -> Self {
         let recorder = Recorder::new(
             client.clone(),
             Reporter {
                 controller: MANAGER.into(),
-                instance: std::env::var("HOSTNAME").ok(),
+                instance,
             },
         );
         Context {
@@ -121,7 +127,7 @@ impl Context {
     }
 }
 
-fn error_policy<K>(_obj: Arc<K>, error: &Error, _ctx: Arc<Context>) -> Action {
+fn error_policy<K, C>(_obj: Arc<K>, error: &Error, _ctx: Arc<C>) -> Action {
     if status::is_conflict(error) {
         // The object changed since it was read: look again at once, on the fresh copy.
         tracing::debug!(%error, "stale object; reconciling again");
@@ -131,60 +137,67 @@ fn error_policy<K>(_obj: Arc<K>, error: &Error, _ctx: Arc<Context>) -> Action {
     Action::requeue(Duration::from_secs(5))
 }
 
+/// Runs one controller until `shutdown`, in a span naming its kind; every reconcile runs
+/// in its own span (the reconcilers' `#[instrument]`) naming the object.
+async fn drive<K, C, R, Fut>(
+    controller: Controller<K>,
+    reconcile: R,
+    ctx: Arc<C>,
+    shutdown: &CancellationToken,
+) where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+    C: Send + Sync + 'static,
+    R: FnMut(Arc<K>, Arc<C>) -> Fut,
+    Fut: Future<Output = Result<Action, Error>> + Send + 'static,
+{
+    let kind = K::kind(&()).into_owned();
+    controller
+        .graceful_shutdown_on(shutdown.clone().cancelled_owned())
+        .run(reconcile, error_policy, ctx)
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "reconcile");
+            }
+        })
+        .instrument(info_span!("controller", kind = %kind))
+        .await;
+}
+
 /// Runs the three controllers until `shutdown`.
 pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     let client = ctx.client.clone();
-    let mv = Controller::new(
-        Api::<ModelVersion>::all(client.clone()),
-        watcher::Config::default(),
+    let all = watcher::Config::default;
+    let mv = Controller::new(Api::<ModelVersion>::all(client.clone()), all());
+    let rp = Controller::new(Api::<RoutingPolicy>::all(client.clone()), all());
+    let mro = Controller::new(Api::<ModelRollout>::all(client.clone()), all());
+    // The rollouts read ModelVersions from this reflector, and every change to one
+    // re-reconciles them: the store holds the change before the trigger fires, so a rollout
+    // waiting for its version moves as soon as it is verified.
+    let (versions, writer) = reflector::store::<ModelVersion>();
+    let version_changes = reflector(
+        writer,
+        watcher(Api::<ModelVersion>::all(client.clone()), all()),
     )
-    .graceful_shutdown_on(shutdown.clone().cancelled_owned())
-    .run(model_version::reconcile, error_policy, ctx.clone())
-    .for_each(|r| async move {
-        if let Err(e) = r {
-            tracing::debug!(error = %e, "ModelVersion reconcile");
-        }
+    .touched_objects()
+    .filter_map(|e| async move { e.ok().map(|_| ()) });
+    let rollouts = Arc::new(model_rollout::RolloutContext {
+        base: ctx.clone(),
+        versions,
+        rollouts: mro.store(),
     });
-    let rp = Controller::new(
-        Api::<RoutingPolicy>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .graceful_shutdown_on(shutdown.clone().cancelled_owned())
-    .run(routing_policy::reconcile, error_policy, ctx.clone())
-    .for_each(|r| async move {
-        if let Err(e) = r {
-            tracing::debug!(error = %e, "RoutingPolicy reconcile");
-        }
-    });
-    let mro = Controller::new(
-        Api::<ModelRollout>::all(client.clone()),
-        watcher::Config::default(),
-    );
-    // A rollout waiting for its ModelVersion moves as soon as it is verified.
-    let rollouts = mro.store();
-    let mro = mro
-        .watches(
-            Api::<ModelVersion>::all(client.clone()),
-            watcher::Config::default(),
-            move |mv: ModelVersion| {
-                let ns = mv.namespace();
-                rollouts
-                    .state()
-                    .into_iter()
-                    .filter(|r| r.namespace() == ns && r.spec.model == mv.spec.model)
-                    .map(|r| ObjectRef::from_obj(r.as_ref()))
-                    .collect::<Vec<_>>()
-            },
-        )
-        .graceful_shutdown_on(shutdown.clone().cancelled_owned())
-        .run(model_rollout::reconcile, error_policy, ctx.clone())
-        .for_each(|r| async move {
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "ModelRollout reconcile");
-            }
-        });
+    let mro = mro.reconcile_all_on(version_changes);
     info!("controllers running");
-    tokio::join!(mv, rp, mro);
+    tokio::join!(
+        drive(mv, model_version::reconcile, ctx.clone(), &shutdown),
+        drive(rp, routing_policy::reconcile, ctx.clone(), &shutdown),
+        drive(mro, model_rollout::reconcile, rollouts, &shutdown),
+    );
 }
 
 /// `namespace/name` of an object.

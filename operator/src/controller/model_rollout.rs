@@ -17,13 +17,33 @@ use edgewise_core::variant::choose_variant;
 use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::controller::Action;
+use kube::runtime::reflector::Store;
 use tracing::instrument;
 
 use super::segment::{SegmentDevice, summarize};
 use super::status::{Cond, conditions, write_status};
 use super::{Context, Error, key};
+use crate::crd::names::condition;
 use crate::crd::{ModelRollout, ModelRolloutStatus, ModelVersion, ModelVersionPhase};
 use crate::gateway::desired::cohort_salt;
+
+/// What the rollout reconciler reads besides the cluster's events: the shared context and
+/// reflector stores of the objects it consults, so a reconcile lists nothing.
+pub(super) struct RolloutContext {
+    /// Clients, the gateway and the event recorder.
+    pub(super) base: Arc<Context>,
+    /// Every ModelVersion, kept by a reflector whose changes also trigger the rollouts.
+    pub(super) versions: Store<ModelVersion>,
+    /// Every ModelRollout (the rollout controller's own store).
+    pub(super) rollouts: Store<ModelRollout>,
+}
+
+impl std::ops::Deref for RolloutContext {
+    type Target = Context;
+    fn deref(&self) -> &Context {
+        &self.base
+    }
+}
 
 /// How often a rollout with nothing pending is looked at again: device counts and skew
 /// change without the object changing.
@@ -39,7 +59,15 @@ fn window(r: &ModelRollout) -> Duration {
 }
 
 #[instrument(skip_all, fields(rollout = %key(r.as_ref())))]
-pub(super) async fn reconcile(r: Arc<ModelRollout>, ctx: Arc<Context>) -> Result<Action, Error> {
+pub(super) async fn reconcile(
+    r: Arc<ModelRollout>,
+    ctx: Arc<RolloutContext>,
+) -> Result<Action, Error> {
+    // Until the ModelVersion reflector has listed once, "missing" would be a guess.
+    ctx.versions
+        .wait_until_ready()
+        .await
+        .map_err(|_| Error::StoreStopped("ModelVersion"))?;
     let ns = r.namespace().ok_or(Error::Metadata("namespace"))?;
     let api: Api<ModelRollout> = Api::namespaced(ctx.client.clone(), &ns);
     let state: RolloutState = r
@@ -48,7 +76,7 @@ pub(super) async fn reconcile(r: Arc<ModelRollout>, ctx: Arc<Context>) -> Result
         .map(|s| s.state.clone())
         .unwrap_or_default();
     let strategy = &r.spec.strategy;
-    let mv = model_version(&ctx, &ns, &r.spec.model, &strategy.version).await?;
+    let mv = model_version(&ctx.versions, &ns, &r.spec.model, &strategy.version);
     let version = availability(mv.as_ref());
     let devices = segment_devices(&ctx, &r, mv.as_ref()).await?;
 
@@ -93,7 +121,7 @@ pub(super) async fn reconcile(r: Arc<ModelRollout>, ctx: Arc<Context>) -> Result
         now,
     );
 
-    let conflict = older_overlapping(&ctx, &r).await?;
+    let conflict = older_overlapping(&ctx.rollouts, &r);
     let state = &transition.state;
     let target = state
         .canary_version
@@ -125,23 +153,21 @@ pub(super) async fn reconcile(r: Arc<ModelRollout>, ctx: Arc<Context>) -> Result
 }
 
 /// The ModelVersion of `model` at `version` in `ns`, Ready ones first.
-async fn model_version(
-    ctx: &Context,
+fn model_version(
+    versions: &Store<ModelVersion>,
     ns: &str,
     model: &str,
     version: &str,
-) -> Result<Option<ModelVersion>, Error> {
-    let api: Api<ModelVersion> = Api::namespaced(ctx.client.clone(), ns);
-    let mut found: Vec<ModelVersion> = api
-        .list(&Default::default())
-        .await?
-        .items
+) -> Option<ModelVersion> {
+    let mut found: Vec<Arc<ModelVersion>> = versions
+        .state()
         .into_iter()
+        .filter(|m| m.namespace().as_deref() == Some(ns))
         .filter(|m| m.spec.model == model && m.spec.version == version)
         .collect();
     found
         .sort_by_key(|m| m.status.as_ref().and_then(|s| s.phase) != Some(ModelVersionPhase::Ready));
-    Ok(found.into_iter().next())
+    found.into_iter().next().map(|m| m.as_ref().clone())
 }
 
 fn availability(mv: Option<&ModelVersion>) -> Availability {
@@ -153,10 +179,10 @@ fn availability(mv: Option<&ModelVersion>) -> Availability {
         Some(ModelVersionPhase::Ready) => Availability::Ready,
         Some(ModelVersionPhase::Failed) => Availability::Failed(
             status
-                .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Verified"))
+                .and_then(|s| s.conditions.iter().find(|c| c.type_ == condition::VERIFIED))
                 .map_or_else(|| "verification failed".to_owned(), |c| c.message.clone()),
         ),
-        Some(phase) => Availability::NotReady(format!("{phase:?}")),
+        Some(phase) => Availability::NotReady(phase.as_str().to_owned()),
         None => Availability::NotReady("Pending".into()),
     }
 }
@@ -205,17 +231,14 @@ async fn segment_devices(
 
 /// The older rollout of the same model whose selector may share devices with this one: it
 /// wins them.
-async fn older_overlapping(ctx: &Context, r: &ModelRollout) -> Result<Option<String>, Error> {
-    let all: Api<ModelRollout> = Api::all(ctx.client.clone());
-    Ok(all
-        .list(&Default::default())
-        .await?
-        .items
+fn older_overlapping(rollouts: &Store<ModelRollout>, r: &ModelRollout) -> Option<String> {
+    rollouts
+        .state()
         .into_iter()
-        .filter(|o| o.spec.model == r.spec.model && key(o) != key(r))
+        .filter(|o| o.spec.model == r.spec.model && key(o.as_ref()) != key(r))
         .filter(|o| o.metadata.creation_timestamp < r.metadata.creation_timestamp)
         .find(|o| o.spec.selector.may_overlap(&r.spec.selector))
-        .map(|o| key(&o)))
+        .map(|o| key(o.as_ref()))
 }
 
 fn rollout_conditions<'a>(
@@ -234,26 +257,26 @@ fn rollout_conditions<'a>(
     let ns = r.namespace().unwrap_or_default();
     let mut out = vec![
         Cond {
-            type_: "Progressing",
+            type_: condition::PROGRESSING,
             ok: phase.in_flight(),
-            reason: phase_name(phase),
+            reason: phase.as_str(),
             message: s.message.clone().unwrap_or_default(),
         },
         Cond {
-            type_: "Healthy",
+            type_: condition::HEALTHY,
             ok: healthy,
             reason: if healthy { "GatesPassing" } else { "Failed" },
             message: s.failure.clone().unwrap_or_default(),
         },
         match version {
             Availability::Ready => Cond {
-                type_: "VersionReady",
+                type_: condition::VERSION_READY,
                 ok: true,
                 reason: "ModelVersionReady",
                 message: format!("the ModelVersion of {} {wanted} is Ready", r.spec.model),
             },
             other => Cond {
-                type_: "VersionReady",
+                type_: condition::VERSION_READY,
                 ok: false,
                 reason: tr
                     .version_blocker
@@ -270,13 +293,13 @@ fn rollout_conditions<'a>(
         },
         match &tr.device_blocker {
             Some(b) => Cond {
-                type_: "DevicesAvailable",
+                type_: condition::DEVICES_AVAILABLE,
                 ok: false,
                 reason: b.reason,
                 message: b.message.clone(),
             },
             None => Cond {
-                type_: "DevicesAvailable",
+                type_: condition::DEVICES_AVAILABLE,
                 ok: true,
                 reason: "DevicesTargeted",
                 message: String::new(),
@@ -284,7 +307,7 @@ fn rollout_conditions<'a>(
         },
         match conflict {
             Some(other) => Cond {
-                type_: "Conflict",
+                type_: condition::CONFLICT,
                 ok: true,
                 reason: "OverlappingSelector",
                 message: format!(
@@ -292,7 +315,7 @@ fn rollout_conditions<'a>(
                 ),
             },
             None => Cond {
-                type_: "Conflict",
+                type_: condition::CONFLICT,
                 ok: false,
                 reason: "NoOverlap",
                 message: String::new(),
@@ -301,23 +324,11 @@ fn rollout_conditions<'a>(
     ];
     if let Some(c) = &s.last_command {
         out.push(Cond {
-            type_: "LastCommand",
+            type_: condition::LAST_COMMAND,
             ok: c.applied,
             reason: if c.applied { "Applied" } else { "Refused" },
             message: format!("{} (request {}): {}", c.command, c.request, c.message),
         });
     }
     out
-}
-
-fn phase_name(phase: Phase) -> &'static str {
-    match phase {
-        Phase::Progressing => "Progressing",
-        Phase::Paused => "Paused",
-        Phase::Analyzing => "Analyzing",
-        Phase::Succeeded => "Succeeded",
-        Phase::RolledBack => "RolledBack",
-        Phase::Aborted => "Aborted",
-        Phase::Failed => "Failed",
-    }
 }

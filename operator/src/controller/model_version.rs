@@ -14,59 +14,69 @@ use tracing::instrument;
 
 use super::status::{Cond, conditions, write_status};
 use super::{Context, Error};
+use crate::crd::names::condition;
 use crate::crd::{ModelVersion, ModelVersionPhase, ModelVersionStatus, VariantStatus};
 
-/// Checks one variant's artifact; `Err` says what is wrong.
-async fn verify(s3: &aws_sdk_s3::Client, v: &Variant) -> Result<(), String> {
-    let (bucket, key) = v.artifact.location().map_err(|e| e.to_string())?;
+/// Why a variant's artifact failed verification; the text goes into the variant's status.
+#[derive(Debug, thiserror::Error)]
+enum Unverified {
+    #[error(transparent)]
+    Uri(#[from] edgewise_core::variant::BadArtifactUri),
+    #[error("{uri} not found or unreadable: {detail}")]
+    Head { uri: String, detail: String },
+    #[error("size mismatch: object has {actual} bytes, spec says {declared}")]
+    Size { actual: i64, declared: u64 },
+    #[error("reading {uri}: {detail}")]
+    Read { uri: String, detail: String },
+    #[error("SHA-256 mismatch: spec says {declared}, object has {actual}")]
+    Sha256 { declared: String, actual: String },
+}
+
+/// Checks one variant's artifact: present, of the declared size, with the declared SHA-256
+/// (streamed, never buffered whole).
+async fn verify(s3: &aws_sdk_s3::Client, v: &Variant) -> Result<(), Unverified> {
+    let uri = &v.artifact.uri;
+    let (bucket, key) = v.artifact.location()?;
+    // DisplayErrorContext renders the SDK's whole chain (service code and message).
     let head = s3
         .head_object()
         .bucket(bucket)
         .key(key)
         .send()
         .await
-        .map_err(|e| {
-            format!(
-                "{} not found or unreadable: {}",
-                v.artifact.uri,
-                aws_sdk_s3::error::DisplayErrorContext(e)
-            )
+        .map_err(|e| Unverified::Head {
+            uri: uri.clone(),
+            detail: aws_sdk_s3::error::DisplayErrorContext(e).to_string(),
         })?;
     let size = head.content_length().unwrap_or(-1);
     if u64::try_from(size).ok() != Some(v.artifact.size_bytes) {
-        return Err(format!(
-            "size mismatch: object has {size} bytes, spec says {}",
-            v.artifact.size_bytes
-        ));
+        return Err(Unverified::Size {
+            actual: size,
+            declared: v.artifact.size_bytes,
+        });
     }
+    let read = |detail: String| Unverified::Read {
+        uri: uri.clone(),
+        detail,
+    };
     let mut body = s3
         .get_object()
         .bucket(bucket)
         .key(key)
         .send()
         .await
-        .map_err(|e| {
-            format!(
-                "reading {}: {}",
-                v.artifact.uri,
-                aws_sdk_s3::error::DisplayErrorContext(e)
-            )
-        })?
+        .map_err(|e| read(aws_sdk_s3::error::DisplayErrorContext(e).to_string()))?
         .body;
     let mut hasher = Sha256::new();
-    while let Some(chunk) = body
-        .try_next()
-        .await
-        .map_err(|e| format!("reading {}: {e}", v.artifact.uri))?
-    {
+    while let Some(chunk) = body.try_next().await.map_err(|e| read(e.to_string()))? {
         hasher.update(&chunk);
     }
     let actual = hex::encode(hasher.finalize());
     if actual != v.artifact.sha256 {
-        return Err(format!(
-            "SHA-256 mismatch: spec says {}, object has {actual}",
-            v.artifact.sha256
-        ));
+        return Err(Unverified::Sha256 {
+            declared: v.artifact.sha256.clone(),
+            actual,
+        });
     }
     Ok(())
 }
@@ -129,7 +139,7 @@ pub(super) async fn reconcile(mv: Arc<ModelVersion>, ctx: Arc<Context>) -> Resul
         results.push(VariantStatus {
             name: v.name.clone(),
             verified: r.is_ok(),
-            message: r.err(),
+            message: r.err().map(|e| e.to_string()),
         });
     }
     let ok = results.iter().filter(|r| r.verified).count();
@@ -161,7 +171,7 @@ pub(super) async fn reconcile(mv: Arc<ModelVersion>, ctx: Arc<Context>) -> Resul
         conditions: conditions(
             previous,
             vec![Cond {
-                type_: "Verified",
+                type_: condition::VERIFIED,
                 ok: all,
                 reason,
                 message: message.clone(),

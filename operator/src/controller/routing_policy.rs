@@ -11,6 +11,7 @@ use tracing::instrument;
 
 use super::status::{Cond, conditions, write_status};
 use super::{Context, Error};
+use crate::crd::names::condition;
 use crate::crd::{PolicyDeviceCounts, RoutingPolicy, RoutingPolicyStatus};
 
 #[instrument(skip_all, fields(routing_policy = %super::key(rp.as_ref())))]
@@ -22,13 +23,13 @@ pub(super) async fn reconcile(rp: Arc<RoutingPolicy>, ctx: Arc<Context>) -> Resu
     let compiled = compile(&rp.spec.policy);
     let accepted = match &compiled {
         Ok(_) => Cond {
-            type_: "Accepted",
+            type_: condition::ACCEPTED,
             ok: true,
             reason: "Compiled",
             message: "the policy compiles".into(),
         },
         Err(e) => Cond {
-            type_: "Accepted",
+            type_: condition::ACCEPTED,
             ok: false,
             reason: "Invalid",
             message: e.to_string(),
@@ -60,7 +61,7 @@ pub(super) async fn reconcile(rp: Arc<RoutingPolicy>, ctx: Arc<Context>) -> Resu
     let was_accepted = rp
         .status
         .as_ref()
-        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Accepted"))
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == condition::ACCEPTED))
         .map(|c| c.status == "True");
     let now_accepted = compiled.is_ok();
     let announce = (was_accepted != Some(now_accepted)).then(|| match &compiled {

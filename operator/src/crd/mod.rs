@@ -5,6 +5,7 @@
 
 mod model_rollout;
 mod model_version;
+pub mod names;
 mod routing_policy;
 
 pub use model_rollout::{

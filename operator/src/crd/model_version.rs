@@ -94,6 +94,19 @@ pub enum ModelVersionPhase {
     Failed,
 }
 
+impl ModelVersionPhase {
+    /// The name as status and `kubectl get` show it.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelVersionPhase::Pending => "Pending",
+            ModelVersionPhase::Verifying => "Verifying",
+            ModelVersionPhase::Ready => "Ready",
+            ModelVersionPhase::Failed => "Failed",
+        }
+    }
+}
+
 /// Observed state of a model version.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]

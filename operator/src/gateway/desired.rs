@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use edgewise_core::cohort::bucket;
-use edgewise_core::variant::{Artifact, DeviceFacts, ModelFormat, choose_variant};
+use edgewise_core::variant::{Artifact, DeviceFacts, ModelFormat, NoVariantFits, choose_variant};
 use kube::ResourceExt;
 
 use super::snapshot::{FleetSnapshot, PolicyEntry};
@@ -44,7 +44,7 @@ pub struct DesiredModel {
     /// Whether the device is in the canary cohort.
     pub canary: bool,
     /// The variant, or why none fits.
-    pub variant: Result<DesiredVariant, String>,
+    pub variant: Result<DesiredVariant, NoVariantFits>,
 }
 
 /// The policy the device should run.
@@ -133,16 +133,14 @@ fn model_for(
         }
     };
     let canary = state.canary_version.as_deref() == Some(version) && stable != Some(version);
-    let variant = choose_variant(&mv.spec.variants, device.facts)
-        .map(|i| {
-            let v = &mv.spec.variants[i];
-            DesiredVariant {
-                name: v.name.clone(),
-                format: v.format,
-                artifact: v.artifact.clone(),
-            }
-        })
-        .map_err(|e| e.to_string());
+    let variant = choose_variant(&mv.spec.variants, device.facts).map(|i| {
+        let v = &mv.spec.variants[i];
+        DesiredVariant {
+            name: v.name.clone(),
+            format: v.format,
+            artifact: v.artifact.clone(),
+        }
+    });
     Some(DesiredModel {
         version: version.to_owned(),
         rollout: salt,

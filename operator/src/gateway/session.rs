@@ -51,7 +51,7 @@ impl From<&DesiredModel> for ModelKey {
             Err(reason) => ModelKey {
                 version: d.version.clone(),
                 variant: String::new(),
-                digest_or_reason: reason.clone(),
+                digest_or_reason: reason.to_string(),
             },
         }
     }
@@ -87,8 +87,8 @@ impl Session {
         snapshot: Arc<FleetSnapshot>,
     ) -> Self {
         let mut labels = claims.targeting_labels();
-        labels.insert("edgewise.dev/os".into(), facts.os.clone());
-        labels.insert("edgewise.dev/arch".into(), facts.arch.clone());
+        labels.insert(crate::crd::names::label::OS.into(), facts.os.clone());
+        labels.insert(crate::crd::names::label::ARCH.into(), facts.arch.clone());
         let known = hello
             .installed
             .iter()
@@ -309,7 +309,7 @@ impl Session {
                     }
                 }
             }
-            Err(reason) => a.unsupported_reason = reason.clone(),
+            Err(reason) => a.unsupported_reason = reason.to_string(),
         }
         a
     }

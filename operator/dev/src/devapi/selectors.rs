@@ -48,12 +48,26 @@ fn set(values: &str) -> Vec<String> {
         .collect()
 }
 
+/// A selector that does not parse; the message is the API server's.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SelectorError {
+    /// A label requirement that does not parse.
+    #[error("unable to parse requirement: {0:?}")]
+    Requirement(String),
+    /// A field requirement with no operator.
+    #[error("invalid field selector {0:?}")]
+    Field(String),
+    /// A field custom resources cannot be selected on.
+    #[error("field label not supported: {0}")]
+    UnsupportedField(String),
+}
+
 impl LabelSelector {
     /// Parses `a=b,c!=d,e in (f,g),h notin (i),j,!k`.
     ///
     /// # Errors
-    /// A message naming the requirement that does not parse.
-    pub fn parse(s: &str) -> Result<Self, String> {
+    /// [`SelectorError::Requirement`] naming the requirement that does not parse.
+    pub fn parse(s: &str) -> Result<Self, SelectorError> {
         let mut reqs = Vec::new();
         for part in split_top(s) {
             let req = if let Some((k, v)) = part.split_once("!=") {
@@ -72,7 +86,7 @@ impl LabelSelector {
             {
                 Req::Exists(part.into())
             } else {
-                return Err(format!("unable to parse requirement: {part:?}"));
+                return Err(SelectorError::Requirement(part.to_owned()));
             };
             reqs.push(req);
         }
@@ -103,8 +117,8 @@ impl FieldSelector {
     /// Parses `metadata.name=x,metadata.namespace!=y`.
     ///
     /// # Errors
-    /// A message naming an unsupported field.
-    pub fn parse(s: &str) -> Result<Self, String> {
+    /// [`SelectorError`] naming the requirement or the unsupported field.
+    pub fn parse(s: &str) -> Result<Self, SelectorError> {
         let mut out = Vec::new();
         for part in split_top(s) {
             let (field, eq, value) = if let Some((k, v)) = part.split_once("!=") {
@@ -112,11 +126,11 @@ impl FieldSelector {
             } else if let Some((k, v)) = part.split_once("==").or_else(|| part.split_once('=')) {
                 (k, true, v)
             } else {
-                return Err(format!("invalid field selector {part:?}"));
+                return Err(SelectorError::Field(part.to_owned()));
             };
             let field = field.trim();
             if !["metadata.name", "metadata.namespace"].contains(&field) {
-                return Err(format!("field label not supported: {field}"));
+                return Err(SelectorError::UnsupportedField(field.to_owned()));
             }
             out.push((field.to_owned(), eq, value.trim().to_owned()));
         }

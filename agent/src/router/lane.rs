@@ -29,7 +29,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 use tonic::{Code, Status};
 
-use crate::router::LocalRouter;
+use super::{LocalRouter, not_stored};
 
 /// What a framed-lane client sends first.
 pub const MAGIC: [u8; 4] = *b"EWR1";
@@ -147,10 +147,7 @@ async fn call(router: &LocalRouter, method: u8, message: &[u8]) -> Result<Vec<u8
         m if m == Method::Report as u8 => {
             let outcome = Outcome::decode(message)
                 .map_err(|e| Status::invalid_argument(format!("malformed Outcome: {e}")))?;
-            router
-                .report(&outcome)
-                .await
-                .map_err(crate::router::not_stored)?;
+            router.report(&outcome).await.map_err(not_stored)?;
             Ok(Vec::new())
         }
         other => Err(Status::invalid_argument(format!(

@@ -1,32 +1,29 @@
 //! The local Router: where does this request run? Answered from the last good policy and
-//! the installed models, online or offline, in-process or over a Unix socket.
+//! the installed models, online or offline, in-process ([`LocalRouter`]) or over a Unix
+//! socket ([`socket`]) that speaks gRPC ([`service`]) and a framed lane ([`lane`]).
+
+pub mod lane;
+pub mod service;
+pub mod socket;
+
+pub use service::RouterService;
+pub use socket::serve_unix;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use edgewise_core::policy::{Network, Request, TargetKind};
 use edgewise_proto::convert::{InstalledModels, decide_response};
 use edgewise_proto::fleet::InferenceEvent;
-use edgewise_proto::router::router_server::{Router, RouterServer};
-use edgewise_proto::router::{
-    DecideRequest, DecideResponse, LocalModel, ModelsSnapshot, Outcome, ReportResponse,
-    WatchModelsRequest,
-};
-use futures_util::{Stream, StreamExt};
-use tokio::io::AsyncReadExt;
-use tokio::net::{UnixListener, UnixStream};
+use edgewise_proto::router::{DecideRequest, DecideResponse, LocalModel, Outcome};
 use tokio::sync::watch;
-use tokio_stream::wrappers::WatchStream;
-use tokio_util::sync::CancellationToken;
-use tonic::{Status, async_trait};
+use tonic::Status;
 
-use crate::device::new_event_id;
 use crate::policy::PolicyStore;
 use crate::store::ModelsFile;
-use crate::telemetry::{BufferError, Event, TelemetryBuffer};
+use crate::telemetry::clock::utc_day;
+use crate::telemetry::{BufferError, Event, TelemetryBuffer, new_event_id};
 
 /// Active models by family, as apps see them.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -117,10 +114,6 @@ pub struct LocalRouter {
     models: watch::Sender<Arc<ModelsView>>,
     network: AtomicU8,
     usage: Mutex<DailyUsage>,
-}
-
-fn utc_day() -> i64 {
-    crate::identity::now_unix_ms() / 86_400_000
 }
 
 impl LocalRouter {
@@ -257,7 +250,7 @@ impl LocalRouter {
             let local = family.as_deref().and_then(|m| models.models.get(m));
             let event = InferenceEvent {
                 event_id: new_event_id(),
-                time_unix_ms: crate::identity::now_unix_ms() - outcome.latency_ms.max(0.0) as i64,
+                time_unix_ms: crate::telemetry::now_unix_ms() - outcome.latency_ms.max(0.0) as i64,
                 model: family.clone().unwrap_or_default(),
                 version: local.map(|m| m.version.clone()).unwrap_or_default(),
                 variant: local.map(|m| m.variant.clone()).unwrap_or_default(),
@@ -298,173 +291,5 @@ impl LocalRouter {
             usage.cloud_spend_usd += per_1k * tokens / 1000.0;
         }
         Ok(())
-    }
-}
-
-/// The gRPC face of a [`LocalRouter`].
-#[derive(Debug, Clone)]
-pub struct RouterService {
-    router: Arc<LocalRouter>,
-}
-
-impl RouterService {
-    /// Wraps a router.
-    #[must_use]
-    pub fn new(router: Arc<LocalRouter>) -> Self {
-        RouterService { router }
-    }
-}
-
-type ModelsStream = Pin<Box<dyn Stream<Item = Result<ModelsSnapshot, Status>> + Send>>;
-
-#[async_trait]
-impl Router for RouterService {
-    async fn decide(
-        &self,
-        request: tonic::Request<DecideRequest>,
-    ) -> Result<tonic::Response<DecideResponse>, Status> {
-        self.router
-            .decide(request.get_ref())
-            .map(tonic::Response::new)
-            .map_err(Status::from)
-    }
-
-    async fn report(
-        &self,
-        request: tonic::Request<Outcome>,
-    ) -> Result<tonic::Response<ReportResponse>, Status> {
-        self.router
-            .report(request.get_ref())
-            .await
-            .map_err(not_stored)?;
-        Ok(tonic::Response::new(ReportResponse {}))
-    }
-
-    type WatchModelsStream = ModelsStream;
-
-    async fn watch_models(
-        &self,
-        _request: tonic::Request<WatchModelsRequest>,
-    ) -> Result<tonic::Response<Self::WatchModelsStream>, Status> {
-        let stream = WatchStream::new(self.router.watch_models()).map(|view| {
-            Ok(ModelsSnapshot {
-                models: view.models.values().cloned().collect(),
-            })
-        });
-        Ok(tonic::Response::new(Box::pin(stream)))
-    }
-}
-
-/// Serves the Router API on a Unix socket until `shutdown`: gRPC, and the framed lane
-/// ([`crate::router_lane`]) for clients that open with its magic.
-///
-/// # Errors
-/// When the socket cannot be bound or the server fails.
-pub async fn serve_unix(
-    path: PathBuf,
-    router: Arc<LocalRouter>,
-    shutdown: CancellationToken,
-) -> std::io::Result<()> {
-    let path = path.as_path();
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    // A socket left by a previous run would make bind fail.
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-        _ => {}
-    }
-    let listener = UnixListener::bind(path)?;
-    let (grpc_tx, grpc_rx) = tokio::sync::mpsc::channel::<std::io::Result<Replayed>>(64);
-    let grpc = tonic::transport::Server::builder()
-        .add_service(RouterServer::new(RouterService::new(router.clone())))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::ReceiverStream::new(grpc_rx),
-            shutdown.clone().cancelled_owned(),
-        );
-    let accept = async {
-        loop {
-            let (stream, _) = tokio::select! {
-                () = shutdown.cancelled() => return Ok(()),
-                accepted = listener.accept() => accepted?,
-            };
-            let (router, grpc_tx) = (router.clone(), grpc_tx.clone());
-            tokio::spawn(async move {
-                if let Err(e) = dispatch(stream, router, grpc_tx).await {
-                    tracing::debug!(error = %e, "router connection ended");
-                }
-            });
-        }
-    };
-    let served = tokio::select! {
-        served = grpc => served.map_err(std::io::Error::other),
-        accepted = accept => accepted,
-    };
-    // Apps must not find a socket nobody listens on.
-    let _ = std::fs::remove_file(path);
-    served
-}
-
-/// Reads a connection's first bytes: the lane's magic, or the start of gRPC's HTTP/2
-/// preface, which goes to the gRPC server with those bytes put back.
-async fn dispatch(
-    mut stream: UnixStream,
-    router: Arc<LocalRouter>,
-    grpc: tokio::sync::mpsc::Sender<std::io::Result<Replayed>>,
-) -> std::io::Result<()> {
-    let mut first = [0u8; 4];
-    stream.read_exact(&mut first).await?;
-    if first == crate::router_lane::MAGIC {
-        return crate::router_lane::serve(stream, router).await;
-    }
-    let (read, write) = stream.into_split();
-    let io = tokio::io::join(std::io::Cursor::new(first).chain(read), write);
-    grpc.send(Ok(Replayed(io)))
-        .await
-        .map_err(|_| std::io::Error::other("router gRPC server stopped"))
-}
-
-type ReplayedIo = tokio::io::Join<
-    tokio::io::Chain<std::io::Cursor<[u8; 4]>, tokio::net::unix::OwnedReadHalf>,
-    tokio::net::unix::OwnedWriteHalf,
->;
-
-/// A Unix connection whose first bytes were read and are replayed to the gRPC server.
-struct Replayed(ReplayedIo);
-
-impl tonic::transport::server::Connected for Replayed {
-    type ConnectInfo = ();
-    fn connect_info(&self) -> Self::ConnectInfo {}
-}
-
-impl tokio::io::AsyncRead for Replayed {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
-    }
-}
-
-impl tokio::io::AsyncWrite for Replayed {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
-    }
-    fn poll_flush(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
-    }
-    fn poll_shutdown(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
     }
 }

@@ -1,0 +1,129 @@
+//! The router's Unix socket: one listener for both gRPC and the framed lane ([`super::lane`]),
+//! told apart by a connection's first bytes.
+
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use edgewise_proto::router::router_server::RouterServer;
+use tokio::io::AsyncReadExt;
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+
+use super::LocalRouter;
+use super::lane;
+use super::service::RouterService;
+
+/// Serves the Router API on a Unix socket until `shutdown`: gRPC, and the framed lane
+/// ([`super::lane`]) for clients that open with its magic.
+///
+/// # Errors
+/// When the socket cannot be bound or the server fails.
+pub async fn serve_unix(
+    path: PathBuf,
+    router: Arc<LocalRouter>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let path = path.as_path();
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    // A socket left by a previous run would make bind fail.
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let listener = UnixListener::bind(path)?;
+    let (grpc_tx, grpc_rx) = tokio::sync::mpsc::channel::<std::io::Result<Replayed>>(64);
+    let grpc = tonic::transport::Server::builder()
+        .add_service(RouterServer::new(RouterService::new(router.clone())))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::ReceiverStream::new(grpc_rx),
+            shutdown.clone().cancelled_owned(),
+        );
+    let accept = async {
+        loop {
+            let (stream, _) = tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                accepted = listener.accept() => accepted?,
+            };
+            let (router, grpc_tx) = (router.clone(), grpc_tx.clone());
+            tokio::spawn(async move {
+                if let Err(e) = dispatch(stream, router, grpc_tx).await {
+                    tracing::debug!(error = %e, "router connection ended");
+                }
+            });
+        }
+    };
+    let served = tokio::select! {
+        served = grpc => served.map_err(std::io::Error::other),
+        accepted = accept => accepted,
+    };
+    // Apps must not find a socket nobody listens on.
+    let _ = std::fs::remove_file(path);
+    served
+}
+
+/// Reads a connection's first bytes: the lane's magic, or the start of gRPC's HTTP/2
+/// preface, which goes to the gRPC server with those bytes put back.
+async fn dispatch(
+    mut stream: UnixStream,
+    router: Arc<LocalRouter>,
+    grpc: tokio::sync::mpsc::Sender<std::io::Result<Replayed>>,
+) -> std::io::Result<()> {
+    let mut first = [0u8; 4];
+    stream.read_exact(&mut first).await?;
+    if first == lane::MAGIC {
+        return lane::serve(stream, router).await;
+    }
+    let (read, write) = stream.into_split();
+    let io = tokio::io::join(std::io::Cursor::new(first).chain(read), write);
+    grpc.send(Ok(Replayed(io)))
+        .await
+        .map_err(|_| std::io::Error::other("router gRPC server stopped"))
+}
+
+type ReplayedIo = tokio::io::Join<
+    tokio::io::Chain<std::io::Cursor<[u8; 4]>, tokio::net::unix::OwnedReadHalf>,
+    tokio::net::unix::OwnedWriteHalf,
+>;
+
+/// A Unix connection whose first bytes were read and are replayed to the gRPC server.
+struct Replayed(ReplayedIo);
+
+impl tonic::transport::server::Connected for Replayed {
+    type ConnectInfo = ();
+    fn connect_info(&self) -> Self::ConnectInfo {}
+}
+
+impl tokio::io::AsyncRead for Replayed {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Replayed {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
