@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use edgewise_core::rollout::Phase;
-use edgewise_dev::{DevOptions, DevStack, publish};
+use edgewise_dev::{DevOptions, DevStack};
 use edgewise_operator::controller::leader::{LeaseConfig, campaign};
 use edgewise_operator::crd::{ModelRollout, ModelVersion, ModelVersionPhase, RoutingPolicy};
 use edgewise_tests::*;
@@ -48,36 +48,6 @@ fn rollout(version: &str, steps: serde_json::Value) -> serde_json::Value {
     })
 }
 
-async fn version(
-    s3: &aws_sdk_s3::Client,
-    mvs: &Api<ModelVersion>,
-    v: &str,
-    seed: u8,
-    corrupt: bool,
-) {
-    let mut artifact = publish(
-        s3,
-        &format!("assistant/{v}/cpu.onnx"),
-        artifact_bytes(64 << 10, seed),
-    )
-    .await
-    .expect("uploads");
-    if corrupt {
-        artifact["sha256"] = json!("0".repeat(64));
-    }
-    let mv = json!({
-        "apiVersion": "edgewise.dev/v1alpha1", "kind": "ModelVersion", "metadata": {"name": format!("assistant-{v}")},
-        "spec": {"model": "assistant", "version": v, "variants": [{"name": "cpu", "format": "onnx", "artifact": artifact, "requires": {"minMemoryMiB": 2048}}]}
-    });
-    mvs.patch(
-        &format!("assistant-{v}"),
-        &PatchParams::apply("test").force(),
-        &Patch::Apply(&mv),
-    )
-    .await
-    .expect("applies");
-}
-
 fn running(stack: &DevStack, v: &str) -> usize {
     stack
         .fleet
@@ -106,7 +76,7 @@ async fn a_breaching_canary_rolls_back_a_bad_digest_never_ships_and_pauses_wait_
         ("3.0.0", 3, false),
         ("4.0.0", 4, true),
     ] {
-        version(&stack.s3_client, &mvs, v, seed, corrupt).await;
+        publish_cpu_version(&stack.s3_client, &mvs, v, seed, 64 << 10, corrupt).await;
     }
     let policy = json!({
         "apiVersion": "edgewise.dev/v1alpha1", "kind": "RoutingPolicy", "metadata": {"name": "p"},
@@ -345,7 +315,7 @@ async fn the_dev_stack_installs_its_crds_into_an_existing_cluster_and_reconciles
     );
 
     let mvs: Api<ModelVersion> = Api::namespaced(stack.client.clone(), "edgewise");
-    version(&stack.s3_client, &mvs, "1.0.0", 1, false).await;
+    publish_cpu_version(&stack.s3_client, &mvs, "1.0.0", 1, 64 << 10, false).await;
     eventually(Duration::from_secs(60), "1.0.0 Ready", || async {
         mvs.get("assistant-1.0.0")
             .await

@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use edgewise_core::rollout::Phase;
-use edgewise_dev::{DevStack, publish};
+use edgewise_dev::DevStack;
 use edgewise_operator::crd::{ModelRollout, ModelRolloutStatus, ModelVersion, RoutingPolicy};
 use edgewise_tests::*;
 use k8s_openapi::api::events::v1::Event;
@@ -31,27 +31,6 @@ fn rollout(version: &str, steps: serde_json::Value) -> serde_json::Value {
             "onFailure": "Rollback"
         }
     })
-}
-
-async fn publish_version(s3: &aws_sdk_s3::Client, mvs: &Api<ModelVersion>, v: &str, seed: u8) {
-    let artifact = publish(
-        s3,
-        &format!("assistant/{v}/cpu.onnx"),
-        artifact_bytes(32 << 10, seed),
-    )
-    .await
-    .expect("uploads");
-    let mv = json!({
-        "apiVersion": "edgewise.dev/v1alpha1", "kind": "ModelVersion", "metadata": {"name": format!("assistant-{v}")},
-        "spec": {"model": "assistant", "version": v, "variants": [{"name": "cpu", "format": "onnx", "artifact": artifact, "requires": {"minMemoryMiB": 2048}}]}
-    });
-    mvs.patch(
-        &format!("assistant-{v}"),
-        &PatchParams::apply("test").force(),
-        &Patch::Apply(&mv),
-    )
-    .await
-    .expect("applies");
 }
 
 async fn status_where(
@@ -134,7 +113,7 @@ async fn missing_versions_wait_promote_never_skips_analysis_and_full_promotion_i
     rps.patch("p", &apply, &Patch::Apply(&policy))
         .await
         .expect("policy");
-    publish_version(&stack.s3_client, &mvs, "1.0.0", 1).await;
+    publish_cpu_version(&stack.s3_client, &mvs, "1.0.0", 1, 32 << 10, false).await;
     let ramp = json!([{"setPercent": 50}, {"setPercent": 100}]);
 
     // The first version becomes stable once Ready and targeted.
@@ -192,7 +171,7 @@ async fn missing_versions_wait_promote_never_skips_analysis_and_full_promotion_i
     );
 
     // Published and verified: it proceeds on its own.
-    publish_version(&stack.s3_client, &mvs, "2.0.0", 2).await;
+    publish_cpu_version(&stack.s3_client, &mvs, "2.0.0", 2, 32 << 10, false).await;
     status_where(&mros, "2.0.0 stable once published", |s| {
         s.state.stable_version.as_deref() == Some("2.0.0")
             && s.state.phase == Some(Phase::Succeeded)
@@ -216,7 +195,7 @@ async fn missing_versions_wait_promote_never_skips_analysis_and_full_promotion_i
 
     // 3.0.0 is six times slower. Promote skips the manual pause, the analysis that follows
     // still runs (a second promote there is refused) and rolls it back.
-    publish_version(&stack.s3_client, &mvs, "3.0.0", 3).await;
+    publish_cpu_version(&stack.s3_client, &mvs, "3.0.0", 3, 32 << 10, false).await;
     let gated = json!([{"setPercent": 50}, {"pause": {}}, {"analysis": {}}, {"setPercent": 100}]);
     mros.patch("assistant", &apply, &Patch::Apply(&rollout("3.0.0", gated)))
         .await
@@ -435,7 +414,7 @@ async fn an_idle_dev_stack_writes_no_status_and_stays_under_five_percent_of_a_co
 
     // Every kind of object: a Ready and a Failed ModelVersion, a policy, a rollout that
     // succeeded and one that waits for a version nobody published.
-    publish_version(&s3, &mvs, "1.0.0", 1).await;
+    publish_cpu_version(&s3, &mvs, "1.0.0", 1, 32 << 10, false).await;
     let broken = json!({
         "apiVersion": "edgewise.dev/v1alpha1", "kind": "ModelVersion", "metadata": {"name": "broken"},
         "spec": {"model": "other", "version": "1.0.0", "variants": [{"name": "cpu", "format": "onnx",

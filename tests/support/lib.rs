@@ -262,6 +262,40 @@ pub fn artifact_bytes(len: usize, seed: u8) -> Vec<u8> {
     out
 }
 
+/// Uploads a `size`-byte CPU (ONNX) artifact of model `assistant` version `v` to the dev
+/// stack's bucket and applies its one-variant ModelVersion `assistant-{v}`; `corrupt`
+/// declares a wrong SHA-256, so verification fails.
+pub async fn publish_cpu_version(
+    s3: &aws_sdk_s3::Client,
+    mvs: &kube::Api<ModelVersion>,
+    v: &str,
+    seed: u8,
+    size: usize,
+    corrupt: bool,
+) {
+    let mut artifact = edgewise_dev::publish(
+        s3,
+        &format!("assistant/{v}/cpu.onnx"),
+        artifact_bytes(size, seed),
+    )
+    .await
+    .expect("uploads");
+    if corrupt {
+        artifact["sha256"] = serde_json::json!("0".repeat(64));
+    }
+    let mv = serde_json::json!({
+        "apiVersion": "edgewise.dev/v1alpha1", "kind": "ModelVersion", "metadata": {"name": format!("assistant-{v}")},
+        "spec": {"model": "assistant", "version": v, "variants": [{"name": "cpu", "format": "onnx", "artifact": artifact, "requires": {"minMemoryMiB": 2048}}]}
+    });
+    mvs.patch(
+        &format!("assistant-{v}"),
+        &kube::api::PatchParams::apply("test").force(),
+        &kube::api::Patch::Apply(&mv),
+    )
+    .await
+    .expect("applies");
+}
+
 /// Signs an artifact's digest with a publisher key, as the publishing pipeline would.
 pub fn sign_artifact(key: &SigningKey, artifact: &mut Artifact) {
     let digest = hex::decode(&artifact.sha256).expect("hex");
