@@ -126,6 +126,16 @@ impl ApiError {
         })
     }
 
+    /// `503 ServiceUnavailable`: the endpoint is stopping and its store is closed.
+    pub(super) fn stopping() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ServiceUnavailable",
+            "the dev API is shutting down".to_string(),
+            json!({}),
+        )
+    }
+
     /// `410 Expired`: a watch asked to resume from a version the log no longer holds.
     pub(super) fn expired(rv: u64, oldest: u64) -> Self {
         Self::new(

@@ -63,17 +63,54 @@ struct Api {
     shutdown: CancellationToken,
     /// The watches' tasks, awaited on stop: they hold the store.
     tasks: TaskTracker,
-    store: Mutex<Store>,
+    /// `None` once stopped: `stop` closes the database itself, so a handler or connection
+    /// still unwinding cannot keep the file locked.
+    store: Mutex<Option<Store>>,
     resources: Vec<Resource>,
     bookmark_every: Duration,
 }
 
 impl Api {
     /// The store; a panic elsewhere while holding it leaves it usable (writes are atomic).
-    fn store(&self) -> MutexGuard<'_, Store> {
-        self.store
+    ///
+    /// # Errors
+    /// [`ApiError::stopping`] once the endpoint has stopped.
+    fn store(&self) -> Result<OpenStore<'_>, ApiError> {
+        let guard = self
+            .store
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if guard.is_some() {
+            Ok(OpenStore(guard))
+        } else {
+            Err(ApiError::stopping())
+        }
+    }
+
+    /// Closes the database (idempotent).
+    fn close_store(&self) {
+        drop(
+            self.store
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take(),
+        );
+    }
+}
+
+/// The locked store, known to be open.
+struct OpenStore<'a>(MutexGuard<'a, Option<Store>>);
+
+impl std::ops::Deref for OpenStore<'_> {
+    type Target = Store;
+    fn deref(&self) -> &Store {
+        self.0.as_ref().expect("checked open when locked")
+    }
+}
+
+impl std::ops::DerefMut for OpenStore<'_> {
+    fn deref_mut(&mut self) -> &mut Store {
+        self.0.as_mut().expect("checked open when locked")
     }
 }
 
@@ -84,7 +121,7 @@ pub struct DevApi {
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<()>,
     tasks: TaskTracker,
-    /// Gone once every handler and watch has let go of the store.
+    /// Closes the store on stop; gone once every handler and watch has let go.
     api: Weak<Api>,
 }
 
@@ -124,7 +161,7 @@ impl DevApi {
         let api = Arc::new(Api {
             shutdown: shutdown.clone(),
             tasks: tasks.clone(),
-            store: Mutex::new(store),
+            store: Mutex::new(Some(store)),
             resources: resources::all(),
             bookmark_every,
         });
@@ -185,13 +222,10 @@ impl DevApi {
         let _ = self.task.await;
         self.tasks.close();
         self.tasks.wait().await;
-        // Connection tasks drop their handle on the state as they unwind; wait for the last.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while self.api.strong_count() > 0 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        if self.api.strong_count() > 0 {
-            warn!("dev API stopped with its store still referenced");
+        // A connection task may still hold the state while it unwinds; the database is
+        // closed here regardless, so the data dir is free when this returns.
+        if let Some(api) = self.api.upgrade() {
+            api.close_store();
         }
     }
 }

@@ -75,7 +75,7 @@ pub(super) fn selectors(
 
 impl Api {
     pub(super) fn get(&self, t: &Target<'_>, name: &str, table: bool) -> ApiResult {
-        let store = self.store();
+        let store = self.store()?;
         let obj = store
             .get(&t.resource.key(), &t.namespace, name)
             .ok_or_else(|| ApiError::not_found(t.resource, name))?;
@@ -94,7 +94,7 @@ impl Api {
         table: bool,
     ) -> ApiResult {
         let (labels, fields) = selectors(q)?;
-        let store = self.store();
+        let store = self.store()?;
         let ns = (!t.namespace.is_empty()).then_some(t.namespace.as_str());
         let items: Vec<Value> = store
             .list(&t.resource.key(), ns)
@@ -176,7 +176,7 @@ impl Api {
         }
         established(r, &mut obj);
         Self::admit(r, &obj, None)?;
-        let mut store = self.store();
+        let mut store = self.store()?;
         if r.namespaced && store.get("/v1/namespaces", "", &t.namespace).is_none() {
             return Err(ApiError::namespace_not_found(&t.namespace));
         }
@@ -197,7 +197,7 @@ impl Api {
         from_patch: bool,
     ) -> ApiResult {
         let r = t.resource;
-        let mut store = self.store();
+        let mut store = self.store()?;
         let Some(old) = store.get(&r.key(), &t.namespace, name).cloned() else {
             return Err(ApiError::not_found(r, name));
         };
@@ -266,7 +266,7 @@ impl Api {
     /// Deletes an object, or marks it for deletion while finalizers remain.
     pub(super) fn delete(&self, t: &Target<'_>, name: &str) -> ApiResult {
         let r = t.resource;
-        let mut store = self.store();
+        let mut store = self.store()?;
         let Some(mut obj) = store.get(&r.key(), &t.namespace, name).cloned() else {
             return Err(ApiError::not_found(r, name));
         };

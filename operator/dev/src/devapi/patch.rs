@@ -35,7 +35,7 @@ impl Api {
         q: &BTreeMap<String, String>,
     ) -> ApiResult {
         let r = t.resource;
-        let existing = self.store().get(&r.key(), &t.namespace, name).cloned();
+        let existing = self.store()?.get(&r.key(), &t.namespace, name).cloned();
         let mut obj = match (&existing, content_type) {
             (_, ct) if ct.starts_with(APPLY) => {
                 if q.get("fieldManager").is_none_or(String::is_empty) {

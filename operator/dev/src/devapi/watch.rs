@@ -55,7 +55,7 @@ impl Api {
             )))
         };
         let (initial, expired, mut live, rv_now) = {
-            let store = self.store();
+            let store = self.store()?;
             let since = q.get("resourceVersion").map_or("", String::as_str);
             let too_old = since
                 .parse::<u64>()
@@ -100,7 +100,7 @@ impl Api {
                     () = api.shutdown.cancelled() => return,
                     () = tx.closed() => return,
                     _ = tick.tick(), if bookmarks => {
-                        let rv = api.store().rv().max(last_rv);
+                        let Ok(rv) = api.store().map(|s| s.rv().max(last_rv)) else { return };
                         let mark = json!({"kind": r.kind, "apiVersion": r.api_version(), "metadata": {"resourceVersion": rv.to_string(), "annotations": {"k8s.io/initial-events-end": "true"}}});
                         if tx.send(line("BOOKMARK", &mark)).await.is_err() { return; }
                     }
