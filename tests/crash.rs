@@ -6,7 +6,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use edgewise_agent::store::ModelsFile;
-use edgewise_core::selector::DeviceSelector;
 use edgewise_core::variant::Requirements;
 use edgewise_operator::gateway::Change;
 use edgewise_tests::proxy::{Behaviour, Proxy};
@@ -94,14 +93,9 @@ async fn sigkill_during_download_and_activation_always_leaves_one_complete_versi
         artifacts.push((version, artifact));
     }
     let set_version = |v: &str| {
-        gateway.snapshots().apply([Change::ApplyRollout(rollout(
-            "m",
-            "m",
-            DeviceSelector::default(),
-            v,
-            None,
-            100,
-        ))])
+        gateway
+            .snapshots()
+            .apply([Change::ApplyRollout(rollout("m").stable(v).build())])
     };
     set_version("1.0.0");
 

@@ -36,18 +36,6 @@ async fn the_dev_stack_demo_rolls_a_version_out_on_telemetry_and_succeeds() {
     assert!(dir.path().join("kubeconfig").is_file());
 }
 
-fn rollout(version: &str, steps: serde_json::Value) -> serde_json::Value {
-    json!({
-        "apiVersion": "edgewise.dev/v1alpha1", "kind": "ModelRollout", "metadata": {"name": "assistant"},
-        "spec": {
-            "model": "assistant", "version": version, "steps": steps,
-            "analysis": {"interval": "3s", "window": "1m", "minDevices": 3, "minSamples": 20, "failureLimit": 0,
-                "gates": [{"metric": "latency_p95_ms", "max": 1.5, "relativeToBaseline": true}, {"metric": "error_rate", "max": 0.05}]},
-            "onFailure": "Rollback"
-        }
-    })
-}
-
 fn running(stack: &DevStack, v: &str) -> usize {
     stack
         .fleet
@@ -167,26 +155,24 @@ async fn a_breaching_canary_rolls_back_a_bad_digest_never_ships_and_pauses_wait_
 
     // Stable 1.0.0 everywhere it fits.
     let steps = json!([{"setPercent": 30}, {"analysis": {}}, {"setPercent": 100}]);
-    mros.patch(
-        "assistant",
-        &apply,
-        &Patch::Apply(&rollout("1.0.0", steps.clone())),
-    )
-    .await
-    .expect("rollout");
+    rollout_manifest("1.0.0")
+        .steps(steps.clone())
+        .every("3s")
+        .min_samples(20)
+        .apply(&mros, "test")
+        .await;
     eventually(Duration::from_secs(90), "1.0.0 on 90 devices", || async {
         (running(&stack, "1.0.0") == 90).then_some(())
     })
     .await;
 
     // 3.0.0 is six times slower: the latency gate fails and every device goes back to 1.0.0.
-    mros.patch(
-        "assistant",
-        &apply,
-        &Patch::Apply(&rollout("3.0.0", steps.clone())),
-    )
-    .await
-    .expect("rollout");
+    rollout_manifest("3.0.0")
+        .steps(steps.clone())
+        .every("3s")
+        .min_samples(20)
+        .apply(&mros, "test")
+        .await;
     let status = eventually(Duration::from_secs(120), "rollback", || async {
         mros.get("assistant")
             .await
@@ -195,13 +181,7 @@ async fn a_breaching_canary_rolls_back_a_bad_digest_never_ships_and_pauses_wait_
             .filter(|s| s.state.phase == Some(Phase::RolledBack))
     })
     .await;
-    let analysis = status.state.last_analysis.expect("analysis kept");
-    let latency = analysis
-        .gates
-        .iter()
-        .find(|g| g.metric.as_str() == "latency_p95_ms")
-        .expect("gate");
-    assert!(latency.compared.unwrap_or(0.0) > 1.5, "{latency:?}");
+    assert_latency_gate_breached(&status.state);
     eventually(
         Duration::from_secs(60),
         "everyone back on 1.0.0",
@@ -210,22 +190,24 @@ async fn a_breaching_canary_rolls_back_a_bad_digest_never_ships_and_pauses_wait_
     .await;
 
     // A version whose artifact failed verification is never assigned.
-    mros.patch("assistant", &apply, &Patch::Apply(&rollout("4.0.0", steps)))
-        .await
-        .expect("rollout");
+    rollout_manifest("4.0.0")
+        .steps(steps)
+        .every("3s")
+        .min_samples(20)
+        .apply(&mros, "test")
+        .await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(running(&stack, "4.0.0"), 0);
     assert_eq!(running(&stack, "1.0.0"), 90);
 
     // A manual pause holds until promoted.
     let paused = json!([{"setPercent": 50}, {"pause": {}}, {"setPercent": 100}]);
-    mros.patch(
-        "assistant",
-        &apply,
-        &Patch::Apply(&rollout("2.0.0", paused)),
-    )
-    .await
-    .expect("rollout");
+    rollout_manifest("2.0.0")
+        .steps(paused)
+        .every("3s")
+        .min_samples(20)
+        .apply(&mros, "test")
+        .await;
     eventually(Duration::from_secs(60), "Paused", || async {
         mros.get("assistant")
             .await

@@ -377,21 +377,6 @@ async fn watches_stream_changes_send_bookmarks_resume_and_expire() {
 }
 
 /// Runs kubectl against the dev API; returns stdout, panicking with stderr on failure.
-fn kubectl(kubeconfig: &std::path::Path, args: &[&str]) -> String {
-    let out = std::process::Command::new("kubectl")
-        .arg("--kubeconfig")
-        .arg(kubeconfig)
-        .args(args)
-        .output()
-        .expect("kubectl 1.32 is on the machine");
-    assert!(
-        out.status.success(),
-        "kubectl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_drives_the_dev_api_like_a_cluster() {
     let dir = tempfile::tempdir().expect("tempdir");

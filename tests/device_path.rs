@@ -8,7 +8,6 @@ use ed25519_dalek::SigningKey;
 use edgewise_agent::identity::Identity;
 use edgewise_agent::simulate::{SimConfig, SimFleet};
 use edgewise_core::cohort::bucket;
-use edgewise_core::selector::DeviceSelector;
 use edgewise_core::variant::Requirements;
 use edgewise_operator::gateway::desired::cohort_salt;
 use edgewise_operator::gateway::{Change, DeviceClaims};
@@ -91,14 +90,10 @@ async fn client(h: &Harness) -> FleetClient<Channel> {
 async fn sixty_agents_converge_and_split_between_canary_and_stable_by_cohort() {
     let h = Harness::start().await;
     publish_two_versions(&h).await;
-    let r = rollout(
-        "assistant-all",
-        "assistant",
-        DeviceSelector::default(),
-        "1.0.0",
-        Some("2.0.0"),
-        30,
-    );
+    let r = rollout("assistant")
+        .named("assistant-all")
+        .canary("2.0.0", 30)
+        .build();
     let salt = cohort_salt(&r);
     h.apply([
         Change::ApplyRollout(r),
@@ -202,14 +197,12 @@ async fn sixty_agents_converge_and_split_between_canary_and_stable_by_cohort() {
         .iter()
         .map(|d| (d.device_id.clone(), d.active_version("assistant")))
         .collect();
-    h.apply([Change::ApplyRollout(rollout(
-        "assistant-all",
-        "assistant",
-        DeviceSelector::default(),
-        "1.0.0",
-        Some("2.0.0"),
-        70,
-    ))]);
+    h.apply([Change::ApplyRollout(
+        rollout("assistant")
+            .named("assistant-all")
+            .canary("2.0.0", 70)
+            .build(),
+    )]);
     eventually(Duration::from_secs(60), "convergence at 70 %", || {
         converged(70)
     })
@@ -262,14 +255,7 @@ async fn corrupt_and_badly_signed_artifacts_are_never_activated() {
             "3.0.0",
             vec![variant("cpu", forged.clone(), any)],
         )),
-        Change::ApplyRollout(rollout(
-            "m",
-            "m",
-            DeviceSelector::default(),
-            "1.0.0",
-            None,
-            100,
-        )),
+        Change::ApplyRollout(rollout("m").build()),
     ]);
     let agent = TestAgent::start(
         &h.dir.path().join("agent"),
@@ -287,14 +273,7 @@ async fn corrupt_and_badly_signed_artifacts_are_never_activated() {
         ("2.0.0", &corrupt, "SHA-256 mismatch"),
         ("3.0.0", &forged, "signature"),
     ] {
-        h.apply([Change::ApplyRollout(rollout(
-            "m",
-            "m",
-            DeviceSelector::default(),
-            version,
-            None,
-            100,
-        ))]);
+        h.apply([Change::ApplyRollout(rollout("m").stable(version).build())]);
         let status = eventually(Duration::from_secs(30), "install failure", || async {
             device
                 .board

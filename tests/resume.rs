@@ -3,7 +3,6 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use edgewise_core::selector::DeviceSelector;
 use edgewise_core::variant::Requirements;
 use edgewise_operator::gateway::Change;
 use edgewise_tests::proxy::{Behaviour, Proxy};
@@ -33,14 +32,7 @@ async fn a_download_cut_several_times_resumes_and_fetches_under_1_2x_the_size() 
             "1.0.0",
             vec![variant("cpu", artifact.clone(), Requirements::default())],
         )),
-        Change::ApplyRollout(rollout(
-            "big",
-            "big",
-            DeviceSelector::default(),
-            "1.0.0",
-            None,
-            100,
-        )),
+        Change::ApplyRollout(rollout("big").build()),
     ]);
     let agent = TestAgent::start(
         &h.dir.path().join("agent"),

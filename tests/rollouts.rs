@@ -21,18 +21,6 @@ use tokio_util::sync::CancellationToken;
 
 const NS: &str = "edgewise";
 
-fn rollout(version: &str, steps: serde_json::Value) -> serde_json::Value {
-    json!({
-        "apiVersion": "edgewise.dev/v1alpha1", "kind": "ModelRollout", "metadata": {"name": "assistant"},
-        "spec": {
-            "model": "assistant", "version": version, "steps": steps,
-            "analysis": {"interval": "4s", "window": "1m", "minDevices": 3, "minSamples": 30, "failureLimit": 0,
-                "gates": [{"metric": "latency_p95_ms", "max": 1.5, "relativeToBaseline": true}, {"metric": "error_rate", "max": 0.05}]},
-            "onFailure": "Rollback"
-        }
-    })
-}
-
 async fn status_where(
     mros: &Api<ModelRollout>,
     what: &str,
@@ -56,22 +44,6 @@ fn condition<'a>(
         .iter()
         .find(|c| c.type_ == type_)
         .unwrap_or_else(|| panic!("no {type_} condition in {:?}", s.conditions))
-}
-
-fn kubectl(kubeconfig: &Path, args: &[&str]) -> String {
-    let out = Command::new("kubectl")
-        .arg("--kubeconfig")
-        .arg(kubeconfig)
-        .args(["-n", NS])
-        .args(args)
-        .output()
-        .expect("kubectl runs");
-    assert!(
-        out.status.success(),
-        "kubectl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 async fn events_with_reason(client: &Client, reason: &str) -> usize {
@@ -117,26 +89,20 @@ async fn missing_versions_wait_promote_never_skips_analysis_and_full_promotion_i
     let ramp = json!([{"setPercent": 50}, {"setPercent": 100}]);
 
     // The first version becomes stable once Ready and targeted.
-    mros.patch(
-        "assistant",
-        &apply,
-        &Patch::Apply(&rollout("1.0.0", ramp.clone())),
-    )
-    .await
-    .expect("rollout");
+    rollout_manifest("1.0.0")
+        .steps(ramp.clone())
+        .apply(&mros, "test")
+        .await;
     status_where(&mros, "1.0.0 stable", |s| {
         s.state.stable_version.as_deref() == Some("1.0.0")
     })
     .await;
 
     // A version with no ModelVersion waits, names it, and assigns nothing.
-    mros.patch(
-        "assistant",
-        &apply,
-        &Patch::Apply(&rollout("2.0.0", ramp.clone())),
-    )
-    .await
-    .expect("rollout");
+    rollout_manifest("2.0.0")
+        .steps(ramp.clone())
+        .apply(&mros, "test")
+        .await;
     let waiting = status_where(&mros, "waiting for 2.0.0", |s| {
         s.conditions
             .iter()
@@ -197,9 +163,10 @@ async fn missing_versions_wait_promote_never_skips_analysis_and_full_promotion_i
     // still runs (a second promote there is refused) and rolls it back.
     publish_cpu_version(&stack.s3_client, &mvs, "3.0.0", 3, 32 << 10, false).await;
     let gated = json!([{"setPercent": 50}, {"pause": {}}, {"analysis": {}}, {"setPercent": 100}]);
-    mros.patch("assistant", &apply, &Patch::Apply(&rollout("3.0.0", gated)))
-        .await
-        .expect("rollout");
+    rollout_manifest("3.0.0")
+        .steps(gated)
+        .apply(&mros, "test")
+        .await;
     status_where(&mros, "paused at 50 %", |s| {
         s.state.phase == Some(Phase::Paused) && s.state.percent == 50
     })
@@ -208,31 +175,27 @@ async fn missing_versions_wait_promote_never_skips_analysis_and_full_promotion_i
         done.state.last_analysis, None,
         "a run without analysis has none"
     );
-    kubectl(
-        &kubeconfig,
-        &[
-            "annotate",
-            "--overwrite",
-            "mro",
-            "assistant",
-            "edgewise.dev/promote=first",
-        ],
-    );
+    let promote = |request: &str| {
+        kubectl(
+            &kubeconfig,
+            &[
+                "-n",
+                NS,
+                "annotate",
+                "--overwrite",
+                "mro",
+                "assistant",
+                &format!("edgewise.dev/promote={request}"),
+            ],
+        )
+    };
+    promote("first");
     let analyzing = status_where(&mros, "analysis after the pause", |s| {
         s.state.phase == Some(Phase::Analyzing) || s.state.phase == Some(Phase::RolledBack)
     })
     .await;
     assert_eq!(analyzing.state.step_index, 2, "{:?}", analyzing.state);
-    kubectl(
-        &kubeconfig,
-        &[
-            "annotate",
-            "--overwrite",
-            "mro",
-            "assistant",
-            "edgewise.dev/promote=second",
-        ],
-    );
+    promote("second");
     let refused = status_where(&mros, "second promote answered", |s| {
         s.state
             .last_command
@@ -252,13 +215,7 @@ async fn missing_versions_wait_promote_never_skips_analysis_and_full_promotion_i
     })
     .await;
     assert_eq!(rolled_back.state.stable_version.as_deref(), Some("2.0.0"));
-    let analysis = rolled_back.state.last_analysis.expect("the analysis ran");
-    let latency = analysis
-        .gates
-        .iter()
-        .find(|g| g.metric.as_str() == "latency_p95_ms")
-        .expect("gate");
-    assert!(latency.compared.unwrap_or(0.0) > 1.5, "{latency:?}");
+    assert_latency_gate_breached(&rolled_back.state);
     assert_eq!(
         events_with_reason(&client, "Promoted").await,
         1,
@@ -267,16 +224,10 @@ async fn missing_versions_wait_promote_never_skips_analysis_and_full_promotion_i
     assert_eq!(events_with_reason(&client, "CommandRefused").await, 1);
 
     // A full promotion skips the analysis, through the plugin, and says so.
-    mros.patch(
-        "assistant",
-        &apply,
-        &Patch::Apply(&rollout(
-            "1.0.0",
-            json!([{"setPercent": 10}, {"analysis": {}}, {"setPercent": 100}]),
-        )),
-    )
-    .await
-    .expect("rollout");
+    rollout_manifest("1.0.0")
+        .steps(json!([{"setPercent": 10}, {"analysis": {}}, {"setPercent": 100}]))
+        .apply(&mros, "test")
+        .await;
     status_where(&mros, "analyzing 1.0.0", |s| {
         s.state.canary_version.as_deref() == Some("1.0.0")
     })
@@ -430,14 +381,8 @@ async fn an_idle_dev_stack_writes_no_status_and_stays_under_five_percent_of_a_co
     rps.patch("p", &apply, &Patch::Apply(&policy))
         .await
         .expect("rp");
-    mros.patch(
-        "assistant",
-        &apply,
-        &Patch::Apply(&rollout("1.0.0", json!([{"setPercent": 100}]))),
-    )
-    .await
-    .expect("mro");
-    let mut waiting = rollout("9.9.9", json!([{"setPercent": 100}]));
+    rollout_manifest("1.0.0").apply(&mros, "test").await;
+    let mut waiting = rollout_manifest("9.9.9").json();
     waiting["metadata"]["name"] = json!("waiting");
     waiting["spec"]["model"] = json!("other");
     mros.patch("waiting", &apply, &Patch::Apply(&waiting))

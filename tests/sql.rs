@@ -235,33 +235,27 @@ fn seed_sql() -> Vec<String> {
 
 /// Every query to check: (name, SQL, panel type if a panel).
 fn queries() -> Vec<(String, String, Option<String>)> {
+    let gate = |sql: &str| {
+        binds(
+            sql,
+            &[
+                "'fleet/assistant'",
+                "'assistant'",
+                "'2.0.0'",
+                &from().to_string(),
+                &to().to_string(),
+            ],
+        )
+    };
     let mut out = vec![
         (
             "gates: inference".to_owned(),
-            binds(
-                INFERENCE_METRICS_SQL,
-                &[
-                    "'fleet/assistant'",
-                    "'assistant'",
-                    "'2.0.0'",
-                    &from().to_string(),
-                    &to().to_string(),
-                ],
-            ),
+            gate(INFERENCE_METRICS_SQL),
             None,
         ),
         (
             "gates: installs".to_owned(),
-            binds(
-                INSTALL_METRICS_SQL,
-                &[
-                    "'fleet/assistant'",
-                    "'assistant'",
-                    "'2.0.0'",
-                    &from().to_string(),
-                    &to().to_string(),
-                ],
-            ),
+            gate(INSTALL_METRICS_SQL),
             None,
         ),
         (

@@ -786,16 +786,13 @@ async fn the_migrate_command_applies_the_schema_and_can_run_again() {
         .await
         .expect("starts");
     for round in 0..2 {
-        let out = std::process::Command::new(workspace_binary("edgewise-operator"))
-            .args(["migrate", "--clickhouse-url", &server.url()])
-            .output()
-            .expect("runs");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        let stdout = stdout_of(
+            std::process::Command::new(workspace_binary("edgewise-operator")).args([
+                "migrate",
+                "--clickhouse-url",
+                &server.url(),
+            ]),
         );
-        let stdout = String::from_utf8_lossy(&out.stdout);
         let applied = if round == 0 {
             "applied [1]"
         } else {

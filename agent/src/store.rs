@@ -298,16 +298,21 @@ mod tests {
         }
     }
 
+    /// `m` at 1.0.0 (`aa`), then 2.0.0 (`bb`).
+    fn two_versions(state: &ModelState, dir: &Path) {
+        state
+            .activate("m", install(dir, "1.0.0", "aa"))
+            .expect("activates");
+        state
+            .activate("m", install(dir, "2.0.0", "bb"))
+            .expect("activates");
+    }
+
     #[test]
     fn activation_keeps_the_previous_version_and_rollback_swaps() {
         let dir = tempfile::tempdir().expect("tempdir");
         let state = ModelState::load(&dir.path().join("models.json"), true).expect("loads");
-        state
-            .activate("m", install(dir.path(), "1.0.0", "aa"))
-            .expect("activates");
-        state
-            .activate("m", install(dir.path(), "2.0.0", "bb"))
-            .expect("activates");
+        two_versions(&state, dir.path());
         let reloaded = ModelState::load(&dir.path().join("models.json"), true).expect("reloads");
         assert_eq!(
             reloaded.active("m").map(|i| i.version),
@@ -328,12 +333,7 @@ mod tests {
     fn reactivating_the_same_digest_keeps_the_true_previous() {
         let dir = tempfile::tempdir().expect("tempdir");
         let state = ModelState::ephemeral();
-        state
-            .activate("m", install(dir.path(), "1.0.0", "aa"))
-            .expect("activates");
-        state
-            .activate("m", install(dir.path(), "2.0.0", "bb"))
-            .expect("activates");
+        two_versions(&state, dir.path());
         state
             .activate("m", install(dir.path(), "2.0.0", "bb"))
             .expect("again");

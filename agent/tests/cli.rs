@@ -8,29 +8,28 @@ fn agent() -> Command {
     Command::new(env!("CARGO_BIN_EXE_edgewise-agent"))
 }
 
+/// `edgewise-agent run --config cfg`, which must fail: its stderr.
+fn run_fails(cfg: &std::path::Path) -> String {
+    let out = agent()
+        .args(["run", "--config"])
+        .arg(cfg)
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 #[test]
 fn a_bad_config_exits_with_a_clear_message() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = dir.path().join("agent.toml");
     std::fs::write(&cfg, "gateway = \"http://127.0.0.1:1\"\nbootstrap_token_file = \"/nonexistent/token\"\ndata_dir = \"d\"\n")
         .expect("write");
-    let out = agent()
-        .args(["run", "--config"])
-        .arg(&cfg)
-        .output()
-        .expect("runs");
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = run_fails(&cfg);
     assert!(stderr.contains("reading /nonexistent/token"), "{stderr}");
 
     std::fs::write(&cfg, "gateway = 7\n").expect("write");
-    let out = agent()
-        .args(["run", "--config"])
-        .arg(&cfg)
-        .output()
-        .expect("runs");
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = run_fails(&cfg);
     assert!(
         stderr.contains("agent.toml") && stderr.contains("gateway"),
         "{stderr}"

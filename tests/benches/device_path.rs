@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 use edgewise_agent::config::Backoff;
 use edgewise_agent::simulate::{SimConfig, SimFleet};
 use edgewise_core::policy::policy_version;
-use edgewise_core::selector::DeviceSelector;
 use edgewise_core::variant::{Artifact, Requirements};
 use edgewise_operator::gateway::{BootstrapToken, Change, Gateway, GatewayConfig};
 use edgewise_proto::router::DecideRequest;
@@ -619,14 +618,7 @@ async fn agent_rss() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let idle = rss_kib(pid, "VmRSS:");
     let idle_peak = rss_kib(pid, "VmHWM:");
-    h.apply([Change::ApplyRollout(rollout(
-        "m",
-        "m",
-        DeviceSelector::default(),
-        "1.0.0",
-        None,
-        100,
-    ))]);
+    h.apply([Change::ApplyRollout(rollout("m").build())]);
     let t = Instant::now();
     let mut peak = 0;
     while !std::fs::read_to_string(dir.join("data/models.json"))
@@ -654,15 +646,7 @@ async fn agent_rss() {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| a != "--bench")
-        .collect();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async move {
+    bench_main(|args| async move {
         match args.first().map(String::as_str) {
             Some("gateway-child") => gateway_child().await,
             Some("fanout") => {

@@ -257,15 +257,7 @@ async fn append() {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| a != "--bench")
-        .collect();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async move {
+    bench_main(|args| async move {
         match args.first().map(String::as_str) {
             Some("ingest") => ingest().await,
             Some("append") => append().await,

@@ -41,6 +41,64 @@ pub const TOKEN: &str = "test-bootstrap-token";
 /// Gateway signing key.
 pub const SIGNING_KEY: &[u8] = b"0123456789abcdef0123456789abcdef-test-only";
 
+/// A bench binary's arguments (without the `--bench` cargo adds) and a runtime to run it on.
+///
+/// # Panics
+/// When the runtime cannot start.
+pub fn bench_main<F: Future<Output = ()>>(run: impl FnOnce(Vec<String>) -> F) {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime")
+        .block_on(run(args));
+}
+
+/// Runs `cmd`, which must succeed: its stdout.
+///
+/// # Panics
+/// When it cannot start or fails (with its stderr).
+pub fn stdout_of(cmd: &mut std::process::Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd:?} cannot start: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `kubectl --kubeconfig kubeconfig args…` (kubectl 1.32 is on the machine), which must
+/// succeed: its stdout.
+pub fn kubectl(kubeconfig: &Path, args: &[&str]) -> String {
+    stdout_of(
+        std::process::Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .args(args),
+    )
+}
+
+/// The rollout's last analysis compared p95 latency with the baseline and found it more
+/// than 1.5× worse.
+///
+/// # Panics
+/// When there was no analysis, no latency gate, or it was within bounds.
+pub fn assert_latency_gate_breached(state: &RolloutState) {
+    let analysis = state.last_analysis.as_ref().expect("an analysis ran");
+    let latency = analysis
+        .gates
+        .iter()
+        .find(|g| g.metric.as_str() == "latency_p95_ms")
+        .expect("a latency gate");
+    assert!(latency.compared.unwrap_or(0.0) > 1.5, "{latency:?}");
+}
+
 /// Logs to the test output when `RUST_LOG` is set.
 pub fn init_logging() {
     let _ = tracing_subscriber::fmt()
@@ -340,46 +398,166 @@ pub fn model_version(model: &str, version: &str, variants: Vec<Variant>) -> Mode
     mv
 }
 
-/// A rollout whose status says `stable`, `canary` at `percent`.
-pub fn rollout(
-    name: &str,
-    model: &str,
+/// A rollout of `model` (named after it) as the gateway's snapshots see it: built with
+/// [`RolloutFixture`]'s setters, then [`RolloutFixture::build`].
+pub fn rollout(model: &str) -> RolloutFixture {
+    RolloutFixture {
+        name: model.into(),
+        model: model.into(),
+        selector: DeviceSelector::default(),
+        stable: "1.0.0".into(),
+        canary: None,
+    }
+}
+
+/// A [`ModelRollout`] whose status says `stable`, and `canary` at a percent when set.
+#[derive(Debug, Clone)]
+pub struct RolloutFixture {
+    name: String,
+    model: String,
     selector: DeviceSelector,
-    stable: &str,
-    canary: Option<&str>,
-    percent: u32,
-) -> ModelRollout {
-    let mut r = ModelRollout::new(
-        name,
-        ModelRolloutSpec {
-            model: model.into(),
-            selector,
-            strategy: RolloutStrategy {
-                version: canary.unwrap_or(stable).into(),
-                steps: vec![Step {
-                    set_percent: Some(100),
-                    ..Step::default()
-                }],
-                ..RolloutStrategy::default()
+    stable: String,
+    canary: Option<(String, u32)>,
+}
+
+impl RolloutFixture {
+    /// The object's name (default: the model's).
+    #[must_use]
+    pub fn named(mut self, name: &str) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// Which devices it targets (default: all).
+    #[must_use]
+    pub fn selector(mut self, selector: DeviceSelector) -> Self {
+        self.selector = selector;
+        self
+    }
+
+    /// The version everyone runs (default `1.0.0`).
+    #[must_use]
+    pub fn stable(mut self, version: &str) -> Self {
+        self.stable = version.into();
+        self
+    }
+
+    /// A canary at `percent` of the devices.
+    #[must_use]
+    pub fn canary(mut self, version: &str, percent: u32) -> Self {
+        self.canary = Some((version.into(), percent));
+        self
+    }
+
+    /// The object.
+    #[must_use]
+    pub fn build(self) -> ModelRollout {
+        let canary = self.canary.clone();
+        let mut r = ModelRollout::new(
+            &self.name,
+            ModelRolloutSpec {
+                model: self.model,
+                selector: self.selector,
+                strategy: RolloutStrategy {
+                    version: canary
+                        .as_ref()
+                        .map_or_else(|| self.stable.clone(), |(v, _)| v.clone()),
+                    steps: vec![Step {
+                        set_percent: Some(100),
+                        ..Step::default()
+                    }],
+                    ..RolloutStrategy::default()
+                },
             },
-        },
-    );
-    r.metadata = meta(name);
-    r.status = Some(ModelRolloutStatus {
-        state: RolloutState {
-            phase: Some(if canary.is_some() {
-                Phase::Progressing
-            } else {
-                Phase::Succeeded
-            }),
-            stable_version: Some(stable.into()),
-            canary_version: canary.map(Into::into),
-            percent: if canary.is_some() { percent } else { 100 },
-            ..RolloutState::default()
-        },
-        ..ModelRolloutStatus::default()
-    });
-    r
+        );
+        r.metadata = meta(&self.name);
+        r.status = Some(ModelRolloutStatus {
+            state: RolloutState {
+                phase: Some(if canary.is_some() {
+                    Phase::Progressing
+                } else {
+                    Phase::Succeeded
+                }),
+                stable_version: Some(self.stable),
+                percent: canary.as_ref().map_or(100, |(_, p)| *p),
+                canary_version: canary.map(|(v, _)| v),
+                ..RolloutState::default()
+            },
+            ..ModelRolloutStatus::default()
+        });
+        r
+    }
+}
+
+/// The `assistant` rollout as a user applies it to the dev stack: `version` through
+/// `steps`, gated on relative p95 latency and error rate, rolling back on failure.
+pub fn rollout_manifest(version: &str) -> RolloutManifest {
+    RolloutManifest {
+        version: version.into(),
+        steps: serde_json::json!([{"setPercent": 100}]),
+        interval: "4s".into(),
+        min_samples: 30,
+    }
+}
+
+/// A ModelRollout manifest for the dev stack, from [`rollout_manifest`].
+#[derive(Debug, Clone)]
+pub struct RolloutManifest {
+    version: String,
+    steps: serde_json::Value,
+    interval: String,
+    min_samples: u32,
+}
+
+impl RolloutManifest {
+    /// Its steps (default: straight to 100 %).
+    #[must_use]
+    pub fn steps(mut self, steps: serde_json::Value) -> Self {
+        self.steps = steps;
+        self
+    }
+
+    /// How often analysis runs (default `4s`).
+    #[must_use]
+    pub fn every(mut self, interval: &str) -> Self {
+        self.interval = interval.into();
+        self
+    }
+
+    /// Samples an analysis needs before it is conclusive (default 30).
+    #[must_use]
+    pub fn min_samples(mut self, n: u32) -> Self {
+        self.min_samples = n;
+        self
+    }
+
+    /// The manifest, for `Patch::Apply`.
+    #[must_use]
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "apiVersion": "edgewise.dev/v1alpha1", "kind": "ModelRollout", "metadata": {"name": "assistant"},
+            "spec": {
+                "model": "assistant", "version": self.version, "steps": self.steps,
+                "analysis": {"interval": self.interval, "window": "1m", "minDevices": 3, "minSamples": self.min_samples, "failureLimit": 0,
+                    "gates": [{"metric": "latency_p95_ms", "max": 1.5, "relativeToBaseline": true}, {"metric": "error_rate", "max": 0.05}]},
+                "onFailure": "Rollback"
+            }
+        })
+    }
+
+    /// Server-side applies it as `field_manager` and waits for the answer.
+    ///
+    /// # Panics
+    /// When the API refuses it.
+    pub async fn apply(&self, mros: &kube::Api<ModelRollout>, field_manager: &str) -> ModelRollout {
+        mros.patch(
+            "assistant",
+            &kube::api::PatchParams::apply(field_manager).force(),
+            &kube::api::Patch::Apply(&self.json()),
+        )
+        .await
+        .expect("applies the rollout")
+    }
 }
 
 /// A RoutingPolicy from a JSON spec.

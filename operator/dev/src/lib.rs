@@ -12,4 +12,13 @@ pub mod s3_server;
 pub mod stack;
 
 pub use demo::publish;
+
+/// Binds `addr`: the listener and the address it got (the port, when `addr` asked for 0).
+async fn listen(
+    addr: std::net::SocketAddr,
+) -> std::io::Result<(tokio::net::TcpListener, std::net::SocketAddr)> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    Ok((listener, bound))
+}
 pub use stack::{DevOptions, DevStack, Error, run};

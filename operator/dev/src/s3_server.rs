@@ -17,7 +17,6 @@ use hyper_util::server::conn::auto::Builder as ConnBuilder;
 use s3s::auth::SimpleAuth;
 use s3s::service::S3ServiceBuilder;
 use s3s::{S3, S3Request, S3Response, S3Result};
-use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info_span, warn};
@@ -79,11 +78,8 @@ impl EmbeddedS3 {
         });
         builder.set_auth(SimpleAuth::from_single(access_key_id, secret_access_key));
         let service = builder.build();
-        let listener = TcpListener::bind(bind)
+        let (listener, addr) = crate::listen(bind)
             .await
-            .map_err(|source| Error::Bind { addr: bind, source })?;
-        let addr = listener
-            .local_addr()
             .map_err(|source| Error::Bind { addr: bind, source })?;
         let shutdown = CancellationToken::new();
         let stop = shutdown.clone();

@@ -21,7 +21,7 @@ use prost::Message;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
-use super::rows::{BatchRow, DeviceStatusRow, write_inference_row, write_model_row};
+use super::rows::{BatchOrigin, BatchRow, DeviceStatusRow};
 
 /// Most events one batch may carry.
 pub const MAX_BATCH_EVENTS: usize = 10_000;
@@ -471,25 +471,18 @@ impl TelemetrySink {
 fn encode_rows(device_id: &str, batch: &TelemetryBatchView, received: u32) -> (Bytes, Bytes) {
     // Rows are about the size of the wire events plus the ids repeated on each.
     let per_row = device_id.len() + batch.batch_id.len() + 64;
+    let origin = BatchOrigin {
+        device_id: device_id.as_bytes(),
+        batch_id: &batch.batch_id,
+        received_at: received,
+    };
     let mut inference = Vec::with_capacity(batch.inference.len() * (per_row + 96));
     for e in &batch.inference {
-        write_inference_row(
-            &mut inference,
-            device_id.as_bytes(),
-            &batch.batch_id,
-            received,
-            e,
-        );
+        origin.write_inference_row(&mut inference, e);
     }
     let mut model = Vec::with_capacity(batch.model_events.len() * (per_row + 48));
     for e in &batch.model_events {
-        write_model_row(
-            &mut model,
-            device_id.as_bytes(),
-            &batch.batch_id,
-            received,
-            e,
-        );
+        origin.write_model_row(&mut model, e);
     }
     (inference.into(), model.into())
 }

@@ -2,7 +2,7 @@
 //! construction from validated wire messages.
 //!
 //! Event rows are written straight from the (zero-copy) wire views into RowBinary bytes on
-//! the connection that received them ([`write_inference_row`], [`write_model_row`]): the
+//! the connection that received them ([`BatchOrigin::write_inference_row`], [`BatchOrigin::write_model_row`]): the
 //! queue then holds compact bytes, bounded exactly, and the single writer only concatenates.
 //! The typed rows ([`InferenceRow`], [`ModelRow`]) describe the same columns and read them
 //! back.
@@ -104,32 +104,23 @@ pub struct BatchRow {
 /// protobuf; numbers are little endian.
 struct RowBinary<'a>(&'a mut Vec<u8>);
 
+/// One appender per fixed-width number type, little endian.
+macro_rules! little_endian {
+    ($($t:ident),*) => {$(
+        fn $t(&mut self, v: $t) -> &mut Self {
+            self.0.extend_from_slice(&v.to_le_bytes());
+            self
+        }
+    )*};
+}
+
 impl RowBinary<'_> {
     fn str(&mut self, s: &[u8]) -> &mut Self {
         prost::encoding::encode_varint(s.len() as u64, self.0);
         self.0.extend_from_slice(s);
         self
     }
-    fn u8(&mut self, v: u8) -> &mut Self {
-        self.0.push(v);
-        self
-    }
-    fn i8(&mut self, v: i8) -> &mut Self {
-        self.0.extend_from_slice(&v.to_le_bytes());
-        self
-    }
-    fn u32(&mut self, v: u32) -> &mut Self {
-        self.0.extend_from_slice(&v.to_le_bytes());
-        self
-    }
-    fn u64(&mut self, v: u64) -> &mut Self {
-        self.0.extend_from_slice(&v.to_le_bytes());
-        self
-    }
-    fn f64(&mut self, v: f64) -> &mut Self {
-        self.0.extend_from_slice(&v.to_le_bytes());
-        self
-    }
+    little_endian!(u8, i8, u32, u64, f64);
 }
 
 fn shadow_enum(shadow: i32) -> i8 {
@@ -140,86 +131,72 @@ fn shadow_enum(shadow: i32) -> i8 {
     }
 }
 
-/// The columns both event tables begin with: time, time_ms, device_id, event_id, batch_id,
-/// rollout.
-fn event_columns<'a>(
-    out: &'a mut Vec<u8>,
-    time_unix_ms: i64,
-    device_id: &[u8],
-    event_id: &[u8],
-    batch_id: &[u8],
-    rollout: &[u8],
-) -> RowBinary<'a> {
-    let mut row = RowBinary(out);
-    row.u32(seconds(time_unix_ms))
-        .u64(u64::try_from(time_unix_ms).unwrap_or(0))
-        .str(device_id)
-        .str(event_id)
-        .str(batch_id)
-        .str(rollout);
-    row
+/// What every row of one batch shares: who sent it and when it arrived.
+#[derive(Clone, Copy, Debug)]
+pub struct BatchOrigin<'a> {
+    /// The authenticated device.
+    pub device_id: &'a [u8],
+    /// The batch's id.
+    pub batch_id: &'a [u8],
+    /// Arrival, unix seconds.
+    pub received_at: u32,
 }
 
-/// Appends the `inference_events` row of a validated event, columns as [`InferenceRow`].
-pub fn write_inference_row(
-    out: &mut Vec<u8>,
-    device_id: &[u8],
-    batch_id: &[u8],
-    received_at: u32,
-    e: &InferenceEventView,
-) {
-    event_columns(
-        out,
-        e.time_unix_ms,
-        device_id,
-        &e.event_id,
-        batch_id,
-        &e.rollout,
-    )
-    .str(&e.model)
-    .str(&e.version)
-    .str(&e.variant)
-    .str(&e.target)
-    .u8(u8::from(e.on_device))
-    .str(&e.rule)
-    .str(&e.policy_version)
-    .f64(e.latency_ms)
-    .u8(u8::from(e.ok))
-    .u8(u8::from(e.fallback_used))
-    .str(&e.error)
-    .u32(e.input_tokens)
-    .u32(e.output_tokens)
-    .f64(e.cost_usd)
-    .i8(shadow_enum(e.shadow))
-    .str(&e.task)
-    .str(&e.data_class)
-    .u32(received_at);
-}
+impl BatchOrigin<'_> {
+    /// The leading columns of an event row (`time, time_ms, device_id, event_id, batch_id,
+    /// rollout`).
+    fn event_columns<'o>(
+        &self,
+        out: &'o mut Vec<u8>,
+        time_unix_ms: i64,
+        event_id: &[u8],
+        rollout: &[u8],
+    ) -> RowBinary<'o> {
+        let mut row = RowBinary(out);
+        row.u32(seconds(time_unix_ms))
+            .u64(u64::try_from(time_unix_ms).unwrap_or(0))
+            .str(self.device_id)
+            .str(event_id)
+            .str(self.batch_id)
+            .str(rollout);
+        row
+    }
 
-/// Appends the `model_events` row of a validated event, columns as [`ModelRow`].
-pub fn write_model_row(
-    out: &mut Vec<u8>,
-    device_id: &[u8],
-    batch_id: &[u8],
-    received_at: u32,
-    e: &ModelEventView,
-) {
-    event_columns(
-        out,
-        e.time_unix_ms,
-        device_id,
-        &e.event_id,
-        batch_id,
-        &e.rollout,
-    )
-    .i8(model_kind_enum(e.kind))
-    .str(&e.model)
-    .str(&e.version)
-    .str(&e.variant)
-    .u64(e.duration_ms)
-    .u64(e.bytes)
-    .str(&e.error)
-    .u32(received_at);
+    /// Appends the `inference_events` row of a validated event, columns as [`InferenceRow`].
+    pub fn write_inference_row(&self, out: &mut Vec<u8>, e: &InferenceEventView) {
+        self.event_columns(out, e.time_unix_ms, &e.event_id, &e.rollout)
+            .str(&e.model)
+            .str(&e.version)
+            .str(&e.variant)
+            .str(&e.target)
+            .u8(u8::from(e.on_device))
+            .str(&e.rule)
+            .str(&e.policy_version)
+            .f64(e.latency_ms)
+            .u8(u8::from(e.ok))
+            .u8(u8::from(e.fallback_used))
+            .str(&e.error)
+            .u32(e.input_tokens)
+            .u32(e.output_tokens)
+            .f64(e.cost_usd)
+            .i8(shadow_enum(e.shadow))
+            .str(&e.task)
+            .str(&e.data_class)
+            .u32(self.received_at);
+    }
+
+    /// Appends the `model_events` row of a validated event, columns as [`ModelRow`].
+    pub fn write_model_row(&self, out: &mut Vec<u8>, e: &ModelEventView) {
+        self.event_columns(out, e.time_unix_ms, &e.event_id, &e.rollout)
+            .i8(model_kind_enum(e.kind))
+            .str(&e.model)
+            .str(&e.version)
+            .str(&e.variant)
+            .u64(e.duration_ms)
+            .u64(e.bytes)
+            .str(&e.error)
+            .u32(self.received_at);
+    }
 }
 
 fn model_kind_enum(kind: i32) -> i8 {

@@ -44,6 +44,28 @@ pub struct Migration {
     pub statements: &'static [&'static str],
 }
 
+/// An event table: the columns every event has (its time, device, id and batch, which
+/// make it unique), then `columns`, deduplicated on the key a retried batch repeats.
+macro_rules! event_table {
+    ($name:literal, $columns:literal) => {
+        concat!(
+            "CREATE TABLE IF NOT EXISTS edgewise.",
+            $name,
+            " (
+                time DateTime,
+                time_ms UInt64,
+                device_id String,
+                event_id String,
+                batch_id String,
+                rollout String,",
+            $columns,
+            ") ENGINE = ReplacingMergeTree
+            PARTITION BY toYYYYMM(time)
+            ORDER BY (model, version, time, device_id, event_id)"
+        )
+    };
+}
+
 /// Every migration, in order.
 pub const MIGRATIONS: &[Migration] = &[
     Migration {
@@ -51,13 +73,9 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "events, device status and batches",
         requires: Requires::Any,
         statements: &[
-            "CREATE TABLE IF NOT EXISTS edgewise.inference_events (
-                time DateTime,
-                time_ms UInt64,
-                device_id String,
-                event_id String,
-                batch_id String,
-                rollout String,
+            event_table!(
+                "inference_events",
+                "
                 model String,
                 version String,
                 variant String,
@@ -76,16 +94,11 @@ pub const MIGRATIONS: &[Migration] = &[
                 task String,
                 data_class String,
                 received_at DateTime
-            ) ENGINE = ReplacingMergeTree
-            PARTITION BY toYYYYMM(time)
-            ORDER BY (model, version, time, device_id, event_id)",
-            "CREATE TABLE IF NOT EXISTS edgewise.model_events (
-                time DateTime,
-                time_ms UInt64,
-                device_id String,
-                event_id String,
-                batch_id String,
-                rollout String,
+"
+            ),
+            event_table!(
+                "model_events",
+                "
                 kind Enum8('download_started' = 1, 'downloaded' = 2, 'activated' = 3, 'rolled_back' = 4, 'install_failed' = 5, 'collected' = 6),
                 model String,
                 version String,
@@ -94,9 +107,8 @@ pub const MIGRATIONS: &[Migration] = &[
                 bytes UInt64,
                 error String,
                 received_at DateTime
-            ) ENGINE = ReplacingMergeTree
-            PARTITION BY toYYYYMM(time)
-            ORDER BY (model, version, time, device_id, event_id)",
+"
+            ),
             "CREATE TABLE IF NOT EXISTS edgewise.device_status (
                 device_id String,
                 updated_at DateTime,

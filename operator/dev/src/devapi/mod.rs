@@ -31,7 +31,6 @@ use axum::extract::State;
 use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info_span, warn};
@@ -165,11 +164,8 @@ impl DevApi {
             resources: resources::all(),
             bookmark_every,
         });
-        let listener = TcpListener::bind(bind)
+        let (listener, addr) = crate::listen(bind)
             .await
-            .map_err(|source| Error::Bind { addr: bind, source })?;
-        let addr = listener
-            .local_addr()
             .map_err(|source| Error::Bind { addr: bind, source })?;
         let weak = Arc::downgrade(&api);
         let app = axum::Router::new().fallback(handle).with_state(api);
