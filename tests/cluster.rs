@@ -113,3 +113,15 @@ async fn the_real_api_server_enforces_the_crd_schema_and_cel_rules() {
     assert_create_rejected(&mros, bad, "never decrease").await;
     stack.stop().await;
 }
+
+/// The kubectl scenarios the dev API is held to (`tests/kubectl_semantics.rs`), on the real
+/// API server: what they assert is what kube-apiserver answers.
+#[test]
+fn kubectl_semantics_match_the_dev_api() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    edgewise_tests::conformance::all(&edgewise_tests::conformance::Cluster {
+        kubeconfig: kubeconfig(),
+        namespace: "edgewise-conformance".into(),
+        scratch: scratch.path().to_owned(),
+    });
+}

@@ -4,6 +4,9 @@
 
 use std::time::Duration;
 
+use base64::Engine;
+use sha2::Digest;
+
 use edgewise_dev::devapi::DevApi;
 use edgewise_operator::crd::{ModelRollout, ModelVersion, ModelVersionPhase, ModelVersionStatus};
 use edgewise_tests::*;
@@ -18,6 +21,24 @@ use serde_json::json;
 async fn client(api: &DevApi) -> Client {
     let config = Config::new(api.url().parse().expect("url"));
     Client::try_from(config).expect("client")
+}
+
+/// A merge patch of `name`, the way `kubectl patch --type=merge` sends it.
+async fn merge<K>(api: &Api<K>, name: &str, body: &serde_json::Value) -> kube::Result<K>
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    api.patch(name, &PatchParams::default(), &Patch::Merge(body))
+        .await
+}
+
+/// The same on the status subresource.
+async fn merge_status<K>(api: &Api<K>, name: &str, body: &serde_json::Value) -> kube::Result<K>
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    api.patch_status(name, &PatchParams::default(), &Patch::Merge(body))
+        .await
 }
 
 async fn start(dir: &std::path::Path) -> (DevApi, Client) {
@@ -61,12 +82,7 @@ async fn crud_status_patches_generation_and_conflicts() {
 
     // Status is its own subresource: writing it keeps the spec and the generation.
     let status = json!({"status": {"phase": "Ready", "verified": "2/2"}});
-    let after = mvs
-        .patch_status(
-            "assistant-2.1.0",
-            &PatchParams::default(),
-            &Patch::Merge(&status),
-        )
+    let after = merge_status(&mvs, "assistant-2.1.0", &status)
         .await
         .expect("status");
     assert_eq!(
@@ -103,12 +119,7 @@ async fn crud_status_patches_generation_and_conflicts() {
 
     // Deprecating is a spec change: generation moves. JSON patch, merge patch and apply all work.
     let deprecated = json!({"spec": {"deprecated": {"reason": "accuracy regression", "removeAfter": "2027-03-01"}}});
-    let p = mvs
-        .patch(
-            "assistant-2.1.0",
-            &PatchParams::default(),
-            &Patch::Merge(&deprecated),
-        )
+    let p = merge(&mvs, "assistant-2.1.0", &deprecated)
         .await
         .expect("merge");
     assert_eq!(p.metadata.generation, Some(2));
@@ -153,12 +164,7 @@ async fn crud_status_patches_generation_and_conflicts() {
 
     // Admission: the immutability rule and the schema, with the field named.
     let change = json!({"spec": {"variants": [{"name": "x", "format": "onnx", "artifact": {"uri": "s3://models/other.onnx", "sha256": "0".repeat(64), "sizeBytes": 1}}]}});
-    let err = mvs
-        .patch(
-            "assistant-2.1.0",
-            &PatchParams::default(),
-            &Patch::Merge(&change),
-        )
+    let err = merge(&mvs, "assistant-2.1.0", &change)
         .await
         .expect_err("immutable");
     assert!(
@@ -227,9 +233,7 @@ async fn finalizers_hold_deletion_until_removed_and_state_survives_a_restart() {
     let held = cms.get("held").await.expect("still there");
     assert!(held.metadata.deletion_timestamp.is_some());
     let clear = json!({"metadata": {"finalizers": null}});
-    cms.patch("held", &PatchParams::default(), &Patch::Merge(&clear))
-        .await
-        .expect("clears");
+    merge(&cms, "held", &clear).await.expect("clears");
     assert!(
         cms.get_opt("held").await.expect("get").is_none(),
         "gone once finalized"
@@ -279,13 +283,9 @@ async fn watches_stream_changes_send_bookmarks_resume_and_expire() {
     )
     .await
     .expect("creates");
-    cms.patch(
-        "w",
-        &PatchParams::default(),
-        &Patch::Merge(json!({"data": {"x": "1"}})),
-    )
-    .await
-    .expect("patches");
+    merge(&cms, "w", &json!({"data": {"x": "1"}}))
+        .await
+        .expect("patches");
     cms.delete("w", &DeleteParams::default())
         .await
         .expect("deletes");
@@ -623,5 +623,182 @@ async fn the_kubectl_plugin_reports_commands_and_explains_routing() {
     .await
     .expect("joins");
     assert!(offline.contains("offline-on-device"), "{offline}");
+
+    // As kubectl does: the context's namespace when -n is absent, -A for every namespace,
+    // and errors as the server said them, not as Rust debug output.
+    let in_context = dir.path().join("kubeconfig-edgewise");
+    std::fs::write(
+        &in_context,
+        server
+            .kubeconfig()
+            .replace("namespace: default", "namespace: edgewise"),
+    )
+    .expect("kubeconfig");
+    let bare = move |args: &'static [&'static str]| {
+        let kc = in_context.clone();
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(workspace_binary("kubectl-edgewise"))
+                .args(args)
+                .env("KUBECONFIG", &kc)
+                .output()
+                .expect("runs")
+        })
+    };
+    let listed = bare(&["status"]).await.expect("joins");
+    assert!(
+        String::from_utf8_lossy(&listed.stdout).contains("assistant-eu-beta"),
+        "the context's namespace is used: {listed:?}"
+    );
+    let all = bare(&["status", "-A"]).await.expect("joins");
+    let all = String::from_utf8_lossy(&all.stdout).into_owned();
+    assert!(
+        all.starts_with("NAMESPACE")
+            && all.contains("edgewise ")
+            && all.contains("assistant-eu-beta"),
+        "{all}"
+    );
+    let missing = bare(&["-n", "default", "promote", "nope"])
+        .await
+        .expect("joins");
+    assert!(!missing.status.success());
+    let said = String::from_utf8_lossy(&missing.stderr).into_owned();
+    assert!(
+        said.contains("Error from server (NotFound)") && !said.contains("Api("),
+        "{said}"
+    );
+    let empty = bare(&["-n", "default", "status"]).await.expect("joins");
+    assert_eq!(
+        String::from_utf8_lossy(&empty.stdout).trim(),
+        "No rollouts found in default namespace."
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_plugin_publishes_files_and_creates_a_model_version_that_verifies() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, c) = start(dir.path()).await;
+    let s3 = edgewise_dev::s3_server::EmbeddedS3::start(
+        &dir.path().join("s3"),
+        loopback(),
+        "publish-key",
+        "publish-secret",
+    )
+    .await
+    .expect("s3");
+    let s3_client = s3.settings().client();
+    s3_client
+        .create_bucket()
+        .bucket("releases")
+        .send()
+        .await
+        .expect("bucket");
+    // Big enough for a multipart upload of three parts, and a one-part file.
+    let big: Vec<u8> = (0..(edgewise_operator::publish::PART_BYTES * 2 + 12_345))
+        .map(|i| (i % 251) as u8)
+        .collect();
+    let small = b"a small onnx file".to_vec();
+    std::fs::write(dir.path().join("model-q4.gguf"), &big).expect("writes");
+    std::fs::write(dir.path().join("model.onnx"), &small).expect("writes");
+    let seed = [7u8; 32];
+    let key_file = dir.path().join("signing.key");
+    std::fs::write(
+        &key_file,
+        base64::engine::general_purpose::STANDARD.encode(seed),
+    )
+    .expect("key");
+    let kc = dir.path().join("kubeconfig");
+    std::fs::write(&kc, server.kubeconfig()).expect("kubeconfig");
+    let gguf = format!(
+        "q4={},platforms=linux/arm64;android/arm64,min-memory-mib=4096",
+        dir.path().join("model-q4.gguf").display()
+    );
+    let onnx = format!("cpu={}", dir.path().join("model.onnx").display());
+    let out = tokio::process::Command::new(workspace_binary("kubectl-edgewise"))
+        .env("KUBECONFIG", &kc)
+        .args([
+            "-n", "edgewise", "publish", "chat", "1.4.0", "--bucket", "releases",
+        ])
+        .args(["--variant", &gguf, "--variant", &onnx])
+        .arg("--signing-key")
+        .arg(&key_file)
+        .args(["--s3-endpoint", &s3.endpoint()])
+        .args([
+            "--s3-access-key-id",
+            "publish-key",
+            "--s3-secret-access-key",
+            "publish-secret",
+        ])
+        .output()
+        .await
+        .expect("runs");
+    let progress = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{progress}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains("modelversion.edgewise.dev/chat-1.4.0 created")
+    );
+    assert!(
+        progress.contains("uploading q4:") && progress.contains("(100 %)"),
+        "{progress}"
+    );
+
+    let mv = Api::<ModelVersion>::namespaced(c, "edgewise")
+        .get("chat-1.4.0")
+        .await
+        .expect("created");
+    let variants = &mv.spec.variants;
+    assert_eq!(variants.len(), 2);
+    let verifying = ed25519_dalek::SigningKey::from_bytes(&seed).verifying_key();
+    for (v, bytes) in [(&variants[0], &big), (&variants[1], &small)] {
+        let digest = sha2::Sha256::digest(bytes);
+        assert_eq!(v.artifact.sha256, hex::encode(digest), "{}", v.name);
+        assert_eq!(v.artifact.size_bytes, bytes.len() as u64);
+        let (bucket, key) = v.artifact.location().expect("s3 uri");
+        let stored = s3_client
+            .get_object()
+            .bucket(bucket)
+            .key(key)
+            .send()
+            .await
+            .expect("uploaded")
+            .body
+            .collect()
+            .await
+            .expect("reads")
+            .into_bytes();
+        assert_eq!(&stored[..], &bytes[..], "{} stored whole", v.name);
+        let signature = base64::engine::general_purpose::STANDARD
+            .decode(v.artifact.signature.as_deref().expect("signed"))
+            .expect("base64");
+        let signature = ed25519_dalek::Signature::from_slice(&signature).expect("signature");
+        verifying
+            .verify_strict(&digest, &signature)
+            .expect("the signature covers the digest");
+    }
+    assert_eq!(variants[0].requires.min_memory_mib, Some(4096));
+    assert_eq!(
+        variants[0].format,
+        edgewise_core::variant::ModelFormat::Gguf
+    );
+
+    // A file that is not there is a sentence naming it, and nothing is created.
+    let missing = tokio::process::Command::new(workspace_binary("kubectl-edgewise"))
+        .env("KUBECONFIG", &kc)
+        .args([
+            "-n", "edgewise", "publish", "chat", "1.5.0", "--bucket", "releases",
+        ])
+        .args(["--variant", "cpu=/nonexistent/model.onnx"])
+        .args(["--s3-endpoint", &s3.endpoint()])
+        .output()
+        .await
+        .expect("runs");
+    assert!(!missing.status.success());
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/model.onnx: No such file"),
+        "{}",
+        String::from_utf8_lossy(&missing.stderr)
+    );
+    s3.stop().await;
     server.stop().await;
 }

@@ -103,7 +103,7 @@ async fn sixty_agents_converge_and_split_between_canary_and_stable_by_cohort() {
     let fleet = SimFleet::start(&SimConfig {
         devices: 60,
         gateway: h.gateway_url(),
-        bootstrap_token: TOKEN.into(),
+        bootstrap_tokens: vec![TOKEN.into()],
         data_dir: h.dir.path().join("sim"),
         backoff: quick_backoff(),
         devices_per_connection: 20,
@@ -760,6 +760,27 @@ async fn an_agent_started_offline_serves_decide_from_its_persisted_policy() {
     lane.report(&outcome(22.0))
         .await
         .expect("reported over the lane");
+    // A stock grpcio client, no channel options: its `:authority` is the socket path.
+    let scratch = tempfile::tempdir().expect("scratch");
+    let proto_root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../proto/proto");
+    let python = tokio::process::Command::new("python3")
+        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/grpcio_router.py"))
+        .arg(&socket)
+        .arg(&proto_root)
+        .arg(scratch.path())
+        .output()
+        .await
+        .expect("python3 runs");
+    assert!(
+        python.status.success(),
+        "{}",
+        String::from_utf8_lossy(&python.stderr)
+    );
+    let said: serde_json::Value = serde_json::from_slice(&python.stdout).expect("json");
+    assert_eq!(said["decide"]["rule"], "private", "{said}");
+    assert_eq!(said["decide"]["policy"], persisted.as_str(), "{said}");
+    assert_eq!(said["report"], "ok", "{said}");
+    assert!(said["models"].is_array(), "{said}");
     // Once the agent knows it is offline, a cloud rule falls back to the device.
     let long = eventually(Duration::from_secs(10), "offline reroute", || {
         let mut router = router.clone();
@@ -810,5 +831,9 @@ async fn an_agent_started_offline_serves_decide_from_its_persisted_policy() {
         }
         buffer.ack(&batch).expect("acks");
     }
-    assert_eq!(latencies, vec![11.0, 22.0]);
+    assert_eq!(
+        latencies,
+        vec![11.0, 22.0, 33.0],
+        "gRPC, lane and grpcio reports"
+    );
 }

@@ -318,7 +318,7 @@ fn fleet(h: &Harness, devices: usize) -> SimFleet {
     SimFleet::start(&SimConfig {
         devices,
         gateway: h.gateway_url(),
-        bootstrap_token: TOKEN.into(),
+        bootstrap_tokens: vec![TOKEN.into()],
         data_dir: h.dir.path().join("sim"),
         backoff: quick_backoff(),
         devices_per_connection: 10,

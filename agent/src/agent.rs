@@ -141,6 +141,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
 }
 
 /// Keeps `status.json` current (at most once a second).
+#[tracing::instrument(name = "status", skip_all, fields(device = %device.device_id))]
 async fn write_status(device: Arc<Device>, config: AgentConfig, shutdown: CancellationToken) {
     let path = config.data_dir.join("status.json");
     let mut connection = device.connection.subscribe();

@@ -18,6 +18,7 @@ use crate::store::Install;
 const ATTEMPTS: u32 = 8;
 
 /// Runs until `shutdown`.
+#[tracing::instrument(name = "installer", skip_all, fields(device = %device.device_id))]
 pub async fn run(device: Arc<Device>, http: reqwest::Client, shutdown: CancellationToken) {
     let mut desired = device.desired.subscribe();
     loop {

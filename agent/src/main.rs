@@ -101,7 +101,7 @@ fn main() -> ExitCode {
                 let config = SimConfig {
                     devices,
                     gateway,
-                    bootstrap_token: token,
+                    bootstrap_tokens: vec![token],
                     data_dir,
                     backoff: Backoff {
                         initial: Duration::from_millis(500),

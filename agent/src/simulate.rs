@@ -28,8 +28,9 @@ pub struct SimConfig {
     pub devices: usize,
     /// Gateway URL.
     pub gateway: String,
-    /// Bootstrap token.
-    pub bootstrap_token: String,
+    /// Bootstrap tokens: device `i` enrols with `bootstrap_tokens[i % len]`, so a fleet can
+    /// span segments (each token carries its own server-side labels).
+    pub bootstrap_tokens: Vec<String>,
     /// Where the shared content store lives.
     pub data_dir: PathBuf,
     /// Reconnect backoff.
@@ -192,7 +193,11 @@ impl SimFleet {
                 facts: facts_for(i),
                 labels: labels_for(i),
                 publisher: None,
-                bootstrap_token: config.bootstrap_token.clone(),
+                bootstrap_token: config
+                    .bootstrap_tokens
+                    .get(i % config.bootstrap_tokens.len().max(1))
+                    .cloned()
+                    .unwrap_or_default(),
                 backoff: config.backoff,
                 collect_garbage: false,
                 telemetry: telemetry.clone(),
@@ -270,6 +275,7 @@ const TASKS: [&str; 6] = [
 
 /// One device's synthetic traffic: decide, "run" the request with a latency drawn around
 /// the target's median (slower for versions marked slow), report the outcome.
+#[tracing::instrument(name = "traffic", skip_all, fields(device = %device.device_id))]
 async fn generate(device: Arc<Device>, traffic: Traffic, shutdown: CancellationToken) {
     use edgewise_proto::router::{DecideRequest, Outcome, target};
     let period = std::time::Duration::from_secs_f64(1.0 / traffic.requests_per_sec.max(0.001));

@@ -43,6 +43,7 @@ pub fn delays(backoff: Backoff) -> impl Iterator<Item = Duration> {
 }
 
 /// Runs until `shutdown`.
+#[tracing::instrument(name = "sync", skip_all, fields(device = %device.device_id))]
 pub async fn run(device: Arc<Device>, channel: Channel, shutdown: CancellationToken) {
     let mut backoff = delays(device.backoff);
     loop {

@@ -4,12 +4,14 @@
 //! the kubectl plugin and tests compute the same answers:
 //!
 //! - [`cohort`]: which devices are in a rollout's canary cohort;
+//! - [`names`]: Kubernetes name and label rules;
 //! - [`selector`]: label selectors over device labels;
 //! - [`policy`]: routing-policy compilation and allocation-free decisions;
 //! - [`rollout`]: the rollout step machine and gate evaluation;
 //! - [`version`] and [`variant`]: semantic versions and which variant a device gets.
 
 pub mod cohort;
+pub mod names;
 pub mod policy;
 pub mod rollout;
 pub mod selector;

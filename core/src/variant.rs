@@ -16,10 +16,7 @@ use crate::version::{AtLeast, Version, parse_version};
 #[serde(rename_all = "camelCase")]
 pub struct Variant {
     /// Unique name within the model version, e.g. `cpu-int8`.
-    #[schemars(
-        length(min = 1, max = 63),
-        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-    )]
+    #[schemars(schema_with = "crate::names::dns_label_schema")]
     pub name: String,
     /// Where the bytes are and what they must hash to.
     pub artifact: Artifact,

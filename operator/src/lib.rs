@@ -8,6 +8,7 @@ pub mod controller;
 pub mod crd;
 pub mod gateway;
 pub mod observability;
+pub mod publish;
 pub mod s3;
 pub mod server;
 pub mod shutdown;

@@ -80,3 +80,37 @@ impl S3Settings {
         aws_sdk_s3::Client::from_conf(config.build())
     }
 }
+
+/// An S3 failure in one sentence: the service's code and message with the HTTP status, or
+/// why the store could not be reached, instead of the SDK's debug rendering.
+pub fn describe<E>(
+    e: &aws_sdk_s3::error::SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+) -> String
+where
+    E: aws_sdk_s3::error::ProvideErrorMetadata + std::error::Error + 'static,
+{
+    use aws_sdk_s3::error::SdkError;
+    let causes = |e: &dyn std::error::Error| {
+        let mut out = Vec::new();
+        let mut cause = e.source();
+        while let Some(c) = cause {
+            out.push(c.to_string());
+            cause = c.source();
+        }
+        out.join(": ")
+    };
+    match e {
+        SdkError::ServiceError(s) => {
+            let status = s.raw().status().as_u16();
+            let err = s.err();
+            match (err.code(), err.message()) {
+                (Some(code), Some(msg)) => format!("{code} (HTTP {status}): {msg}"),
+                (Some(code), None) => format!("{code} (HTTP {status})"),
+                _ => format!("the store answered HTTP {status}"),
+            }
+        }
+        SdkError::TimeoutError(_) => "the request to the store timed out".to_owned(),
+        SdkError::DispatchFailure(_) => format!("cannot reach the store: {}", causes(e)),
+        other => format!("{other}: {}", causes(other)),
+    }
+}

@@ -78,7 +78,8 @@ fn crds_have_the_names_columns_and_subresources_kubectl_relies_on() {
         assert_eq!(c.spec.scope, "Namespaced");
         assert_eq!(
             names.categories.as_deref(),
-            Some(&["edgewise".to_owned()][..])
+            Some(&["edgewise".to_owned(), "all".to_owned()][..]),
+            "kubectl get edgewise and kubectl get all list them"
         );
         let v = &c.spec.versions[0];
         assert_eq!(v.name, "v1alpha1");

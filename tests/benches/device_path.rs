@@ -98,7 +98,7 @@ async fn fanout(n: usize) {
     let fleet = SimFleet::start(&SimConfig {
         devices: n,
         gateway: format!("http://{addr}"),
-        bootstrap_token: TOKEN.into(),
+        bootstrap_tokens: vec![TOKEN.into()],
         data_dir: dir.path().to_owned(),
         backoff: Backoff {
             initial: Duration::from_millis(500),

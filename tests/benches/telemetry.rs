@@ -105,7 +105,7 @@ async fn ingest() {
     let fleet = SimFleet::start(&SimConfig {
         devices: DEVICES,
         gateway: h.gateway_url(),
-        bootstrap_token: TOKEN.into(),
+        bootstrap_tokens: vec![TOKEN.into()],
         data_dir: h.dir.path().join("sim"),
         backoff: Backoff {
             initial: Duration::from_millis(10),

@@ -32,6 +32,8 @@ use sha2::{Digest, Sha256};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+pub mod conformance;
+
 /// Namespace of every test object.
 pub const NS: &str = "fleet";
 /// Bucket holding test artifacts.

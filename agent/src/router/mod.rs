@@ -2,6 +2,7 @@
 //! the installed models, online or offline, in-process ([`LocalRouter`]) or over a Unix
 //! socket ([`socket`]) that speaks gRPC ([`service`]) and a framed lane ([`lane`]).
 
+mod authority;
 pub mod lane;
 pub mod service;
 pub mod socket;

@@ -6,19 +6,21 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use edgewise_proto::router::router_server::RouterServer;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::LocalRouter;
-use super::lane;
 use super::service::RouterService;
+use super::{authority, lane};
 
 /// Serves the Router API on a Unix socket until `shutdown`: gRPC, and the framed lane
 /// ([`super::lane`]) for clients that open with its magic.
 ///
 /// # Errors
 /// When the socket cannot be bound or the server fails.
+#[tracing::instrument(name = "router", skip_all, fields(socket = %path.display()))]
 pub async fn serve_unix(
     path: PathBuf,
     router: Arc<LocalRouter>,
@@ -48,11 +50,14 @@ pub async fn serve_unix(
                 accepted = listener.accept() => accepted?,
             };
             let (router, grpc_tx) = (router.clone(), grpc_tx.clone());
-            tokio::spawn(async move {
-                if let Err(e) = dispatch(stream, router, grpc_tx).await {
-                    tracing::debug!(error = %e, "router connection ended");
+            tokio::spawn(
+                async move {
+                    if let Err(e) = dispatch(stream, router, grpc_tx).await {
+                        tracing::debug!(error = %e, "router connection ended");
+                    }
                 }
-            });
+                .instrument(tracing::debug_span!("router connection")),
+            );
         }
     };
     let served = tokio::select! {
@@ -76,20 +81,29 @@ async fn dispatch(
     if first == lane::MAGIC {
         return lane::serve(stream, router).await;
     }
-    let (read, write) = stream.into_split();
-    let io = tokio::io::join(std::io::Cursor::new(first).chain(read), write);
-    grpc.send(Ok(Replayed(io)))
+    // Every gRPC connection goes through the authority relay (see [`authority`]): stock
+    // gRPC clients send an `:authority` the server would refuse.
+    let (ours, theirs) = tokio::io::duplex(64 << 10);
+    grpc.send(Ok(Replayed(Box::new(theirs))))
         .await
-        .map_err(|_| std::io::Error::other("router gRPC server stopped"))
+        .map_err(|_| std::io::Error::other("router gRPC server stopped"))?;
+    let (read, mut write) = stream.into_split();
+    let (mut from_server, to_server) = tokio::io::split(ours);
+    let up = authority::relay(&first, read, to_server);
+    let down = async {
+        tokio::io::copy(&mut from_server, &mut write).await?;
+        write.shutdown().await
+    };
+    tokio::try_join!(up, down).map(|_| ())
 }
 
-type ReplayedIo = tokio::io::Join<
-    tokio::io::Chain<std::io::Cursor<[u8; 4]>, tokio::net::unix::OwnedReadHalf>,
-    tokio::net::unix::OwnedWriteHalf,
->;
+/// What a connection's bytes travel through on their way to the gRPC server.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Io for T {}
 
-/// A Unix connection whose first bytes were read and are replayed to the gRPC server.
-struct Replayed(ReplayedIo);
+/// A Unix connection whose first bytes were read, replayed to the gRPC server (or relayed
+/// with its authority rewritten).
+struct Replayed(Box<dyn Io>);
 
 impl tonic::transport::server::Connected for Replayed {
     type ConnectInfo = ();

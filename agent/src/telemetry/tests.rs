@@ -34,6 +34,18 @@ fn small(durable: bool) -> BufferConfig {
     }
 }
 
+/// A buffer in a fresh directory holding events `0..n`, written and closed as a process
+/// that exits would leave it; the directory is returned for reopening.
+async fn closed_buffer_of(n: u64, durable: bool) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let buf = TelemetryBuffer::open(dir.path(), small(durable)).expect("opens");
+    buf.append((0..n).map(event).collect())
+        .await
+        .expect("appends");
+    buf.close();
+    dir
+}
+
 #[tokio::test]
 async fn batches_survive_restarts_and_leave_only_when_acknowledged() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -68,13 +80,7 @@ async fn batches_survive_restarts_and_leave_only_when_acknowledged() {
 
 #[tokio::test]
 async fn a_torn_tail_is_cut_and_everything_before_it_kept() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let buf = TelemetryBuffer::open(dir.path(), small(true)).expect("opens");
-    buf.append((0..10).map(event).collect())
-        .await
-        .expect("appends");
-    buf.close();
-    drop(buf);
+    let dir = closed_buffer_of(10, true).await;
     // A crash mid-write: half a record at the end of the active segment.
     let seg = std::fs::read_dir(dir.path())
         .expect("dir")
@@ -104,13 +110,7 @@ async fn a_torn_tail_is_cut_and_everything_before_it_kept() {
 
 #[tokio::test]
 async fn a_corrupted_segment_keeps_the_good_records_around_the_damage() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let buf = TelemetryBuffer::open(dir.path(), small(false)).expect("opens");
-    buf.append((0..30).map(event).collect())
-        .await
-        .expect("appends");
-    buf.close();
-    drop(buf);
+    let dir = closed_buffer_of(30, false).await;
     let seg = dir.path().join("seg-0000000000000000.log");
     let mut bytes = std::fs::read(&seg).expect("read");
     let third = bytes.len() / 3;

@@ -53,6 +53,7 @@ async fn upload(
 }
 
 /// Runs until `shutdown`.
+#[tracing::instrument(name = "uploader", skip_all, fields(device = %device.device_id))]
 pub async fn run(
     device: Arc<Device>,
     buffer: Arc<TelemetryBuffer>,

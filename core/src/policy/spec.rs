@@ -54,10 +54,7 @@ pub struct RoutingPolicySpec {
 ]))]
 pub struct TargetSpec {
     /// Name rules use to refer to this target.
-    #[schemars(
-        length(min = 1, max = 63),
-        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-    )]
+    #[schemars(schema_with = "crate::names::dns_label_schema")]
     pub name: String,
     /// Run on the device with the installed version of a model.
     #[serde(default, skip_serializing_if = "Option::is_none")]

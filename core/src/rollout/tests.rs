@@ -114,16 +114,20 @@ fn command(c: Command) -> Observations {
     }
 }
 
-/// A rollout that has v1 stable, freshly told to roll out v2 at `t(0)`.
-fn started() -> RolloutState {
-    let stable = advance(
-        &strategy("1.0.0"),
+/// A rollout whose first version, `version`, became stable at `t(0)`.
+fn stable_on(version: &str) -> RolloutState {
+    advance(
+        &strategy(version),
         &RolloutState::default(),
         &healthy(),
         t(0),
     )
-    .state;
-    advance(&strategy("2.0.0"), &stable, &quiet(), t(0)).state
+    .state
+}
+
+/// A rollout that has v1 stable, freshly told to roll out v2 at `t(0)`.
+fn started() -> RolloutState {
+    advance(&strategy("2.0.0"), &stable_on("1.0.0"), &quiet(), t(0)).state
 }
 
 fn reasons(tr: &Transition) -> Vec<&'static str> {
@@ -240,13 +244,7 @@ fn on_failure_pause_holds_the_canary_until_retry() {
 fn manual_pause_waits_for_promote() {
     let mut st = strategy("2.0.0");
     st.steps = vec![percent(10), pause(None), percent(100)];
-    let stable = advance(
-        &strategy("1.0.0"),
-        &RolloutState::default(),
-        &healthy(),
-        t(0),
-    )
-    .state;
+    let stable = stable_on("1.0.0");
     let s = advance(&st, &stable, &healthy(), t(0)).state;
     assert_eq!((s.phase, s.percent), (Some(Phase::Paused), 10));
     let later = advance(&st, &s, &healthy(), t(86_400)).state;
@@ -283,13 +281,7 @@ fn abort_returns_everyone_to_stable_and_retry_restarts() {
 
 #[test]
 fn commands_that_do_not_apply_are_reported_not_obeyed() {
-    let done = advance(
-        &strategy("1.0.0"),
-        &RolloutState::default(),
-        &healthy(),
-        t(0),
-    )
-    .state;
+    let done = stable_on("1.0.0");
     let tr = advance(&strategy("1.0.0"), &done, &command(Command::Promote), t(1));
     assert_eq!(reasons(&tr), ["CommandRefused"]);
     let outcome = tr.state.last_command.clone().expect("recorded");
@@ -349,13 +341,7 @@ fn rate_limit_spreads_new_devices_over_time() {
         max_new_devices_per_minute: 20,
     });
     st.steps = vec![percent(10), percent(100)];
-    let stable = advance(
-        &strategy("1.0.0"),
-        &RolloutState::default(),
-        &healthy(),
-        t(0),
-    )
-    .state;
+    let stable = stable_on("1.0.0");
     let s0 = advance(&st, &stable, &healthy(), t(0));
     assert_eq!(s0.state.percent, 2, "one banked minute");
     assert_eq!(s0.requeue_after, Some(std::time::Duration::from_secs(30)));
@@ -455,7 +441,7 @@ proptest! {
         ticks in prop::collection::vec(1i64..900, 1..60),
     ) {
         let gate = st.steps.iter().position(|s| s.analysis.is_some()).expect("has analysis") as u32;
-        let stable = advance(&strategy("1.0.0"), &RolloutState::default(), &healthy(), t(0)).state;
+        let stable = stable_on("1.0.0");
         let mut s = advance(&st, &stable, &breaching(), t(0)).state;
         let mut now = 0;
         for dt in ticks {
@@ -473,7 +459,7 @@ proptest! {
         ticks in prop::collection::vec((1i64..900, 0u8..10), 1..60),
         bucket in 0u16..BUCKETS,
     ) {
-        let stable = advance(&strategy("1.0.0"), &RolloutState::default(), &healthy(), t(0)).state;
+        let stable = stable_on("1.0.0");
         let mut s = advance(&st, &stable, &healthy(), t(0)).state;
         let mut now = 0;
         for (dt, roll) in ticks {
@@ -498,7 +484,7 @@ proptest! {
         st in arb_strategy(),
         ticks in prop::collection::vec(1i64..900, 1..40),
     ) {
-        let stable = advance(&strategy("1.0.0"), &RolloutState::default(), &healthy(), t(0)).state;
+        let stable = stable_on("1.0.0");
         let mut s = advance(&st, &stable, &healthy(), t(0)).state;
         let mut now = 0;
         for dt in ticks {

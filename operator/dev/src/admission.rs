@@ -119,6 +119,110 @@ impl SchemaValidator {
     }
 }
 
+/// Fields of `ObjectMeta`: everything else under `metadata` is unknown, as on a cluster.
+const OBJECT_META: &[&str] = &[
+    "name",
+    "generateName",
+    "namespace",
+    "selfLink",
+    "uid",
+    "resourceVersion",
+    "generation",
+    "creationTimestamp",
+    "deletionTimestamp",
+    "deletionGracePeriodSeconds",
+    "labels",
+    "annotations",
+    "ownerReferences",
+    "finalizers",
+    "managedFields",
+];
+
+/// Removes what a structural schema does not declare, as an API server prunes a custom
+/// resource, and returns the paths removed (`spec.colour`, `spec.steps[1].pause.x`) for
+/// `fieldValidation` to reject or warn about.
+pub fn prune(schema: &Value, object: &mut Value) -> Vec<String> {
+    let mut removed = Vec::new();
+    prune_at(schema, object, "", true, &mut removed);
+    removed.sort();
+    removed
+}
+
+/// The properties a schema declares, including those of `allOf`/`anyOf`/`oneOf` branches
+/// (a structural schema repeats them at the top, but a generated one may not).
+fn declared(schema: &Value) -> Vec<(&str, &Value)> {
+    let mut out: Vec<(&str, &Value)> = schema["properties"]
+        .as_object()
+        .map(|p| p.iter().map(|(k, v)| (k.as_str(), v)).collect())
+        .unwrap_or_default();
+    for branch in ["allOf", "anyOf", "oneOf"] {
+        for s in schema[branch].as_array().into_iter().flatten() {
+            for (k, v) in declared(s) {
+                if !out.iter().any(|(known, _)| *known == k) {
+                    out.push((k, v));
+                }
+            }
+        }
+    }
+    out
+}
+
+fn prune_at(schema: &Value, value: &mut Value, path: &str, resource: bool, out: &mut Vec<String>) {
+    let child = |key: &str| {
+        if path.is_empty() {
+            key.to_owned()
+        } else {
+            format!("{path}.{key}")
+        }
+    };
+    match value {
+        Value::Object(map) => {
+            let resource = resource || schema["x-kubernetes-embedded-resource"] == true;
+            let preserve = schema["x-kubernetes-preserve-unknown-fields"] == true;
+            let props = declared(schema);
+            let additional = &schema["additionalProperties"];
+            let keys: Vec<String> = map.keys().cloned().collect();
+            for key in keys {
+                let here = child(&key);
+                let Some(v) = map.get_mut(&key) else { continue };
+                if resource && (key == "apiVersion" || key == "kind") {
+                    continue;
+                }
+                if resource && key == "metadata" {
+                    if let Value::Object(meta) = v {
+                        meta.retain(|k, _| {
+                            let known = OBJECT_META.contains(&k.as_str());
+                            if !known {
+                                out.push(format!("{here}.{k}"));
+                            }
+                            known
+                        });
+                    }
+                    continue;
+                }
+                if let Some((_, s)) = props.iter().find(|(k, _)| *k == key) {
+                    prune_at(s, v, &here, false, out);
+                } else if additional.is_object() {
+                    prune_at(additional, v, &here, false, out);
+                } else if *additional == Value::Bool(true) || preserve {
+                    // Declared open: kept as sent.
+                } else {
+                    map.remove(&key);
+                    out.push(here);
+                }
+            }
+        }
+        Value::Array(items) => {
+            if let Some(item) = schema.get("items") {
+                for (i, v) in items.iter_mut().enumerate() {
+                    prune_at(item, v, &format!("{path}[{i}]"), false, out);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
 /// `/spec/steps/1/setPercent` → `spec.steps[1].setPercent`.
 fn field_path(pointer: &str) -> String {
     let mut out = String::new();
@@ -139,6 +243,47 @@ fn field_path(pointer: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pruning_drops_and_names_what_the_schema_does_not_declare() {
+        let schema = serde_json::json!({"type": "object", "properties": {
+            "spec": {"type": "object", "properties": {
+                "paused": {"type": "boolean"},
+                "steps": {"type": "array", "items": {"type": "object", "properties": {"setPercent": {"type": "integer"}}}},
+                "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                "open": {"type": "object", "x-kubernetes-preserve-unknown-fields": true},
+                "target": {"type": "object", "oneOf": [{"properties": {"device": {"type": "object"}}}]}
+            }},
+            "status": {"type": "object", "properties": {}}
+        }});
+        let mut obj = serde_json::json!({
+            "apiVersion": "edgewise.dev/v1alpha1", "kind": "ModelRollout",
+            "metadata": {"name": "x", "labels": {"a": "b"}, "colour": "red"},
+            "spec": {"pasued": true, "paused": false, "colour": "red",
+                     "steps": [{"setPercent": 10}, {"setPercent": 20, "pause": {}}],
+                     "labels": {"any": "thing"}, "open": {"any": {"deep": 1}},
+                     "target": {"device": {}, "cloud": {}}},
+            "status": {"x": 1}
+        });
+        let removed = prune(&schema, &mut obj);
+        assert_eq!(
+            removed,
+            [
+                "metadata.colour",
+                "spec.colour",
+                "spec.pasued",
+                "spec.steps[1].pause",
+                "spec.target.cloud",
+                "status.x"
+            ]
+        );
+        assert_eq!(obj["spec"]["paused"], false);
+        assert_eq!(obj["spec"]["labels"]["any"], "thing");
+        assert_eq!(obj["spec"]["open"]["any"]["deep"], 1);
+        assert!(obj["spec"].get("colour").is_none());
+        assert_eq!(obj["metadata"]["labels"]["a"], "b");
+        assert!(prune(&schema, &mut obj).is_empty(), "pruning is idempotent");
+    }
 
     #[test]
     fn json_pointers_become_kubernetes_field_paths() {

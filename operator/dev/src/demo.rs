@@ -92,7 +92,7 @@ pub async fn publish(
     let sha = hex::encode(Sha256::digest(&bytes));
     let size = bytes.len();
     s3.put_object()
-        .bucket("models")
+        .bucket(crate::stack::DEMO_BUCKET)
         .key(key)
         .body(ByteStream::from(bytes))
         .send()
@@ -101,7 +101,9 @@ pub async fn publish(
             key: key.to_owned(),
             source: e.into(),
         })?;
-    Ok(json!({"uri": format!("s3://models/{key}"), "sha256": sha, "sizeBytes": size}))
+    Ok(
+        json!({"uri": format!("s3://{}/{key}", crate::stack::DEMO_BUCKET), "sha256": sha, "sizeBytes": size}),
+    )
 }
 
 /// One look at what the demo waits for: how far it got, and whether that is the end.

@@ -8,6 +8,7 @@ pub mod admission;
 pub mod clickhouse_server;
 pub mod demo;
 pub mod devapi;
+pub mod examples;
 pub mod s3_server;
 pub mod stack;
 

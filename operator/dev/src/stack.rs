@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::clickhouse_server::ClickHouseServer;
 use crate::demo::{self, DemoError};
 use crate::devapi::DevApi;
+use crate::examples;
 use crate::s3_server::EmbeddedS3;
 
 /// `edgewise-dev` flags.
@@ -56,6 +57,38 @@ pub struct DevOptions {
     /// embedded API; the CRDs are applied to it first. For kind, k3d and the like.
     #[arg(long)]
     pub kubeconfig: Option<PathBuf>,
+}
+
+/// The embedded S3 server's credentials (loopback only, printed at start).
+pub const S3_ACCESS_KEY: &str = "edgewise";
+/// See [`S3_ACCESS_KEY`].
+pub const S3_SECRET_KEY: &str = "edgewise-dev-secret";
+/// The bucket the demo publishes its models to.
+pub const DEMO_BUCKET: &str = "models";
+
+/// A random secret kept in `path` (mode 0600), made on first use.
+fn persistent_secret(path: &std::path::Path) -> Result<String, Error> {
+    if let Ok(existing) = std::fs::read_to_string(path) {
+        let existing = existing.trim();
+        if existing.len() >= 32 {
+            return Ok(existing.to_owned());
+        }
+    }
+    let secret = format!(
+        "{:032x}{:032x}",
+        rand::random::<u128>(),
+        rand::random::<u128>()
+    );
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    use std::io::Write as _;
+    options
+        .open(path)
+        .and_then(|mut f| f.write_all(secret.as_bytes()))
+        .map_err(start("secrets in the data dir"))?;
+    Ok(secret)
 }
 
 /// Why the dev stack failed.
@@ -150,16 +183,16 @@ impl DevStack {
                 (Some(api), client)
             }
         };
-        let s3 = EmbeddedS3::start(
-            &dir.join("s3"),
-            opts.s3_addr,
-            "edgewise",
-            "edgewise-dev-secret",
-        )
-        .await
-        .map_err(start("S3"))?;
-        println!("S3              {}   (access key edgewise)", s3.endpoint());
+        let s3 = EmbeddedS3::start(&dir.join("s3"), opts.s3_addr, S3_ACCESS_KEY, S3_SECRET_KEY)
+            .await
+            .map_err(start("S3"))?;
+        println!(
+            "S3              {}   (access key {S3_ACCESS_KEY}, secret {S3_SECRET_KEY}, buckets {DEMO_BUCKET} and {})",
+            s3.endpoint(),
+            examples::BUCKET
+        );
         let mut clickhouse_server = None;
+        let mut native = String::new();
         let clickhouse_url = match &opts.clickhouse_url {
             Some(url) => url.clone(),
             None => {
@@ -167,6 +200,7 @@ impl DevStack {
                     .await
                     .map_err(start("ClickHouse"))?;
                 let url = server.url();
+                native = format!(", clickhouse-client --port {}", server.tcp_port());
                 clickhouse_server = Some(server);
                 url
             }
@@ -175,36 +209,67 @@ impl DevStack {
         let report = edgewise_operator::telemetry::schema::migrate(&ch)
             .await
             .map_err(start("migrations"))?;
+        let migrations: Vec<String> = report.applied.iter().map(ToString::to_string).collect();
         println!(
-            "ClickHouse      {clickhouse_url}   ({}, schema applied {:?})",
-            report.server, report.applied
+            "ClickHouse      {clickhouse_url}   ({}, migrations applied: {}{native})",
+            report.server,
+            if migrations.is_empty() {
+                "none new".to_owned()
+            } else {
+                migrations.join(", ")
+            }
         );
 
         let s3_client = s3.settings().client();
-        let _ = s3_client.create_bucket().bucket("models").send().await;
-        let token = format!("{:032x}", rand::random::<u128>());
-        std::fs::write(dir.join("bootstrap-token"), &token).map_err(start("bootstrap token"))?;
+        let _ = s3_client.create_bucket().bucket(DEMO_BUCKET).send().await;
+        examples::publish(&s3_client)
+            .await
+            .map_err(start("example artifacts"))?;
+        // Kept in the data dir: agents enrolled before a restart keep their credentials.
+        let token = persistent_secret(&dir.join("bootstrap-token"))?;
+        let signing_key = persistent_secret(&dir.join("signing-key"))?;
         let sink = TelemetrySink::start(ch.clone(), SinkConfig::default());
         let gateway = Gateway::new(
             GatewayConfig {
-                signing_key: rand::random::<[u8; 32]>().to_vec(),
+                signing_key: signing_key.into_bytes(),
                 ..GatewayConfig::default()
             },
             s3_client.clone(),
         )
         .with_telemetry(sink);
-        gateway.auth().set_bootstrap_tokens(vec![BootstrapToken {
+        let dev_labels = || [("cluster".to_owned(), "dev".to_owned())].into_iter();
+        let mut tokens = vec![BootstrapToken {
             name: "dev".into(),
             token: token.clone(),
-            labels: [("cluster".to_owned(), "dev".to_owned())].into(),
-        }]);
+            labels: dev_labels().collect(),
+        }];
+        for (segment, labels) in examples::SEGMENTS {
+            tokens.push(BootstrapToken {
+                name: (*segment).to_owned(),
+                token: format!("{token}-{segment}"),
+                labels: dev_labels()
+                    .chain(
+                        labels
+                            .iter()
+                            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+                    )
+                    .collect(),
+            });
+        }
+        let fleet_tokens: Vec<String> = tokens.iter().skip(1).map(|t| t.token.clone()).collect();
+        gateway.auth().set_bootstrap_tokens(tokens);
         let (gw_addr, _gw) = gateway
             .spawn(opts.gateway_addr, shutdown.clone())
             .await
             .map_err(start("gateway"))?;
         println!(
-            "Gateway         http://{gw_addr}   (bootstrap token in {}/bootstrap-token)",
-            dir.display()
+            "Gateway         http://{gw_addr}   (bootstrap token in {}/bootstrap-token; the fleet's segments: {})",
+            dir.display(),
+            examples::SEGMENTS
+                .iter()
+                .map(|(name, _)| *name)
+                .collect::<Vec<_>>()
+                .join(", ")
         );
 
         let namespaces: Api<Namespace> = Api::all(client.clone());
@@ -251,7 +316,7 @@ impl DevStack {
         let fleet = SimFleet::start(&SimConfig {
             devices: opts.devices,
             gateway: format!("http://{gw_addr}"),
-            bootstrap_token: token,
+            bootstrap_tokens: fleet_tokens,
             data_dir: dir.join("sim"),
             backoff: edgewise_agent::config::Backoff {
                 initial: Duration::from_millis(200),

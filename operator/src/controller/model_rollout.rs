@@ -257,6 +257,16 @@ fn rollout_conditions<'a>(
     let ns = r.namespace().unwrap_or_default();
     let mut out = vec![
         Cond {
+            type_: condition::READY,
+            ok: phase == Phase::Succeeded && healthy,
+            reason: phase.as_str(),
+            message: if phase == Phase::Succeeded {
+                format!("{wanted} is the stable version of the segment")
+            } else {
+                s.message.clone().unwrap_or_default()
+            },
+        },
+        Cond {
             type_: condition::PROGRESSING,
             ok: phase.in_flight(),
             reason: phase.as_str(),

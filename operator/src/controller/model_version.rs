@@ -22,7 +22,7 @@ use crate::crd::{ModelVersion, ModelVersionPhase, ModelVersionStatus, VariantSta
 enum Unverified {
     #[error(transparent)]
     Uri(#[from] edgewise_core::variant::BadArtifactUri),
-    #[error("{uri} not found or unreadable: {detail}")]
+    #[error("{uri}: {detail}")]
     Head { uri: String, detail: String },
     #[error("size mismatch: object has {actual} bytes, spec says {declared}")]
     Size { actual: i64, declared: u64 },
@@ -37,17 +37,24 @@ enum Unverified {
 async fn verify(s3: &aws_sdk_s3::Client, v: &Variant) -> Result<(), Unverified> {
     let uri = &v.artifact.uri;
     let (bucket, key) = v.artifact.location()?;
-    // DisplayErrorContext renders the SDK's whole chain (service code and message).
-    let head = s3
-        .head_object()
-        .bucket(bucket)
-        .key(key)
-        .send()
-        .await
-        .map_err(|e| Unverified::Head {
-            uri: uri.clone(),
-            detail: aws_sdk_s3::error::DisplayErrorContext(e).to_string(),
-        })?;
+    let head = match s3.head_object().bucket(bucket).key(key).send().await {
+        Ok(head) => head,
+        Err(e) => {
+            // A HEAD answer has no body to say which is missing: ask about the bucket.
+            let missing = e.raw_response().is_some_and(|r| r.status().as_u16() == 404);
+            let detail = if missing && s3.head_bucket().bucket(bucket).send().await.is_err() {
+                format!("bucket {bucket} does not exist")
+            } else if missing {
+                format!("no object {key} in bucket {bucket}")
+            } else {
+                crate::s3::describe(&e)
+            };
+            return Err(Unverified::Head {
+                uri: uri.clone(),
+                detail,
+            });
+        }
+    };
     let size = head.content_length().unwrap_or(-1);
     if u64::try_from(size).ok() != Some(v.artifact.size_bytes) {
         return Err(Unverified::Size {
@@ -65,7 +72,7 @@ async fn verify(s3: &aws_sdk_s3::Client, v: &Variant) -> Result<(), Unverified> 
         .key(key)
         .send()
         .await
-        .map_err(|e| read(aws_sdk_s3::error::DisplayErrorContext(e).to_string()))?
+        .map_err(|e| read(crate::s3::describe(&e)))?
         .body;
     let mut hasher = Sha256::new();
     while let Some(chunk) = body.try_next().await.map_err(|e| read(e.to_string()))? {
@@ -170,12 +177,20 @@ pub(super) async fn reconcile(mv: Arc<ModelVersion>, ctx: Arc<Context>) -> Resul
         devices,
         conditions: conditions(
             previous,
-            vec![Cond {
-                type_: condition::VERIFIED,
-                ok: all,
-                reason,
-                message: message.clone(),
-            }],
+            vec![
+                Cond {
+                    type_: condition::VERIFIED,
+                    ok: all,
+                    reason,
+                    message: message.clone(),
+                },
+                Cond {
+                    type_: condition::READY,
+                    ok: all,
+                    reason,
+                    message: message.clone(),
+                },
+            ],
             generation,
         ),
     };

@@ -35,6 +35,11 @@ pub(super) async fn reconcile(rp: Arc<RoutingPolicy>, ctx: Arc<Context>) -> Resu
             message: e.to_string(),
         },
     };
+    // Ready is Accepted under the name every kind shares.
+    let ready = Cond {
+        type_: condition::READY,
+        ..accepted.clone()
+    };
     let (mut acked, mut rejected, mut reasons) = (0u64, 0u64, Vec::new());
     // A controller without an in-process gateway (the `controller` role) counts acks from
     // the devices' latest status in ClickHouse; NACK reasons need the gateway's view.
@@ -83,7 +88,7 @@ pub(super) async fn reconcile(rp: Arc<RoutingPolicy>, ctx: Arc<Context>) -> Resu
             rejected,
         },
         last_rejections: reasons,
-        conditions: conditions(previous, vec![accepted], generation),
+        conditions: conditions(previous, vec![ready, accepted], generation),
     };
     if write_status(&api, rp.as_ref(), status).await?.is_some()
         && let Some((reason, note, warning)) = announce

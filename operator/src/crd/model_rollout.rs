@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
     namespaced,
     shortname = "mro",
     category = "edgewise",
+    category = "all",
     status = "ModelRolloutStatus",
     printcolumn(name = "Model", type_ = "string", json_path = ".spec.model"),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
@@ -52,10 +53,7 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "camelCase")]
 pub struct ModelRolloutSpec {
     /// Model family to roll out (ModelVersion `spec.model`).
-    #[schemars(
-        length(min = 1, max = 63),
-        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-    )]
+    #[schemars(schema_with = "edgewise_core::names::dns_label_schema")]
     pub model: String,
     /// Devices in this segment, by label.
     #[serde(default)]

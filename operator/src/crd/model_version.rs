@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
     namespaced,
     shortname = "mv",
     category = "edgewise",
+    category = "all",
     status = "ModelVersionStatus",
     printcolumn(name = "Model", type_ = "string", json_path = ".spec.model"),
     printcolumn(name = "Version", type_ = "string", json_path = ".spec.version"),
@@ -49,10 +50,7 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "camelCase")]
 pub struct ModelVersionSpec {
     /// Model family name, shared by all its versions.
-    #[schemars(
-        length(min = 1, max = 63),
-        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-    )]
+    #[schemars(schema_with = "edgewise_core::names::dns_label_schema")]
     pub model: String,
     /// Semantic version of this release.
     #[schemars(regex(

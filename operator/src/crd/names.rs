@@ -4,6 +4,9 @@
 
 /// `status.conditions[].type` of the Edgewise kinds.
 pub mod condition {
+    /// Every kind: the object is done, as `kubectl wait --for=condition=Ready` expects (a
+    /// ModelVersion verified, a RoutingPolicy accepted, a ModelRollout succeeded).
+    pub const READY: &str = "Ready";
     /// ModelVersion: every variant was found in S3 with the declared size and SHA-256.
     pub const VERIFIED: &str = "Verified";
     /// RoutingPolicy: the policy compiles; only accepted policies are pushed.

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
     namespaced,
     shortname = "rp",
     category = "edgewise",
+    category = "all",
     status = "RoutingPolicyStatus",
     printcolumn(name = "Priority", type_ = "integer", json_path = ".spec.priority"),
     printcolumn(name = "Rules", type_ = "integer", json_path = ".status.rules"),

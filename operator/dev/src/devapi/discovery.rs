@@ -33,9 +33,6 @@ impl Api {
     }
 
     pub(super) fn resource_list(&self, group: &str, version: &str) -> Value {
-        let verbs = json!([
-            "create", "delete", "get", "list", "patch", "update", "watch"
-        ]);
         let mut list = Vec::new();
         for r in self
             .resources
@@ -44,7 +41,7 @@ impl Api {
         {
             list.push(json!({
                 "name": r.plural, "singularName": r.singular, "namespaced": r.namespaced,
-                "kind": r.kind, "verbs": verbs, "shortNames": r.short_names, "categories": r.categories,
+                "kind": r.kind, "verbs": r.verbs, "shortNames": r.short_names, "categories": r.categories,
             }));
             if r.status {
                 list.push(json!({"name": format!("{}/status", r.plural), "singularName": "", "namespaced": r.namespaced, "kind": r.kind, "verbs": ["get", "patch", "update"]}));

@@ -53,6 +53,18 @@ impl ApiError {
         )
     }
 
+    /// `403 Forbidden`: creating in a namespace that is being deleted.
+    pub(super) fn namespace_terminating(namespace: &str) -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            format!(
+                "unable to create new content in namespace {namespace} because it is being terminated"
+            ),
+            json!({"name": namespace, "kind": "namespaces", "causes": [{"reason": "NamespaceTerminating", "message": format!("namespace {namespace} is being terminated"), "field": "metadata.namespace"}]}),
+        )
+    }
+
     /// `409 AlreadyExists`.
     pub(super) fn already_exists(r: &Resource, name: &str) -> Self {
         Self::new(

@@ -12,9 +12,12 @@
 
 mod discovery;
 mod error;
+mod events;
 mod objects;
 mod patch;
+mod protobuf;
 mod resources;
+mod review;
 mod selectors;
 mod store;
 mod table;
@@ -36,9 +39,10 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info_span, warn};
 
 use error::{ApiError, ApiResult, json_response};
-use objects::new_namespace;
+use objects::{WriteOptions, Written, new_namespace};
 pub use resources::Resource;
 use store::{Change, Store};
+use table::IncludeObject;
 
 /// Why the dev API could not start.
 #[derive(Debug, thiserror::Error)]
@@ -155,13 +159,15 @@ impl DevApi {
                 Change::Added,
             )?;
         }
+        let resources = resources::all();
+        seed_crds(&mut store, &resources)?;
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
         let api = Arc::new(Api {
             shutdown: shutdown.clone(),
             tasks: tasks.clone(),
             store: Mutex::new(Some(store)),
-            resources: resources::all(),
+            resources,
             bookmark_every,
         });
         let (listener, addr) = crate::listen(bind)
@@ -226,6 +232,46 @@ impl DevApi {
     }
 }
 
+/// The CRDs the endpoint serves are objects too (`kubectl get crd`): written at start when
+/// absent or changed, left alone otherwise.
+fn seed_crds(store: &mut Store, resources: &[Resource]) -> Result<(), store::Error> {
+    let Some(crds) = resources
+        .iter()
+        .find(|r| r.kind == "CustomResourceDefinition")
+    else {
+        return Ok(());
+    };
+    let key = crds.key();
+    for crd in edgewise_operator::crd::all() {
+        let Ok(mut obj) = serde_json::to_value(&crd) else {
+            continue;
+        };
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        obj["apiVersion"] = json!("apiextensions.k8s.io/v1");
+        obj["kind"] = json!("CustomResourceDefinition");
+        match store.get(&key, "", &name).cloned() {
+            Some(old) if old["spec"] == obj["spec"] => {}
+            old => {
+                obj["metadata"]["uid"] = old
+                    .as_ref()
+                    .map_or_else(|| json!(objects::uid()), |o| o["metadata"]["uid"].clone());
+                obj["metadata"]["creationTimestamp"] = old.as_ref().map_or_else(
+                    || json!(objects::now()),
+                    |o| o["metadata"]["creationTimestamp"].clone(),
+                );
+                objects::established(crds, &mut obj, old.as_ref());
+                let change = if old.is_some() {
+                    Change::Modified
+                } else {
+                    Change::Added
+                };
+                store.write(&key, "", &name, obj, change)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 fn query(uri: &Uri) -> BTreeMap<String, String> {
     axum::extract::Query::<BTreeMap<String, String>>::try_from_uri(uri)
         .map(|q| q.0)
@@ -262,6 +308,7 @@ async fn handle(
             None => Err(ApiError::no_route(format!("group {group} not found"))),
         },
         ["apis", group, version] => ok(&api.resource_list(group, version)),
+        ["openapi", "v2"] => Ok(openapi_v2(&headers)),
         ["openapi", "v3"] => ok(&api.openapi_index()),
         ["openapi", "v3", "api", "v1"] => ok(&api.openapi("", "v1")),
         ["openapi", "v3", "apis", group, version] => ok(&api.openapi(group, version)),
@@ -277,6 +324,45 @@ async fn handle(
         ))),
     };
     answer.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// `/openapi/v2` in protobuf, as kubectl asks for it, or JSON.
+fn openapi_v2(headers: &HeaderMap) -> Response {
+    let wants_protobuf = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains(protobuf::OPENAPI_V2_MEDIA_TYPE));
+    if wants_protobuf {
+        (
+            StatusCode::OK,
+            // What kube-apiserver answers: Go's mime parser refuses the `@` of the request's.
+            [(
+                header::CONTENT_TYPE,
+                "application/com.github.proto-openapi.spec.v2.v1.0+protobuf",
+            )],
+            protobuf::openapi_v2(),
+        )
+            .into_response()
+    } else {
+        json_response(
+            StatusCode::OK,
+            &json!({"swagger": "2.0", "info": {"title": "Edgewise dev API", "version": "v1.32.0"}, "paths": {}, "definitions": {}}),
+        )
+    }
+}
+
+/// The verb a request is, as discovery lists verbs.
+fn verb(method: &Method, named: bool, watch: bool) -> &'static str {
+    match *method {
+        Method::GET if watch => "watch",
+        Method::GET if named => "get",
+        Method::GET => "list",
+        Method::POST => "create",
+        Method::PUT => "update",
+        Method::PATCH => "patch",
+        Method::DELETE => "delete",
+        _ => "unknown",
+    }
 }
 
 /// Where a request points.
@@ -335,19 +421,50 @@ impl Api {
             return Err(ApiError::no_route("no such subresource"));
         }
         let header = |name| headers.get(name).and_then(|v| v.to_str().ok());
-        let table = header(header::ACCEPT).is_some_and(|a| a.contains("as=Table"));
+        let table = header(header::ACCEPT)
+            .is_some_and(|a| a.contains("as=Table"))
+            .then(|| IncludeObject::from_query(q.get("includeObject").map(String::as_str)));
         let content_type = header(header::CONTENT_TYPE).unwrap_or("application/json");
         let watch = q.get("watch").is_some_and(|w| w == "true" || w == "1");
+        let writing = [Method::POST, Method::PUT, Method::PATCH, Method::DELETE].contains(method);
+        let opts = if writing {
+            WriteOptions::from_query(q)?
+        } else {
+            WriteOptions::default()
+        };
+        if !t
+            .resource
+            .verbs
+            .contains(&verb(method, t.name.is_some(), watch))
+        {
+            return Err(ApiError::method_not_allowed(format!(
+                "{} does not support {}",
+                t.resource.plural,
+                verb(method, t.name.is_some(), watch)
+            )));
+        }
         match (method.clone(), t.name.clone()) {
             (Method::GET, None) if watch => self.watch(&t, q, table),
             (Method::GET, None) => self.list(&t, q, table),
             (Method::GET, Some(name)) => self.get(&t, &name, table),
-            (Method::POST, None) => self.create(&t, objects::parse_body(body, content_type)?),
-            (Method::PUT, Some(name)) => {
-                self.update(&t, &name, objects::parse_body(body, content_type)?, false)
+            (Method::POST, None) => self
+                .create(&t, objects::parse_body(body, content_type)?, opts)
+                .map(Written::into_response),
+            (Method::PUT, Some(name)) => self
+                .update(
+                    &t,
+                    &name,
+                    objects::parse_body(body, content_type)?,
+                    false,
+                    opts,
+                )
+                .map(Written::into_response),
+            (Method::PATCH, Some(name)) => self
+                .patch(&t, &name, content_type, body, q, opts)
+                .map(Written::into_response),
+            (Method::DELETE, Some(name)) => {
+                self.delete(&t, &name, opts.with_delete_body(body, content_type)?)
             }
-            (Method::PATCH, Some(name)) => self.patch(&t, &name, content_type, body, q),
-            (Method::DELETE, Some(name)) => self.delete(&t, &name),
             _ => Err(ApiError::method_not_allowed(format!(
                 "{method} is not supported here"
             ))),

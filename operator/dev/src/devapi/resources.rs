@@ -36,9 +36,30 @@ pub struct Resource {
     pub columns: Vec<CustomResourceColumnDefinition>,
     /// Admission (CRDs).
     pub validator: Option<Arc<SchemaValidator>>,
-    /// The CRD's OpenAPI schema (CRDs), for `kubectl explain`.
+    /// The CRD's OpenAPI schema (CRDs), for `kubectl explain` and pruning.
     pub schema: Option<Value>,
+    /// How its objects are kept.
+    pub form: Form,
+    /// Fields a field selector may name besides `metadata.name` and `metadata.namespace`.
+    pub selectable: &'static [&'static str],
+    /// Verbs it serves (`create` only for the access reviews).
+    pub verbs: &'static [&'static str],
 }
+
+/// How a resource's objects are stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Form {
+    /// As written.
+    Own,
+    /// Core `v1` Events: kept as `events.k8s.io/v1` Events, converted on the way in and out.
+    CoreEvent,
+    /// Access reviews: answered, never stored.
+    Review,
+}
+
+const ALL_VERBS: &[&str] = &[
+    "create", "delete", "get", "list", "patch", "update", "watch",
+];
 
 impl std::fmt::Debug for Resource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -59,10 +80,60 @@ impl Resource {
         }
     }
 
-    /// Key in the store.
+    /// `ModelRollout.edgewise.dev`, or `Namespace` for the core group, as error messages
+    /// name a kind.
+    #[must_use]
+    pub fn qualified_kind(&self) -> String {
+        if self.group.is_empty() {
+            self.kind.clone()
+        } else {
+            format!("{}.{}", self.kind, self.group)
+        }
+    }
+
+    /// Key in the store (shared by the two Event APIs).
     #[must_use]
     pub fn key(&self) -> String {
-        format!("{}/{}/{}", self.group, self.version, self.plural)
+        match self.form {
+            Form::CoreEvent => "events.k8s.io/v1/events".to_owned(),
+            Form::Own | Form::Review => format!("{}/{}/{}", self.group, self.version, self.plural),
+        }
+    }
+
+    /// A stored object as this resource shows it.
+    #[must_use]
+    pub fn show(&self, obj: Value) -> Value {
+        match self.form {
+            Form::CoreEvent => super::events::to_core(obj),
+            Form::Own | Form::Review => obj,
+        }
+    }
+
+    /// An object of this resource as it is stored.
+    #[must_use]
+    pub fn keep(&self, obj: Value) -> Value {
+        match self.form {
+            Form::CoreEvent => super::events::from_core(obj),
+            Form::Own | Form::Review => obj,
+        }
+    }
+
+    /// `metadata.name` rule: Namespaces are DNS labels, everything else DNS subdomains.
+    ///
+    /// # Errors
+    /// The API server's words for each problem.
+    pub fn check_name(&self, name: &str) -> Result<(), Vec<String>> {
+        if self.kind == "Namespace" {
+            edgewise_core::names::dns_label(name)
+        } else {
+            edgewise_core::names::dns_subdomain(name)
+        }
+    }
+
+    /// Whether it is a custom resource (no strategic merge patch, pruning applies).
+    #[must_use]
+    pub fn is_custom(&self) -> bool {
+        self.schema.is_some()
     }
 
     fn builtin(
@@ -86,7 +157,26 @@ impl Resource {
             columns: Vec::new(),
             validator: None,
             schema: None,
+            form: Form::Own,
+            selectable: &[],
+            verbs: ALL_VERBS,
         }
+    }
+
+    fn with_form(mut self, form: Form) -> Self {
+        self.form = form;
+        self
+    }
+
+    fn selecting(mut self, fields: &'static [&'static str]) -> Self {
+        self.selectable = fields;
+        self
+    }
+
+    fn review(group: &'static str, kind: &str, plural: &str) -> Self {
+        let mut r = Self::builtin(group, "v1", kind, plural, false, &[]).with_form(Form::Review);
+        r.verbs = &["create"];
+        r
     }
 
     fn from_crd(crd: &CustomResourceDefinition) -> Self {
@@ -124,6 +214,9 @@ impl Resource {
                 .as_ref()
                 .and_then(|s| s.open_api_v3_schema.as_ref())
                 .and_then(|s| serde_json::to_value(s).ok()),
+            form: Form::Own,
+            selectable: &[],
+            verbs: ALL_VERBS,
         }
     }
 }
@@ -132,11 +225,15 @@ impl Resource {
 #[must_use]
 pub fn all() -> Vec<Resource> {
     let mut out = vec![
-        Resource::builtin("", "v1", "Namespace", "namespaces", false, &["ns"]),
-        Resource::builtin("", "v1", "Secret", "secrets", true, &[]),
+        Resource::builtin("", "v1", "Namespace", "namespaces", false, &["ns"])
+            .selecting(&["status.phase"]),
+        Resource::builtin("", "v1", "Secret", "secrets", true, &[]).selecting(&["type"]),
         Resource::builtin("", "v1", "ConfigMap", "configmaps", true, &["cm"]),
-        Resource::builtin("", "v1", "Event", "events", true, &["ev"]),
-        Resource::builtin("events.k8s.io", "v1", "Event", "events", true, &["ev"]),
+        Resource::builtin("", "v1", "Event", "events", true, &["ev"])
+            .with_form(Form::CoreEvent)
+            .selecting(super::events::CORE_FIELDS),
+        Resource::builtin("events.k8s.io", "v1", "Event", "events", true, &["ev"])
+            .selecting(super::events::EVENTS_FIELDS),
         Resource::builtin("coordination.k8s.io", "v1", "Lease", "leases", true, &[]),
         Resource::builtin(
             "apiextensions.k8s.io",
@@ -145,6 +242,16 @@ pub fn all() -> Vec<Resource> {
             "customresourcedefinitions",
             false,
             &["crd"],
+        ),
+        Resource::review(
+            "authorization.k8s.io",
+            "SelfSubjectAccessReview",
+            "selfsubjectaccessreviews",
+        ),
+        Resource::review(
+            "authorization.k8s.io",
+            "SelfSubjectRulesReview",
+            "selfsubjectrulesreviews",
         ),
     ];
     out.extend(edgewise_operator::crd::all().iter().map(Resource::from_crd));

@@ -109,16 +109,17 @@ impl LabelSelector {
     }
 }
 
-/// A parsed field selector (`metadata.name` and `metadata.namespace`, as CRDs support).
+/// A parsed field selector: `metadata.name` and `metadata.namespace` on every kind, as
+/// custom resources support, and the fields a kind adds (`involvedObject.name` on Events).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct FieldSelector(Vec<(String, bool, String)>);
 
 impl FieldSelector {
-    /// Parses `metadata.name=x,metadata.namespace!=y`.
+    /// Parses `metadata.name=x,metadata.namespace!=y`, allowing `extra` fields too.
     ///
     /// # Errors
     /// [`SelectorError`] naming the requirement or the unsupported field.
-    pub fn parse(s: &str) -> Result<Self, SelectorError> {
+    pub fn parse(s: &str, extra: &[&str]) -> Result<Self, SelectorError> {
         let mut out = Vec::new();
         for part in split_top(s) {
             let (field, eq, value) = if let Some((k, v)) = part.split_once("!=") {
@@ -129,7 +130,8 @@ impl FieldSelector {
                 return Err(SelectorError::Field(part.to_owned()));
             };
             let field = field.trim();
-            if !["metadata.name", "metadata.namespace"].contains(&field) {
+            if !["metadata.name", "metadata.namespace"].contains(&field) && !extra.contains(&field)
+            {
                 return Err(SelectorError::UnsupportedField(field.to_owned()));
             }
             out.push((field.to_owned(), eq, value.trim().to_owned()));
@@ -137,13 +139,18 @@ impl FieldSelector {
         Ok(FieldSelector(out))
     }
 
-    /// Whether an object matches.
+    /// Whether an object matches; an absent field is the empty string, as on a server.
     #[must_use]
     pub fn matches(&self, object: &Value) -> bool {
         self.0.iter().all(|(field, eq, value)| {
-            let key = field.trim_start_matches("metadata.");
-            let actual = object["metadata"][key].as_str().unwrap_or_default();
-            (actual == value) == *eq
+            let actual = field.split('.').try_fold(object, |v, k| v.get(k)).map_or(
+                String::new(),
+                |v| match v {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                },
+            );
+            (actual == *value) == *eq
         })
     }
 }
@@ -176,17 +183,17 @@ mod tests {
 
     #[test]
     fn field_selectors_support_name_and_namespace() {
-        let obj = serde_json::json!({"metadata": {"name": "a", "namespace": "ns"}});
-        assert!(
-            FieldSelector::parse("metadata.name=a")
+        let obj = serde_json::json!({"metadata": {"name": "a", "namespace": "ns"}, "involvedObject": {"name": "r"}});
+        let matches = |sel: &str, extra: &[&str]| {
+            FieldSelector::parse(sel, extra)
                 .expect("parses")
                 .matches(&obj)
-        );
-        assert!(
-            !FieldSelector::parse("metadata.namespace!=ns")
-                .expect("parses")
-                .matches(&obj)
-        );
-        assert!(FieldSelector::parse("spec.x=1").is_err());
+        };
+        assert!(matches("metadata.name=a", &[]));
+        assert!(!matches("metadata.namespace!=ns", &[]));
+        assert!(FieldSelector::parse("spec.x=1", &[]).is_err());
+        assert!(matches("involvedObject.name=r", &["involvedObject.name"]));
+        assert!(!matches("involvedObject.name=s", &["involvedObject.name"]));
+        assert!(matches("involvedObject.uid=", &["involvedObject.uid"]));
     }
 }

@@ -86,13 +86,34 @@ fn db_key(resource: &str, namespace: &str, name: &str) -> String {
     format!("{resource}|{namespace}|{name}")
 }
 
+/// Opens the database, waiting briefly for a lock that is being released.
+///
+/// redb holds an `flock` on the file. A process forked by this one (the tests run kubectl
+/// and ClickHouse next to the endpoint) shares the locked file description until it execs,
+/// so a restart in the same process can find the lock still held for a few milliseconds
+/// after the previous store closed. Another process that really has the file open keeps it,
+/// and the error stands after the wait.
+fn open_database(path: &Path) -> Result<Database, Error> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    loop {
+        match Database::create(path) {
+            Err(redb::DatabaseError::DatabaseAlreadyOpen)
+                if std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other.map_err(db_err),
+        }
+    }
+}
+
 impl Store {
     /// Opens (creating) the database at `path` and loads every object.
     ///
     /// # Errors
     /// Database errors.
     pub fn open(path: &Path, log_capacity: usize) -> Result<Self, Error> {
-        let db = Database::create(path).map_err(db_err)?;
+        let db = open_database(path)?;
         let mut objects = BTreeMap::new();
         let mut rv = 0;
         {

@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 
 use super::error::{ApiError, ApiResult};
 use super::objects::selectors;
+use super::table::IncludeObject;
 use super::{Api, Target};
 
 impl Api {
@@ -22,9 +23,9 @@ impl Api {
         self: &Arc<Self>,
         t: &Target<'_>,
         q: &BTreeMap<String, String>,
-        table: bool,
+        table: Option<IncludeObject>,
     ) -> ApiResult {
-        let (labels, fields) = selectors(q)?;
+        let (labels, fields) = selectors(t.resource, q)?;
         let r = t.resource.clone();
         let key = r.key();
         let namespace = t.namespace.clone();
@@ -44,10 +45,11 @@ impl Api {
         let tabler = self.clone();
         let table_resource = t.resource.clone();
         let line = move |kind: &str, object: &Value| {
-            let object = if table && kind != "ERROR" && kind != "BOOKMARK" {
-                tabler.table(&table_resource, std::slice::from_ref(object), 0)
-            } else {
-                object.clone()
+            let object = match table {
+                Some(include) if kind != "ERROR" && kind != "BOOKMARK" => {
+                    tabler.table(&table_resource, std::slice::from_ref(object), 0, include)
+                }
+                _ => object.clone(),
             };
             Ok(Bytes::from(format!(
                 "{}\n",
@@ -63,8 +65,9 @@ impl Api {
             let initial: Vec<Result<Bytes, Infallible>> = match since.parse::<u64>() {
                 Ok(0) | Err(_) => store
                     .list(&key, None)
+                    .map(|o| r.show(o.clone()))
                     .filter(|o| matches(o))
-                    .map(|o| line("ADDED", o))
+                    .map(|o| line("ADDED", &o))
                     .collect(),
                 Ok(rv) if too_old => {
                     let gone = ApiError::expired(rv, store.oldest_resumable());
@@ -72,8 +75,9 @@ impl Api {
                 }
                 Ok(rv) => store
                     .since(&key, rv)
-                    .filter(|e| matches(&e.object))
-                    .map(|e| line(e.change.as_str(), &e.object))
+                    .map(|e| (e.change, r.show(e.object.clone())))
+                    .filter(|(_, o)| matches(o))
+                    .map(|(change, o)| line(change.as_str(), &o))
                     .collect(),
             };
             (initial, too_old, store.subscribe(), store.rv())
@@ -107,7 +111,8 @@ impl Api {
                     event = live.recv() => match event {
                         Ok(e) if e.resource == key && e.rv > last_rv => {
                             last_rv = e.rv;
-                            if matches(&e.object) && tx.send(line(e.change.as_str(), &e.object)).await.is_err() {
+                            let object = r.show(e.object);
+                            if matches(&object) && tx.send(line(e.change.as_str(), &object)).await.is_err() {
                                 return;
                             }
                         }
