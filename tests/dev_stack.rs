@@ -527,6 +527,18 @@ async fn the_examples_work_against_the_dev_stack_as_shipped() {
     .await
     .expect("joins");
     assert_eq!(waited.matches("condition met").count(), 2, "{waited}");
+    // A first version becomes the segment's stable one at once: the rollout is Ready too.
+    let rolled = run(s(&[
+        "wait",
+        "-n",
+        "edgewise",
+        "--for=condition=Ready",
+        "mro/assistant-eu-beta",
+        "--timeout=60s",
+    ]))
+    .await
+    .expect("joins");
+    assert!(rolled.contains("condition met"), "{rolled}");
     let mros: Api<ModelRollout> = Api::namespaced(stack.client.clone(), "edgewise");
     let rps: Api<RoutingPolicy> = Api::namespaced(stack.client.clone(), "edgewise");
     let reached = eventually(

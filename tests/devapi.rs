@@ -41,6 +41,13 @@ where
         .await
 }
 
+/// An endpoint in a fresh directory (kept alive by the returned guard).
+async fn started() -> (tempfile::TempDir, DevApi, Client) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, c) = start(dir.path()).await;
+    (dir, server, c)
+}
+
 async fn start(dir: &std::path::Path) -> (DevApi, Client) {
     init_logging();
     let api = DevApi::start_with(dir, loopback(), Duration::from_millis(200), 50)
@@ -61,8 +68,7 @@ async fn start(dir: &std::path::Path) -> (DevApi, Client) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crud_status_patches_generation_and_conflicts() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (server, c) = start(dir.path()).await;
+    let (dir, server, c) = started().await;
     let mvs: Api<ModelVersion> = Api::namespaced(c.clone(), "edgewise");
     let mv: ModelVersion = serde_json::from_value(example("modelversion.yaml")).expect("typed");
     let created = mvs
@@ -217,8 +223,7 @@ async fn crud_status_patches_generation_and_conflicts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn finalizers_hold_deletion_until_removed_and_state_survives_a_restart() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (server, c) = start(dir.path()).await;
+    let (dir, server, c) = started().await;
     let cms: Api<ConfigMap> = Api::namespaced(c.clone(), "edgewise");
     let cm = json!({"metadata": {"name": "held", "finalizers": ["edgewise.dev/cleanup"]}, "data": {"a": "1"}});
     cms.create(
@@ -267,8 +272,7 @@ async fn finalizers_hold_deletion_until_removed_and_state_survives_a_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watches_stream_changes_send_bookmarks_resume_and_expire() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (server, c) = start(dir.path()).await;
+    let (dir, server, c) = started().await;
     let cms: Api<ConfigMap> = Api::namespaced(c.clone(), "edgewise");
     let list = cms.list(&ListParams::default()).await.expect("list");
     let rv = list.metadata.resource_version.expect("rv");
@@ -523,8 +527,7 @@ async fn kubectl_drives_the_dev_api_like_a_cluster() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_kubectl_plugin_reports_commands_and_explains_routing() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (server, c) = start(dir.path()).await;
+    let (dir, server, c) = started().await;
     let kc = dir.path().join("kubeconfig");
     std::fs::write(&kc, server.kubeconfig()).expect("kubeconfig");
     let mros: Api<ModelRollout> = Api::namespaced(c.clone(), "edgewise");
@@ -676,8 +679,7 @@ async fn the_kubectl_plugin_reports_commands_and_explains_routing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_plugin_publishes_files_and_creates_a_model_version_that_verifies() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (server, c) = start(dir.path()).await;
+    let (dir, server, c) = started().await;
     let s3 = edgewise_dev::s3_server::EmbeddedS3::start(
         &dir.path().join("s3"),
         loopback(),

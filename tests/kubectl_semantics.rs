@@ -57,40 +57,27 @@ impl Drop for Endpoint {
     }
 }
 
-#[test]
-fn dry_run_writes_nothing_and_diff_works() {
-    conformance::dry_run_writes_nothing(&Endpoint::start().cluster);
+/// One test per scenario, each against its own endpoint.
+macro_rules! scenarios {
+    ($($name:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $name() {
+                conformance::$name(&Endpoint::start().cluster);
+            }
+        )*
+    };
 }
 
-#[test]
-fn unknown_fields_are_refused_warned_or_pruned() {
-    conformance::unknown_fields_are_refused_warned_or_pruned(&Endpoint::start().cluster);
-}
-
-#[test]
-fn names_and_labels_are_validated() {
-    conformance::names_and_labels_are_validated(&Endpoint::start().cluster);
-}
-
-#[test]
-fn writes_that_change_nothing_are_no_ops() {
-    conformance::writes_that_change_nothing_are_no_ops(&Endpoint::start().cluster);
-}
-
-#[test]
-fn events_read_through_both_apis() {
-    conformance::events_read_through_both_apis(&Endpoint::start().cluster);
-}
-
-#[test]
-fn tables_lists_and_patch_types() {
-    conformance::tables_lists_and_patch_types(&Endpoint::start().cluster);
-}
-
-#[test]
-fn builtins_and_everyday_commands() {
-    conformance::builtins_and_everyday_commands(&Endpoint::start().cluster);
-}
+scenarios!(
+    dry_run_writes_nothing,
+    unknown_fields_are_refused_warned_or_pruned,
+    names_and_labels_are_validated,
+    writes_that_change_nothing_are_no_ops,
+    events_read_through_both_apis,
+    tables_lists_and_patch_types,
+    builtins_and_everyday_commands,
+);
 
 #[test]
 fn deleting_a_namespace_deletes_its_objects() {

@@ -308,12 +308,49 @@ impl DevProcess {
         ticks / 100.0 // USER_HZ is 100 on Linux
     }
 
+    /// SIGTERM, as a service manager stops it: it exits 0 and its child processes (the
+    /// ClickHouse server) go with it.
     fn stop(mut self) {
+        let children = children_of(self.child.id());
+        assert!(
+            !children.is_empty(),
+            "edgewise-dev runs ClickHouse as a child"
+        );
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status();
-        let _ = self.child.wait();
+        let status = self.child.wait().expect("exits");
+        assert!(status.success(), "SIGTERM is a clean stop: {status:?}");
+        let left: Vec<u32> = children.into_iter().filter(|p| alive(*p)).collect();
+        assert!(
+            left.is_empty(),
+            "child processes outlived edgewise-dev: {left:?}"
+        );
     }
+}
+
+/// The direct children of a process, from `/proc`.
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .filter_map(Result::ok)
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|c| {
+            c.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
+}
+
+/// Whether a process still runs (exited ones linger as zombies until reaped).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(')').map(|(_, r)| r.trim_start().to_owned()))
+        .is_some_and(|r| !r.starts_with('Z'))
 }
 
 async fn resource_versions(client: &Client) -> BTreeMap<String, String> {

@@ -267,30 +267,27 @@ pub fn events_read_through_both_apis(c: &Cluster) {
         let file = c.manifest(&format!("event-{name}"), doc);
         c.ok(&["create", "-n", ns, "-f", &file]);
     }
-    let core = c.ok(&[
-        "get",
+    let events = |api: &str, selector: &str| {
+        c.ok(&[
+            "get",
+            api,
+            "-n",
+            ns,
+            "--field-selector",
+            selector,
+            "-o",
+            "json",
+        ])
+    };
+    let core = events(
         "events",
-        "-n",
-        ns,
-        "--field-selector",
         "involvedObject.kind=ModelRollout,involvedObject.name=evented",
-        "-o",
-        "json",
-    ]);
+    );
     assert!(
         core.contains("through events.k8s.io") && core.contains("through core v1"),
         "{core}"
     );
-    let newer = c.ok(&[
-        "get",
-        "events.v1.events.k8s.io",
-        "-n",
-        ns,
-        "--field-selector",
-        "regarding.name=evented",
-        "-o",
-        "json",
-    ]);
+    let newer = events("events.v1.events.k8s.io", "regarding.name=evented");
     assert!(
         newer.contains("\"note\": \"through core v1\"") && newer.contains("StepAdvanced"),
         "{newer}"
