@@ -68,7 +68,7 @@ async fn start(dir: &std::path::Path) -> (DevApi, Client) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crud_status_patches_generation_and_conflicts() {
-    let (dir, server, c) = started().await;
+    let (_dir, server, c) = started().await;
     let mvs: Api<ModelVersion> = Api::namespaced(c.clone(), "edgewise");
     let mv: ModelVersion = serde_json::from_value(example("modelversion.yaml")).expect("typed");
     let created = mvs
@@ -272,7 +272,7 @@ async fn finalizers_hold_deletion_until_removed_and_state_survives_a_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watches_stream_changes_send_bookmarks_resume_and_expire() {
-    let (dir, server, c) = started().await;
+    let (_dir, server, c) = started().await;
     let cms: Api<ConfigMap> = Api::namespaced(c.clone(), "edgewise");
     let list = cms.list(&ListParams::default()).await.expect("list");
     let rv = list.metadata.resource_version.expect("rv");
@@ -802,5 +802,105 @@ async fn the_plugin_publishes_files_and_creates_a_model_version_that_verifies() 
         String::from_utf8_lossy(&missing.stderr)
     );
     s3.stop().await;
+    server.stop().await;
+}
+
+/// The same semantics as `tests/kubectl_semantics.rs`, through kube-rs: dry runs (create,
+/// patch, delete), strict field validation on a patch, pruning, and a no-op write that sends
+/// no watch event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kube_rs_sees_dry_runs_field_validation_and_no_op_writes() {
+    let (_dir, server, c) = started().await;
+    let mros: Api<ModelRollout> = Api::namespaced(c, "edgewise");
+    let mut doc = edgewise_tests::conformance::rollout("kube-rs");
+    doc["metadata"]["namespace"] = json!("edgewise");
+    let typed: ModelRollout = serde_json::from_value(doc.clone()).expect("typed");
+    let dry = PostParams {
+        dry_run: true,
+        ..PostParams::default()
+    };
+    let previewed = mros.create(&dry, &typed).await.expect("dry-run create");
+    assert!(previewed.metadata.resource_version.is_none());
+    assert!(
+        mros.get_opt("kube-rs").await.expect("get").is_none(),
+        "not stored"
+    );
+    let created = mros
+        .create(&PostParams::default(), &typed)
+        .await
+        .expect("creates");
+    let rv = created.metadata.resource_version.clone();
+
+    let strict = PatchParams {
+        field_validation: Some(kube::api::ValidationDirective::Strict),
+        ..PatchParams::default()
+    };
+    let err = mros
+        .patch(
+            "kube-rs",
+            &strict,
+            &Patch::Merge(json!({"spec": {"colour": "red"}})),
+        )
+        .await
+        .expect_err("strict refuses unknown fields");
+    assert!(
+        matches!(err, kube::Error::Api(ref s) if s.code == 400 && s.message.contains("unknown field \"spec.colour\"")),
+        "{err:?}"
+    );
+    // Not strict: pruned, and since nothing else changed, nothing is written.
+    let pruned = merge(&mros, "kube-rs", &json!({"spec": {"colour": "red"}}))
+        .await
+        .expect("warns and prunes");
+    assert_eq!(
+        pruned.metadata.resource_version, rv,
+        "a no-op keeps its resourceVersion"
+    );
+    let dry_patch = PatchParams {
+        dry_run: true,
+        ..PatchParams::default()
+    };
+    let preview = mros
+        .patch(
+            "kube-rs",
+            &dry_patch,
+            &Patch::Merge(json!({"spec": {"paused": true}})),
+        )
+        .await
+        .expect("dry-run patch");
+    assert!(preview.spec.strategy.paused, "the answer shows the change");
+    let dry_delete = DeleteParams {
+        dry_run: true,
+        ..DeleteParams::default()
+    };
+    mros.delete("kube-rs", &dry_delete)
+        .await
+        .expect("dry-run delete");
+    let live = mros.get("kube-rs").await.expect("still there");
+    assert_eq!(live.metadata.resource_version, rv, "dry runs wrote nothing");
+    assert!(!live.spec.strategy.paused);
+
+    // A write of the same object sends no watch event; a real change does.
+    let mut watch = mros
+        .watch(
+            &WatchParams::default().timeout(3),
+            rv.as_deref().unwrap_or("0"),
+        )
+        .await
+        .expect("watches")
+        .boxed();
+    mros.replace("kube-rs", &PostParams::default(), &live)
+        .await
+        .expect("same object");
+    merge(&mros, "kube-rs", &json!({"spec": {"paused": true}}))
+        .await
+        .expect("a change");
+    let mut modified = 0;
+    while let Some(event) = watch.next().await {
+        if let Ok(WatchEvent::Modified(m)) = event {
+            assert!(m.spec.strategy.paused, "the only event is the real change");
+            modified += 1;
+        }
+    }
+    assert_eq!(modified, 1);
     server.stop().await;
 }

@@ -560,14 +560,15 @@ impl Api {
                 new["metadata"][keep] = old["metadata"][keep].clone();
             }
         }
+        established(r, &mut new, Some(&old));
+        let warnings = Self::admit(r, &mut new, Some(&old), opts)?;
+        // After pruning: a field that was dropped changed nothing.
         if r.status {
             let generation = old["metadata"]["generation"].as_i64().unwrap_or(1);
             let changed = new["spec"] != old["spec"];
             new["metadata"]["generation"] =
                 json!(if changed { generation + 1 } else { generation });
         }
-        established(r, &mut new, Some(&old));
-        let warnings = Self::admit(r, &mut new, Some(&old), opts)?;
         let finalized = !new["metadata"]["deletionTimestamp"].is_null()
             && new["metadata"]["finalizers"]
                 .as_array()
