@@ -555,6 +555,41 @@ async fn the_examples_work_against_the_dev_stack_as_shipped() {
     .await;
     // 8 devices round robin over four segments: two are eu-beta.
     assert_eq!(reached, 2, "the selector picks exactly the eu-beta segment");
+
+    // A rule above the private rule that can send private data to the cloud is called out
+    // on the object (and still pushed: it compiles).
+    let mut careless = example("routingpolicy.yaml");
+    careless["metadata"]["name"] = json!("careless");
+    let rules = careless["spec"]["rules"].as_array_mut().expect("rules");
+    rules.insert(
+        0,
+        json!({"name": "long-first", "match": [{"attribute": "inputTokens", "gt": 100}], "route": "cloud-large"}),
+    );
+    let file = dir.path().join("careless.json");
+    std::fs::write(&file, careless.to_string()).expect("writes");
+    run(vec![
+        "apply".into(),
+        "-f".into(),
+        file.display().to_string(),
+    ])
+    .await
+    .expect("joins");
+    let warned = eventually(Duration::from_secs(30), "the policy warning", || async {
+        let p = rps.get("careless").await.ok()?;
+        let s = p.status?;
+        (s.warning_count > 0).then_some(s.warnings)
+    })
+    .await;
+    assert!(
+        warned
+            .iter()
+            .any(|w| w.starts_with("rules[0]: can send dataClass \"private\"")),
+        "{warned:?}"
+    );
+    let listed = run(s(&["get", "rp", "-n", "edgewise", "careless"]))
+        .await
+        .expect("joins");
+    assert!(listed.contains("WARNINGS"), "{listed}");
     let token = std::fs::read_to_string(dir.path().join("bootstrap-token")).expect("token");
     shutdown.cancel();
     stack.stop().await;

@@ -158,3 +158,75 @@ async fn proxy_clock(proxy: &Proxy) -> f64 {
     })
     .await
 }
+
+/// Recovery without a restart: a control plane restarted with its key kept lets agents
+/// reconnect on the credentials they hold; one that comes back with a new key and new
+/// tokens makes them re-enrol, with the token read again from its file once it is rotated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_recover_from_a_new_control_plane_key_and_a_rotated_token_without_restarting() {
+    let mut h = Harness::start().await;
+    h.apply([Change::ApplyPolicy(routing_policy("p", policy(&[])))]);
+    let token_file = h.dir.path().join("bootstrap-token");
+    std::fs::write(&token_file, TOKEN).expect("token");
+    let agent = TestAgent::start_with_token(
+        &h.dir.path().join("agent"),
+        &h.gateway_url(),
+        facts("linux", "x86_64", 4096, &[]),
+        None,
+        edgewise_agent::config::TokenSource::File(token_file.clone()),
+    );
+    let credential = |a: &TestAgent| {
+        a.device
+            .identity
+            .lock()
+            .expect("identity")
+            .credential()
+            .map(|c| c.token.clone())
+    };
+    let connected = |a: &TestAgent| *a.device.connection.borrow() == Connection::Connected;
+    eventually(Duration::from_secs(20), "the agent to connect", || async {
+        connected(&agent).then_some(())
+    })
+    .await;
+    let first = credential(&agent).expect("enrolled");
+
+    // Same key: the agent reconnects on the credential it has.
+    h.restart_gateway().await;
+    eventually(
+        Duration::from_secs(20),
+        "a reconnect after the restart",
+        || async {
+            (connected(&agent) && agent.device.stats.sync_attempts.load(Ordering::Relaxed) > 1)
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(credential(&agent), Some(first.clone()), "no re-enrolment");
+
+    // New key and new tokens: the credential is refused, the old token too, until the
+    // token file holds the new one.
+    let rotated = "rotated-bootstrap-token-0123456789";
+    h.replace_gateway(
+        b"a-different-signing-key-of-32-bytes!!",
+        vec![edgewise_operator::gateway::BootstrapToken {
+            name: "rotated".into(),
+            token: rotated.into(),
+            labels: Default::default(),
+        }],
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !connected(&agent),
+        "the old credential and token are refused"
+    );
+    std::fs::write(&token_file, rotated).expect("rotates");
+    eventually(
+        Duration::from_secs(20),
+        "re-enrolment with the rotated token",
+        || async { connected(&agent).then_some(()) },
+    )
+    .await;
+    assert_ne!(credential(&agent), Some(first), "a new credential");
+    agent.stop().await;
+}

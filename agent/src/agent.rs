@@ -37,6 +37,60 @@ pub enum StartError {
     /// The HTTP client could not be built.
     #[error("HTTP client: {0}")]
     Http(#[from] reqwest::Error),
+    /// Another agent runs on this data dir.
+    #[error("another agent (pid {pid}) is running with data dir {}; stop it or give this one its own data_dir", dir.display())]
+    Locked {
+        /// The directory.
+        dir: PathBuf,
+        /// The other agent's process id, as it wrote it.
+        pid: String,
+    },
+}
+
+/// One agent per data dir: an exclusive lock on `agent.lock`, held while the agent runs,
+/// with the holder's pid in it for the next one to name. The kernel releases it when the
+/// process ends, `kill -9` included.
+#[derive(Debug)]
+pub struct DataDirLock {
+    _file: std::fs::File,
+}
+
+impl DataDirLock {
+    /// Takes the lock.
+    ///
+    /// # Errors
+    /// [`StartError::Locked`] when another agent holds it, [`StartError::State`] for I/O.
+    pub fn acquire(dir: &std::path::Path) -> Result<Self, StartError> {
+        use std::io::{Read, Seek, Write};
+        let state_err = |source| StartError::State {
+            dir: dir.to_owned(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(state_err)?;
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(dir.join("agent.lock"))
+            .map_err(state_err)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut pid = String::new();
+                let _ = file.read_to_string(&mut pid);
+                return Err(StartError::Locked {
+                    dir: dir.to_owned(),
+                    pid: pid.trim().to_owned(),
+                });
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(state_err(e)),
+        }
+        file.set_len(0).map_err(state_err)?;
+        file.rewind().map_err(state_err)?;
+        write!(file, "{}", std::process::id()).map_err(state_err)?;
+        Ok(DataDirLock { _file: file })
+    }
 }
 
 /// Opens the device's state from `config` (no network I/O).
@@ -87,10 +141,21 @@ pub fn open_device(config: &AgentConfig) -> Result<Arc<Device>, StartError> {
 /// # Errors
 /// [`StartError`] when it cannot start; once running it retries rather than fails.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), StartError> {
+    let _lock = DataDirLock::acquire(&config.data_dir)?;
     let device = open_device(&config)?;
     let channel = crate::gateway_channel(&config.gateway)?;
     let http = crate::artifact_client()?;
     info!(device = %device.device_id, gateway = %config.gateway, "agent starting");
+    {
+        // The socket's Status answers from the device as it is when asked.
+        let weak = Arc::downgrade(&device);
+        let gateway = config.gateway.clone();
+        device.router.set_status_source(move || {
+            weak.upgrade()
+                .and_then(|d| serde_json::to_string(&StatusFile::of(&d, &gateway)).ok())
+                .unwrap_or_default()
+        });
+    }
     let mut tasks = tokio::task::JoinSet::new();
     if let Some(socket) = config.router_socket.clone() {
         let router = device.router.clone();
@@ -129,6 +194,12 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             shutdown.clone(),
         ));
     }
+    if config.probe_network {
+        tasks.spawn(crate::network::watch(
+            device.router.clone(),
+            shutdown.clone(),
+        ));
+    }
     tasks.spawn(crate::sync::run(device.clone(), channel, shutdown.clone()));
     tasks.spawn(write_status(
         device.clone(),
@@ -146,15 +217,18 @@ async fn write_status(device: Arc<Device>, config: AgentConfig, shutdown: Cancel
     let path = config.data_dir.join("status.json");
     let mut connection = device.connection.subscribe();
     let mut models = device.board.subscribe();
+    let mut activity = device.activity.subscribe();
     loop {
         let file = StatusFile::of(&device, &config.gateway);
         if let Err(e) = file.write(&path) {
             warn!(error = %e, "writing status.json");
         }
+        // Rewritten on a change only (at most once a second): a quiet agent writes nothing.
         tokio::select! {
             () = shutdown.cancelled() => return,
             _ = connection.changed() => {}
             _ = models.changed() => {}
+            _ = activity.changed() => {}
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }

@@ -7,6 +7,8 @@
 //! data_dir = "/var/lib/edgewise"
 //! router_socket = "/run/edgewise/router.sock"      # optional; default <data_dir>/router.sock
 //! publisher_key = "base64 ed25519 public key"      # optional; then artifacts must be signed
+//! probe_network = true                             # default: offline when the routing table
+//!                                                  # has no default route (crate::network)
 //!
 //! [labels]                                         # self-reported, seen as `self.<key>`
 //! channel = "beta"
@@ -89,6 +91,14 @@ pub struct ConfigFile {
     /// Reconnect behaviour.
     #[serde(default)]
     pub sync: SyncConfig,
+    /// Read the routing table for the router's `network` (see [`crate::network`]); off,
+    /// the router assumes online unless a request says otherwise.
+    #[serde(default = "probe_network_default")]
+    pub probe_network: bool,
+}
+
+fn probe_network_default() -> bool {
+    true
 }
 
 /// Hardware facts that override detection.
@@ -134,13 +144,79 @@ impl Default for SyncConfig {
     }
 }
 
+/// Where a bootstrap token comes from. A file is read again at every enrolment, so a
+/// token rotated on disk (a re-provisioned device, a control plane with new tokens) is
+/// picked up without restarting the agent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TokenSource {
+    /// A fixed token (the simulator, tests).
+    Fixed(String),
+    /// A file holding the token.
+    File(PathBuf),
+}
+
+impl From<&str> for TokenSource {
+    fn from(token: &str) -> Self {
+        TokenSource::Fixed(token.to_owned())
+    }
+}
+
+impl From<String> for TokenSource {
+    fn from(token: String) -> Self {
+        TokenSource::Fixed(token)
+    }
+}
+
+/// A bootstrap token that cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    /// The file.
+    #[error("bootstrap token file {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// It holds nothing.
+    #[error("bootstrap token file {} is empty", .0.display())]
+    Empty(PathBuf),
+}
+
+impl TokenSource {
+    /// The token now.
+    ///
+    /// # Errors
+    /// [`TokenError`] when the file is unreadable or empty.
+    pub fn read(&self) -> Result<String, TokenError> {
+        match self {
+            TokenSource::Fixed(t) => Ok(t.clone()),
+            TokenSource::File(path) => {
+                let token = std::fs::read_to_string(path)
+                    .map_err(|source| TokenError::Read {
+                        path: path.clone(),
+                        source,
+                    })?
+                    .trim()
+                    .to_owned();
+                if token.is_empty() {
+                    return Err(TokenError::Empty(path.clone()));
+                }
+                Ok(token)
+            }
+        }
+    }
+}
+
 /// A built, validated configuration.
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
     /// Gateway URL.
     pub gateway: String,
-    /// Bootstrap token.
-    pub bootstrap_token: String,
+    /// Bootstrap token: the file, validated when the config was built and read again at
+    /// every enrolment.
+    pub bootstrap_token: TokenSource,
     /// Data directory.
     pub data_dir: PathBuf,
     /// Router socket path, if serving one.
@@ -155,6 +231,8 @@ pub struct AgentConfig {
     pub backoff: Backoff,
     /// fsync state changes (off only in the simulator).
     pub durable: bool,
+    /// Derive `network` from the routing table.
+    pub probe_network: bool,
 }
 
 /// Exponential backoff with full jitter: the n-th delay is uniform in
@@ -194,17 +272,15 @@ impl ConfigFile {
                 message: format!("{:?} is not an http(s) URL", self.gateway),
             });
         }
-        let bootstrap_token = std::fs::read_to_string(&self.bootstrap_token_file)
-            .map_err(|source| ConfigError::Read {
-                path: self.bootstrap_token_file.clone(),
-                source,
-            })?
-            .trim()
-            .to_owned();
-        if bootstrap_token.is_empty() {
-            return Err(ConfigError::Invalid {
-                field: "bootstrap_token_file",
-                message: format!("{} is empty", self.bootstrap_token_file.display()),
+        // Read now so a missing or empty file fails at start, naming the field; it is read
+        // again at every enrolment.
+        if let Err(e) = TokenSource::File(self.bootstrap_token_file.clone()).read() {
+            return Err(match e {
+                TokenError::Read { path, source } => ConfigError::Read { path, source },
+                TokenError::Empty(path) => ConfigError::Invalid {
+                    field: "bootstrap_token_file",
+                    message: format!("{} is empty", path.display()),
+                },
             });
         }
         let publisher_key = self
@@ -226,7 +302,7 @@ impl ConfigFile {
         );
         Ok(AgentConfig {
             gateway: self.gateway,
-            bootstrap_token,
+            bootstrap_token: TokenSource::File(self.bootstrap_token_file),
             facts: detect_facts(&self.hardware),
             router_socket,
             publisher_key,
@@ -237,6 +313,7 @@ impl ConfigFile {
             },
             data_dir: self.data_dir,
             durable: true,
+            probe_network: self.probe_network,
         })
     }
 }
@@ -262,20 +339,17 @@ pub fn parse_public_key(text: &str) -> Result<VerifyingKey, ConfigError> {
 /// Facts from the config, else detected on this machine.
 #[must_use]
 pub fn detect_facts(hw: &HardwareConfig) -> DeviceFacts {
-    let arch = match std::env::consts::ARCH {
-        "aarch64" => "arm64",
-        other => other,
-    };
+    // Reported in OCI names (`amd64`, `arm64`, `darwin`), as platforms are written.
+    let arch =
+        edgewise_core::variant::oci_arch(std::env::consts::ARCH).unwrap_or(std::env::consts::ARCH);
+    let os = edgewise_core::variant::oci_os(std::env::consts::OS).unwrap_or(std::env::consts::OS);
     let memory_mib = hw.memory_mib.unwrap_or_else(|| {
         let mut sys = sysinfo::System::new();
         sys.refresh_memory();
         sys.total_memory() / (1024 * 1024)
     });
     DeviceFacts {
-        os: hw
-            .os
-            .clone()
-            .unwrap_or_else(|| std::env::consts::OS.to_owned()),
+        os: hw.os.clone().unwrap_or_else(|| os.to_owned()),
         arch: hw.arch.clone().unwrap_or_else(|| arch.to_owned()),
         memory_mib,
         accelerators: hw.accelerators.clone(),
@@ -310,7 +384,7 @@ mod tests {
             .expect("loads")
             .build()
             .expect("builds");
-        assert_eq!(built.bootstrap_token, "s3cret");
+        assert_eq!(built.bootstrap_token.read().expect("reads"), "s3cret");
         assert!(built.facts.memory_mib > 0, "memory detected");
         assert_eq!(built.facts.os, std::env::consts::OS);
         assert_eq!(built.facts.accelerators, ["npu"]);

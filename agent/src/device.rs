@@ -14,7 +14,7 @@ use edgewise_proto::fleet::{
 };
 use tokio::sync::{Notify, watch};
 
-use crate::config::Backoff;
+use crate::config::{Backoff, TokenSource};
 use crate::identity::Identity;
 use crate::policy::PolicyStore;
 use crate::router::{LocalRouter, ModelsView};
@@ -29,8 +29,48 @@ pub enum Connection {
     Connecting,
     /// A Sync stream is open.
     Connected,
-    /// The gateway could not be reached; routing uses the last good policy.
+    /// The gateway could not be reached; routing goes on with the last good policy.
     Offline,
+}
+
+impl std::fmt::Display for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Connection::Connecting => "connecting",
+            Connection::Connected => "connected",
+            Connection::Offline => "gateway unreachable",
+        })
+    }
+}
+
+/// A rejected update, as `status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Nack {
+    /// `policy` or `assignment`.
+    pub kind: String,
+    /// The version refused.
+    pub version: String,
+    /// Why (what the NACK said).
+    pub reason: String,
+    /// When, Unix ms.
+    pub at_unix_ms: i64,
+}
+
+/// When things last happened on the Sync stream, for `status`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Activity {
+    /// Since when the connection state has been what it is, Unix ms.
+    #[serde(default)]
+    pub connection_since_unix_ms: Option<i64>,
+    /// The last message from the gateway, Unix ms.
+    #[serde(default)]
+    pub last_sync_unix_ms: Option<i64>,
+    /// The last update this agent refused.
+    #[serde(default)]
+    pub last_nack: Option<Nack>,
+    /// When the policy in force was applied, Unix ms.
+    #[serde(default)]
+    pub policy_applied_unix_ms: Option<i64>,
 }
 
 /// Latest status per model, and which changed since the gateway last heard.
@@ -138,8 +178,8 @@ pub struct Device {
     pub labels: BTreeMap<String, String>,
     /// Publisher key for artifact signatures.
     pub publisher: Option<VerifyingKey>,
-    /// Bootstrap token.
-    pub bootstrap_token: String,
+    /// Where the bootstrap token comes from (read again at every enrolment).
+    pub bootstrap_token: TokenSource,
     /// Reconnect backoff.
     pub backoff: Backoff,
     /// Latest model statuses.
@@ -148,6 +188,8 @@ pub struct Device {
     pub desired: watch::Sender<BTreeMap<String, ModelAssignment>>,
     /// Connection state.
     pub connection: watch::Sender<Connection>,
+    /// Connection times and the last NACK.
+    pub activity: watch::Sender<Activity>,
     /// Asks the sync client to reconnect for fresh assignments (an expired URL, say).
     pub refresh: Notify,
     /// Remove unreferenced artifacts after activation (only when the store is private).
@@ -176,7 +218,7 @@ pub struct DeviceParts {
     /// Publisher key.
     pub publisher: Option<VerifyingKey>,
     /// Bootstrap token.
-    pub bootstrap_token: String,
+    pub bootstrap_token: TokenSource,
     /// Backoff.
     pub backoff: Backoff,
     /// Collect garbage after activation.
@@ -210,11 +252,26 @@ impl Device {
             board: StatusBoard::default(),
             desired: watch::Sender::new(BTreeMap::new()),
             connection: watch::Sender::new(Connection::Connecting),
+            activity: watch::Sender::new(Activity::default()),
             refresh: Notify::new(),
             collect_garbage: parts.collect_garbage,
             stats: DeviceStats::default(),
             telemetry: parts.telemetry,
         })
+    }
+
+    /// Moves the connection to `state`, noting when (only when it changes).
+    pub fn set_connection(&self, state: Connection) {
+        let changed = self.connection.send_if_modified(|c| {
+            let changed = *c != state;
+            *c = state;
+            changed
+        });
+        if changed {
+            let now = crate::telemetry::clock::now_unix_ms();
+            self.activity
+                .send_modify(|a| a.connection_since_unix_ms = Some(now));
+        }
     }
 
     /// What the device has on disk, for Hello.

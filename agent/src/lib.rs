@@ -22,6 +22,7 @@ pub mod download;
 pub mod fsutil;
 pub mod identity;
 pub mod installer;
+pub mod network;
 pub mod policy;
 pub mod router;
 pub mod simulate;

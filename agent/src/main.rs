@@ -46,14 +46,18 @@ enum Command {
         #[arg(long)]
         duration_secs: Option<u64>,
     },
-    /// Print what the local agent runs.
+    /// What the local agent runs: asked of the running agent over its socket, else its
+    /// last saved state (said so, with its time). Exits 1 when no agent has run there.
     Status {
         /// The agent's configuration file.
         #[arg(long, env = "EDGEWISE_AGENT_CONFIG", conflicts_with = "data_dir")]
         config: Option<PathBuf>,
-        /// Or its data directory.
+        /// Or its data directory (the socket is then `<data_dir>/router.sock`).
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// `text` for people, `json` for scripts.
+        #[arg(long, short, default_value = "text", value_parser = ["text", "json"])]
+        output: String,
     },
 }
 
@@ -136,18 +140,38 @@ fn main() -> ExitCode {
                 fleet.stop().await;
                 ExitCode::SUCCESS
             }
-            Command::Status { config, data_dir } => {
-                let dir = match (config, data_dir) {
+            Command::Status {
+                config,
+                data_dir,
+                output,
+            } => {
+                let (dir, socket) = match (config, data_dir) {
                     (Some(c), _) => match ConfigFile::load(&c) {
-                        Ok(f) => f.data_dir,
+                        Ok(f) => {
+                            let socket = f
+                                .router_socket
+                                .clone()
+                                .unwrap_or_else(|| f.data_dir.join("router.sock"));
+                            (f.data_dir, socket)
+                        }
                         Err(e) => return fail(&e.to_string()),
                     },
-                    (None, Some(d)) => d,
+                    (None, Some(d)) => {
+                        let socket = d.join("router.sock");
+                        (d, socket)
+                    }
                     (None, None) => return fail("give --config FILE or --data-dir DIR"),
                 };
-                match edgewise_agent::status::render(&dir) {
-                    Ok(text) => {
-                        print!("{text}");
+                match edgewise_agent::status::report(&dir, Some(&socket)).await {
+                    Ok(report) if output == "json" => match serde_json::to_string_pretty(&report) {
+                        Ok(json) => {
+                            println!("{json}");
+                            ExitCode::SUCCESS
+                        }
+                        Err(e) => fail(&e.to_string()),
+                    },
+                    Ok(report) => {
+                        print!("{}", edgewise_agent::status::render(&report));
                         ExitCode::SUCCESS
                     }
                     Err(e) => fail(&e.to_string()),

@@ -197,7 +197,8 @@ impl SimFleet {
                     .bootstrap_tokens
                     .get(i % config.bootstrap_tokens.len().max(1))
                     .cloned()
-                    .unwrap_or_default(),
+                    .unwrap_or_default()
+                    .into(),
                 backoff: config.backoff,
                 collect_garbage: false,
                 telemetry: telemetry.clone(),

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use edgewise_core::policy::Network;
 use edgewise_proto::fleet::fleet_client::FleetClient;
 use edgewise_proto::fleet::{
     Ack, AgentMessage, Assignment, GatewayMessage, Hello, ModelAssignment, PolicyUpdate,
@@ -22,7 +21,7 @@ use tonic::{Code, Status};
 use tracing::{debug, info, warn};
 
 use crate::config::Backoff;
-use crate::device::{Connection, Device};
+use crate::device::{Connection, Device, Nack};
 
 /// A session that lasted this long was healthy: the next failure starts backoff afresh.
 const HEALTHY_SESSION: Duration = Duration::from_secs(30);
@@ -46,23 +45,35 @@ pub fn delays(backoff: Backoff) -> impl Iterator<Item = Duration> {
 #[tracing::instrument(name = "sync", skip_all, fields(device = %device.device_id))]
 pub async fn run(device: Arc<Device>, channel: Channel, shutdown: CancellationToken) {
     let mut backoff = delays(device.backoff);
+    // Failures in a row: the first is a warning, retries are logged at 1, 2, 4, 8… so an
+    // agent offline for a day says so without filling its log.
+    let mut failures = 0u32;
     loop {
         device.stats.sync_attempts.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
         let outcome = session(&device, channel.clone(), &shutdown).await;
-        device.connection.send_replace(Connection::Connecting);
+        if *device.connection.borrow() == Connection::Connected {
+            failures = 0;
+        }
+        device.set_connection(Connection::Connecting);
         let hint = match outcome {
             Ok(End::Shutdown) => return,
             Ok(End::Refresh) => {
                 debug!("reconnecting for fresh assignments");
                 None
             }
-            Ok(End::Closed) => None,
+            Ok(End::Closed) => {
+                info!("the gateway closed the Sync stream; reconnecting");
+                None
+            }
             Err(status) => {
+                failures += 1;
                 let hint = edgewise_proto::retry::retry_after(&status);
                 match status.code() {
                     Code::Unauthenticated => {
-                        warn!(reason = %status.message(), "credential refused; re-enrolling");
+                        // Signed by a key the gateway no longer has, revoked, or a token it
+                        // no longer knows: enrol again with the token file as it is now.
+                        warn!(reason = %status.message(), "credential or bootstrap token refused; re-enrolling with the token file");
                         let mut id = device
                             .identity
                             .lock()
@@ -72,9 +83,15 @@ pub async fn run(device: Arc<Device>, channel: Channel, shutdown: CancellationTo
                         }
                     }
                     Code::Unavailable if hint.is_none() => {
-                        // The gateway cannot be reached: route with what we have.
-                        device.router.set_network(Network::Offline);
-                        device.connection.send_replace(Connection::Offline);
+                        // Only the control plane is out of reach: routing goes on unchanged
+                        // with the last good policy (network is the targets' reachability).
+                        device.set_connection(Connection::Offline);
+                        if failures == 1 {
+                            warn!(reason = %status.message(), "gateway unreachable; routing goes on with the last good policy, reconnecting with backoff");
+                        }
+                    }
+                    _ if failures == 1 => {
+                        warn!(code = ?status.code(), reason = %status.message(), "Sync failed; reconnecting with backoff");
                     }
                     _ => debug!(code = ?status.code(), reason = %status.message(), "Sync failed"),
                 }
@@ -86,6 +103,13 @@ pub async fn run(device: Arc<Device>, channel: Channel, shutdown: CancellationTo
         }
         let jittered = backoff.next().unwrap_or(device.backoff.max);
         let delay = hint.map_or(jittered, |h| h.max(jittered));
+        if failures > 1 && failures.is_power_of_two() {
+            info!(
+                failures,
+                delay_ms = delay.as_millis() as u64,
+                "still not connected; retrying"
+            );
+        }
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(delay) => {}
@@ -108,7 +132,12 @@ async fn credential(device: &Device, client: &mut FleetClient<Channel>) -> Resul
         if let Some(c) = id.credential() {
             return Ok(c.token.clone());
         }
-        id.enroll_request(&device.bootstrap_token, &device.facts, &device.labels)
+        // Read again at every enrolment: a rotated token is picked up from its file.
+        let token = device
+            .bootstrap_token
+            .read()
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        id.enroll_request(&token, &device.facts, &device.labels)
     };
     let response = client.enroll(request).await?.into_inner();
     let token = response.credential.clone();
@@ -145,9 +174,8 @@ async fn session(
         .insert("authorization", bearer(&token)?);
     debug!("opening Sync stream");
     let mut inbound = client.sync(request).await?.into_inner();
-    debug!("Sync stream open");
-    device.connection.send_replace(Connection::Connected);
-    device.router.set_network(Network::Online);
+    info!("connected to the gateway");
+    device.set_connection(Connection::Connected);
     let mut changes = device.board.subscribe();
     device.board.mark_all_changed();
     loop {
@@ -166,6 +194,8 @@ async fn session(
             msg = inbound.message() => match msg? {
                 Some(GatewayMessage { kind: Some(kind) }) => {
                     let ack = handle(device, kind);
+                    let now = crate::telemetry::clock::now_unix_ms();
+                    device.activity.send_modify(|a| a.last_sync_unix_ms = Some(now));
                     send(&tx, agent_message::Kind::Ack(ack)).await?;
                 }
                 Some(GatewayMessage { kind: None }) => {}
@@ -198,6 +228,7 @@ fn assignment(device: &Device, a: Assignment) -> Ack {
     if let Err(reason) = a.models.iter().try_for_each(validate_assignment) {
         warn!(%reason, "assignment NACKed");
         ack.error = reason.to_string();
+        record_nack(device, "assignment", &a.version, &ack.error);
         return ack;
     }
     device
@@ -250,6 +281,17 @@ fn validate_assignment(m: &ModelAssignment) -> Result<(), BadAssignment> {
     Ok(())
 }
 
+/// Keeps the last refusal for `status`.
+fn record_nack(device: &Device, kind: &str, version: &str, reason: &str) {
+    let nack = Nack {
+        kind: kind.to_owned(),
+        version: version.to_owned(),
+        reason: reason.to_owned(),
+        at_unix_ms: crate::telemetry::clock::now_unix_ms(),
+    };
+    device.activity.send_modify(|a| a.last_nack = Some(nack));
+}
+
 fn policy(device: &Device, p: &PolicyUpdate) -> Ack {
     let mut ack = Ack {
         kind: ResourceKind::Policy as i32,
@@ -264,6 +306,10 @@ fn policy(device: &Device, p: &PolicyUpdate) -> Ack {
                 .policies_applied
                 .fetch_add(1, Ordering::Relaxed);
             info!(version = %p.version, source = %p.source, "routing policy applied");
+            let now = crate::telemetry::clock::now_unix_ms();
+            device
+                .activity
+                .send_modify(|a| a.policy_applied_unix_ms = Some(now));
         }
         Err(reason) => {
             device
@@ -273,6 +319,7 @@ fn policy(device: &Device, p: &PolicyUpdate) -> Ack {
             warn!(version = %p.version, %reason, "routing policy NACKed; keeping the last good one");
             ack.version = device.policy.version().unwrap_or_default();
             ack.error = reason.to_string();
+            record_nack(device, "policy", &p.version, &ack.error);
         }
     }
     ack
@@ -281,6 +328,58 @@ fn policy(device: &Device, p: &PolicyUpdate) -> Ack {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::device::DeviceParts;
+
+    fn device(dir: &std::path::Path) -> Arc<Device> {
+        Device::new(DeviceParts {
+            identity: crate::identity::Identity::ephemeral(),
+            content: Arc::new(crate::store::ContentStore::open(dir, false).expect("store")),
+            state: crate::store::ModelState::ephemeral(),
+            policy: Arc::new(crate::policy::PolicyStore::ephemeral()),
+            facts: edgewise_core::variant::DeviceFacts {
+                os: "linux".into(),
+                arch: "x86_64".into(),
+                memory_mib: 1024,
+                accelerators: Vec::new(),
+                agent_version: edgewise_core::version::Version::new(1, 0, 0),
+            },
+            labels: BTreeMap::new(),
+            publisher: None,
+            bootstrap_token: "t".into(),
+            backoff: Backoff {
+                initial: Duration::from_millis(10),
+                max: Duration::from_millis(10),
+            },
+            collect_garbage: false,
+            telemetry: None,
+        })
+    }
+
+    #[test]
+    fn a_policy_the_agent_cannot_use_is_nacked_recorded_and_the_last_good_one_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = device(dir.path());
+        let spec = serde_json::json!({
+            "targets": [{"name": "on-device", "device": {"model": "m"}}],
+            "default": {"route": "on-device", "fallback": ["nowhere"]}
+        });
+        let update = PolicyUpdate {
+            nonce: "n1".into(),
+            version: "v-bad".into(),
+            source: "fleet/p".into(),
+            spec_json: serde_json::to_vec(&spec).expect("json"),
+        };
+        let ack = policy(&d, &update);
+        assert!(ack.error.contains("nowhere"), "{}", ack.error);
+        assert_eq!(ack.version, "", "no good policy yet: the NACK names none");
+        let nack = d.activity.borrow().last_nack.clone().expect("recorded");
+        assert_eq!(
+            (nack.kind.as_str(), nack.version.as_str()),
+            ("policy", "v-bad")
+        );
+        assert!(nack.reason.contains("nowhere"));
+        assert_eq!(d.policy.version(), None);
+    }
 
     #[test]
     fn delays_are_fully_jittered_below_a_growing_ceiling() {

@@ -37,15 +37,113 @@ fn a_bad_config_exits_with_a_clear_message() {
 }
 
 #[test]
-fn status_reports_an_empty_data_dir_plainly() {
+fn status_of_a_data_dir_where_no_agent_ran_fails_plainly() {
     let dir = tempfile::tempdir().expect("tempdir");
     let out = agent()
         .args(["status", "--data-dir"])
         .arg(dir.path())
         .output()
         .expect("runs");
-    assert!(out.status.success());
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("the agent has not run here"), "{stdout}");
-    assert!(stdout.contains("MODEL"), "{stdout}");
+    assert!(!out.status.success(), "exit 1 when no agent has run there");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("no agent has run with data dir"),
+        "{stderr}"
+    );
+}
+
+/// A config for an agent whose gateway is nowhere (nothing here needs one).
+fn lonely_config(dir: &std::path::Path) -> std::path::PathBuf {
+    std::fs::write(dir.join("token"), "t0k3n-0123456789").expect("token");
+    let cfg = dir.join("agent.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "gateway = \"http://127.0.0.1:9\"\nbootstrap_token_file = \"{0}/token\"\ndata_dir = \"{0}/data\"\nprobe_network = false\n[sync]\nbackoff_initial_ms = 50\nbackoff_max_ms = 200\n",
+            dir.display()
+        ),
+    )
+    .expect("config");
+    cfg
+}
+
+fn wait_for(what: &str, mut ready: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !ready() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn one_agent_per_data_dir_and_status_tells_live_from_saved() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = lonely_config(dir.path());
+    let mut first = agent()
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("starts");
+    let socket = dir.path().join("data/router.sock");
+    wait_for("the first agent's socket", || socket.exists());
+
+    // A second agent on the same data dir refuses to start, naming the first, and leaves
+    // the first one's socket alone.
+    let stderr = run_fails(&cfg);
+    assert!(
+        stderr.contains(&format!("another agent (pid {})", first.id())),
+        "{stderr}"
+    );
+    assert!(
+        socket.exists(),
+        "the second agent did not take or remove the socket"
+    );
+
+    let status = |extra: &[&str]| {
+        let out = agent()
+            .args(["status", "--config"])
+            .arg(&cfg)
+            .args(extra)
+            .output()
+            .expect("runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    wait_for("status.json", || {
+        dir.path().join("data/status.json").exists()
+    });
+    let live = status(&[]);
+    assert!(
+        live.contains(&format!("agent       running (pid {})", first.id())),
+        "{live}"
+    );
+    assert!(live.contains("gateway     http://127.0.0.1:9 ("), "{live}");
+    let json: serde_json::Value =
+        serde_json::from_str(&status(&["--output", "json"])).expect("json");
+    assert_eq!(json["source"], "live");
+    assert_eq!(json["status"]["pid"], first.id());
+
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &first.id().to_string()])
+        .status();
+    assert!(first.wait().expect("exits").success());
+    let saved = status(&[]);
+    assert!(
+        saved.contains("agent       not running; its last state, saved"),
+        "{saved}"
+    );
+    assert!(
+        saved.contains("was "),
+        "the connection is in the past tense: {saved}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&status(&["-o", "json"])).expect("json");
+    assert_eq!(json["source"], "saved");
 }

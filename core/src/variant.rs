@@ -97,11 +97,53 @@ impl ModelFormat {
     }
 }
 
+/// Operating systems, by their OCI platform name.
+pub const OSES: &[&str] = &["linux", "android", "darwin", "ios", "windows"];
+/// CPU architectures, by their OCI platform name (`arm` takes a variant: `arm/v7`).
+pub const ARCHES: &[&str] = &["amd64", "arm64", "arm/v7", "arm/v6", "386", "riscv64"];
+
+/// The OCI name of an operating system, accepting the older spellings (`macos`).
+#[must_use]
+pub fn oci_os(name: &str) -> Option<&'static str> {
+    let lower = name.to_ascii_lowercase();
+    Some(match lower.as_str() {
+        "linux" => "linux",
+        "android" => "android",
+        "darwin" | "macos" | "osx" => "darwin",
+        "ios" => "ios",
+        "windows" => "windows",
+        _ => return None,
+    })
+}
+
+/// The OCI name of an architecture, accepting the older spellings (`x86_64`, `aarch64`,
+/// `armv7`, `i386`) that kernels and Rust's `std::env::consts::ARCH` use.
+#[must_use]
+pub fn oci_arch(name: &str) -> Option<&'static str> {
+    let lower = name.to_ascii_lowercase();
+    Some(match lower.as_str() {
+        "amd64" | "x86_64" | "x64" => "amd64",
+        "arm64" | "aarch64" | "arm64/v8" => "arm64",
+        "arm/v7" | "armv7" | "armv7l" | "arm" => "arm/v7",
+        "arm/v6" | "armv6" | "armv6l" => "arm/v6",
+        "386" | "i386" | "i686" | "x86" => "386",
+        "riscv64" => "riscv64",
+        _ => return None,
+    })
+}
+
 /// Requirements a device must meet for a variant.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "!has(self.platforms) || self.platforms.all(p, p.matches('^(linux|android|darwin|macos|ios|windows|[*])/(amd64|x86_64|arm64|arm64/v8|aarch64|arm/v7|armv7|arm/v6|armv6|arm|386|i386|riscv64|[*])$'))",
+     "message": "platforms are OCI os/arch names: os one of linux, android, darwin, ios, windows or *; arch one of amd64, arm64, arm/v7, arm/v6, 386, riscv64 or * (x86_64, aarch64, armv7, macos and i386 are accepted as aliases)",
+     "fieldPath": ".platforms"}
+]))]
 pub struct Requirements {
-    /// `os/arch` pairs (`linux/arm64`, `android/*`, `*/x86_64`); empty means any.
+    /// OCI `os/arch` names (`linux/amd64`, `linux/arm64`, `linux/arm/v7`, `darwin/arm64`,
+    /// `windows/amd64`, `android/*`, `*/arm64`); empty means any. Older spellings
+    /// (`x86_64`, `aarch64`, `armv7`, `macos`) are accepted as aliases.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub platforms: Vec<String>,
     /// Minimum device memory in MiB.
@@ -255,10 +297,18 @@ impl Requirements {
     }
 }
 
+/// Whether a platform pattern admits the device, both sides in OCI names (a device that
+/// reports `x86_64` is `amd64`).
 fn platform_matches(pattern: &str, facts: &DeviceFacts) -> bool {
     let (os, arch) = pattern.split_once('/').unwrap_or((pattern, "*"));
-    (os == "*" || os.eq_ignore_ascii_case(&facts.os))
-        && (arch == "*" || arch.eq_ignore_ascii_case(&facts.arch))
+    let same = |want: &str, have: &str, canon: fn(&str) -> Option<&'static str>| {
+        want == "*"
+            || match (canon(want), canon(have)) {
+                (Some(w), Some(h)) => w == h,
+                _ => want.eq_ignore_ascii_case(have),
+            }
+    };
+    same(os, &facts.os, oci_os) && same(arch, &facts.arch, oci_arch)
 }
 
 /// The index of the first variant the device satisfies.
@@ -279,6 +329,40 @@ pub fn choose_variant(variants: &[Variant], facts: &DeviceFacts) -> Result<usize
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn platforms_match_by_oci_name_whatever_spelling_either_side_uses() {
+        let device = |os: &str, arch: &str| DeviceFacts {
+            os: os.into(),
+            arch: arch.into(),
+            memory_mib: 1024,
+            accelerators: Vec::new(),
+            agent_version: Version::new(1, 0, 0),
+        };
+        for (pattern, os, arch) in [
+            ("linux/amd64", "linux", "x86_64"),
+            ("linux/x86_64", "linux", "amd64"),
+            ("linux/arm64", "linux", "aarch64"),
+            ("linux/arm/v7", "linux", "armv7l"),
+            ("darwin/arm64", "macos", "aarch64"),
+            ("*/arm64", "android", "arm64"),
+            ("android/*", "android", "riscv64"),
+        ] {
+            assert!(
+                platform_matches(pattern, &device(os, arch)),
+                "{pattern} vs {os}/{arch}"
+            );
+        }
+        assert!(!platform_matches(
+            "linux/amd64",
+            &device("linux", "aarch64")
+        ));
+        assert!(!platform_matches(
+            "linux/arm/v7",
+            &device("linux", "armv6l")
+        ));
+        assert_eq!(oci_arch("sparc"), None);
+    }
 
     fn facts(os: &str, arch: &str, mem: u64, acc: &[&str]) -> DeviceFacts {
         DeviceFacts {

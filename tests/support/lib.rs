@@ -208,6 +208,19 @@ impl Harness {
         }
     }
 
+    /// Replaces the gateway with a new one on the same address: a control plane that lost
+    /// its signing key and knows only `tokens`.
+    pub async fn replace_gateway(&mut self, signing_key: &[u8], tokens: Vec<BootstrapToken>) {
+        self.stop_gateway().await;
+        let config = GatewayConfig {
+            signing_key: signing_key.to_vec(),
+            ..GatewayConfig::default()
+        };
+        self.gateway = Gateway::new(config, self.s3_client.clone());
+        self.gateway.auth().set_bootstrap_tokens(tokens);
+        self.restart_gateway().await;
+    }
+
     /// Starts the gateway again on the same address, with the same state.
     pub async fn restart_gateway(&mut self) {
         self.stop_gateway().await;
@@ -605,6 +618,17 @@ impl TestAgent {
         facts: DeviceFacts,
         publisher: Option<ed25519_dalek::VerifyingKey>,
     ) -> Self {
+        Self::start_with_token(dir, gateway_url, facts, publisher, TOKEN.into())
+    }
+
+    /// As [`TestAgent::start`], enrolling with `token` (a file, to rotate it).
+    pub fn start_with_token(
+        dir: &Path,
+        gateway_url: &str,
+        facts: DeviceFacts,
+        publisher: Option<ed25519_dalek::VerifyingKey>,
+        token: edgewise_agent::config::TokenSource,
+    ) -> Self {
         std::fs::create_dir_all(dir).expect("agent dir");
         let device = Device::new(DeviceParts {
             identity: Identity::load_or_create(dir, true).expect("identity"),
@@ -614,7 +638,7 @@ impl TestAgent {
             facts,
             labels: BTreeMap::new(),
             publisher,
-            bootstrap_token: TOKEN.into(),
+            bootstrap_token: token,
             backoff: quick_backoff(),
             collect_garbage: true,
             telemetry: None,

@@ -44,6 +44,9 @@ pub enum Method {
     Decide = 1,
     /// `Router.Report`: `Outcome` → `ReportResponse` (empty).
     Report = 2,
+    /// The agent's status: empty → its status document (JSON), as `edgewise-agent status
+    /// --output json` prints it.
+    Status = 3,
 }
 
 /// How long the agent polls a lane connection for its next request after answering one,
@@ -150,8 +153,12 @@ async fn call(router: &LocalRouter, method: u8, message: &[u8]) -> Result<Vec<u8
             router.report(&outcome).await.map_err(not_stored)?;
             Ok(Vec::new())
         }
+        m if m == Method::Status as u8 => router
+            .status_json()
+            .map(String::into_bytes)
+            .ok_or_else(|| Status::unimplemented("this router has no agent status")),
         other => Err(Status::invalid_argument(format!(
-            "unknown method {other}; 1 is Decide, 2 is Report"
+            "unknown method {other}; 1 is Decide, 2 is Report, 3 is Status"
         ))),
     }
 }
@@ -239,6 +246,15 @@ impl LaneClient {
     /// As [`LaneClient::decide`].
     pub async fn report(&mut self, outcome: &Outcome) -> Result<(), Status> {
         self.call(Method::Report, outcome).await
+    }
+
+    /// The agent's status document (JSON).
+    ///
+    /// # Errors
+    /// As [`LaneClient::decide`].
+    pub async fn status(&mut self) -> Result<String, Status> {
+        self.call(Method::Status, &()).await?;
+        Ok(String::from_utf8_lossy(&self.response[1..]).into_owned())
     }
 
     /// Sends `method | message` as they are and returns the response's code and body: for

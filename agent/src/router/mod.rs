@@ -107,6 +107,22 @@ struct DailyUsage {
     cloud_spend_usd: f64,
 }
 
+/// What the socket answers `status` with: the agent's status document (JSON), made when
+/// asked. Set by whoever owns the device; the router only carries it.
+type StatusSource = Box<dyn Fn() -> String + Send + Sync>;
+
+struct StatusSlot(std::sync::OnceLock<StatusSource>);
+
+impl std::fmt::Debug for StatusSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.get().is_some() {
+            "StatusSlot(set)"
+        } else {
+            "StatusSlot(unset)"
+        })
+    }
+}
+
 /// The router, shared by the sync client (which feeds it) and apps (which ask it).
 #[derive(Debug)]
 pub struct LocalRouter {
@@ -115,6 +131,7 @@ pub struct LocalRouter {
     models: watch::Sender<Arc<ModelsView>>,
     network: AtomicU8,
     usage: Mutex<DailyUsage>,
+    status: StatusSlot,
 }
 
 impl LocalRouter {
@@ -127,7 +144,19 @@ impl LocalRouter {
             models: watch::Sender::new(Arc::new(ModelsView::default())),
             network: AtomicU8::new(0),
             usage: Mutex::new(DailyUsage::default()),
+            status: StatusSlot(std::sync::OnceLock::new()),
         }
+    }
+
+    /// Sets what `status` answers (once; later calls are ignored).
+    pub fn set_status_source(&self, source: impl Fn() -> String + Send + Sync + 'static) {
+        let _ = self.status.0.set(Box::new(source));
+    }
+
+    /// The agent's status document, if whoever runs this router provides one.
+    #[must_use]
+    pub fn status_json(&self) -> Option<String> {
+        self.status.0.get().map(|f| f())
     }
 
     /// Publishes the installed models.

@@ -6,12 +6,14 @@
 
 mod compile;
 mod eval;
+mod lint;
 pub mod spec;
 
 pub use compile::{
     CompiledPolicy, PolicyError, PolicyIssue, Target, TargetKind, compile, policy_version,
 };
 pub use eval::{Decision, Network, Request, Reroute};
+pub use lint::{PolicyWarning, lint};
 
 #[cfg(test)]
 mod tests;

@@ -288,3 +288,35 @@ fn crd_helpers_name_every_kind() {
     assert_eq!(ModelRollout::crd_name(), "modelrollouts.edgewise.dev");
     assert_eq!(RoutingPolicy::crd_name(), "routingpolicies.edgewise.dev");
 }
+
+#[test]
+fn platforms_are_oci_names_with_older_spellings_accepted_and_others_refused_with_the_list() {
+    let validator = validator_for("ModelVersion");
+    for ok in [
+        "linux/amd64",
+        "linux/x86_64",
+        "linux/arm/v7",
+        "darwin/arm64",
+        "android/*",
+        "*/arm64",
+    ] {
+        let mut mv = example("modelversion.yaml");
+        mv["spec"]["variants"][0]["requires"]["platforms"] = json!([ok]);
+        assert!(validator.validate(&mv, None).is_ok(), "{ok} is accepted");
+    }
+    let mut mv = example("modelversion.yaml");
+    mv["spec"]["variants"][0]["requires"]["platforms"] = json!(["linux/amd64", "linux/x86-64"]);
+    assert_rejects(
+        &rejected("ModelVersion", &mv, None),
+        "spec.variants[0].requires.platforms",
+        "arch one of amd64, arm64, arm/v7",
+    );
+}
+
+#[test]
+fn the_example_policy_has_no_compiler_warnings() {
+    let rp: RoutingPolicy =
+        serde_json::from_value(example("routingpolicy.yaml")).expect("RoutingPolicy");
+    let warnings = edgewise_core::policy::lint(&rp.spec.policy);
+    assert!(warnings.is_empty(), "{warnings:?}");
+}

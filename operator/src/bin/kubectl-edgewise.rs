@@ -444,6 +444,9 @@ async fn run(cli: Cli) -> Result<(), PluginError> {
             if let Some(r) = d.refine {
                 println!("refine   {}", r.name);
             }
+            for w in edgewise_core::policy::lint(&rp.spec.policy) {
+                println!("warning  {w}");
+            }
             match d.reroute {
                 Some(Reroute::Offline) => {
                     println!("rerouted to the device: the network is offline");

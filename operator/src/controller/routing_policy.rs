@@ -35,6 +35,10 @@ pub(super) async fn reconcile(rp: Arc<RoutingPolicy>, ctx: Arc<Context>) -> Resu
             message: e.to_string(),
         },
     };
+    let warnings: Vec<String> = edgewise_core::policy::lint(&rp.spec.policy)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
     // Ready is Accepted under the name every kind shares.
     let ready = Cond {
         type_: condition::READY,
@@ -88,7 +92,26 @@ pub(super) async fn reconcile(rp: Arc<RoutingPolicy>, ctx: Arc<Context>) -> Resu
             rejected,
         },
         last_rejections: reasons,
-        conditions: conditions(previous, vec![ready, accepted], generation),
+        warning_count: u32::try_from(warnings.len()).unwrap_or(u32::MAX),
+        conditions: conditions(
+            previous,
+            vec![
+                ready,
+                accepted,
+                Cond {
+                    type_: condition::POLICY_WARNINGS,
+                    ok: !warnings.is_empty(),
+                    reason: if warnings.is_empty() {
+                        "NoWarnings"
+                    } else {
+                        "MayNotDoWhatItSays"
+                    },
+                    message: warnings.join("; "),
+                },
+            ],
+            generation,
+        ),
+        warnings,
     };
     if write_status(&api, rp.as_ref(), status).await?.is_some()
         && let Some((reason, note, warning)) = announce

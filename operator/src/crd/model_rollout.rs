@@ -90,11 +90,12 @@ pub struct ModelRolloutStatus {
 pub struct DeviceCounts {
     /// Devices the selector matches.
     pub targeted: u64,
-    /// Devices assigned the canary version.
+    /// Devices assigned the version being delivered: the canary while one runs, else the
+    /// stable version.
     pub assigned: u64,
     /// Devices downloading it.
     pub downloading: u64,
-    /// Devices running it.
+    /// Devices running it (the count `skew` shows for that version).
     pub installed: u64,
     /// Devices whose install failed.
     pub failed: u64,

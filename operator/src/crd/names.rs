@@ -11,6 +11,8 @@ pub mod condition {
     pub const VERIFIED: &str = "Verified";
     /// RoutingPolicy: the policy compiles; only accepted policies are pushed.
     pub const ACCEPTED: &str = "Accepted";
+    /// RoutingPolicy: the compiler has warnings (`status.warnings`).
+    pub const POLICY_WARNINGS: &str = "PolicyWarnings";
     /// ModelRollout: moving through steps or holding mid-way.
     pub const PROGRESSING: &str = "Progressing";
     /// ModelRollout: no failure and no failed analysis.

@@ -29,6 +29,11 @@ use serde::{Deserialize, Serialize};
         json_path = ".status.devices.rejected"
     ),
     printcolumn(
+        name = "Warnings",
+        type_ = "integer",
+        json_path = ".status.warningCount"
+    ),
+    printcolumn(
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
@@ -60,6 +65,13 @@ pub struct RoutingPolicyStatus {
     /// Most recent NACK reasons, newest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub last_rejections: Vec<String>,
+    /// What the policy may do that its author did not mean (`rules[0]: can send dataClass
+    /// "private" requests to the cloud…`, rules that never match); it is pushed anyway.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+    /// How many warnings (a printer column).
+    #[serde(default)]
+    pub warning_count: u32,
     /// Standard conditions: `Accepted` (compiles), `Conflict`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,

@@ -35,7 +35,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{Instrument, info, info_span};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 pub use auth::{Authority, BootstrapToken, DeviceClaims};
 pub use registry::{DeviceRecord, Registry};
@@ -294,8 +294,17 @@ impl Fleet for FleetService {
         &self,
         request: Request<EnrollRequest>,
     ) -> Result<Response<EnrollResponse>, Status> {
+        let peer = request.remote_addr();
         let req = request.into_inner();
-        let response = self.inner.auth.enroll(&req)?;
+        let response = self.inner.auth.enroll(&req).inspect_err(|refused| {
+            warn!(
+                device = %req.device_id,
+                peer = ?peer,
+                code = ?refused.code(),
+                reason = %refused.message(),
+                "enrolment refused"
+            );
+        })?;
         info!(device = %response.device_id, "device enrolled");
         Ok(Response::new(response))
     }
@@ -306,8 +315,14 @@ impl Fleet for FleetService {
         &self,
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::SyncStream>, Status> {
-        let claims = self.inner.auth.verify(request.metadata())?;
-        tracing::debug!(device = %claims.sub, "Sync requested");
+        let claims = self
+            .inner
+            .auth
+            .verify(request.metadata())
+            .inspect_err(|refused| {
+                debug!(reason = %refused.message(), "Sync refused: credential");
+            })?;
+        debug!(device = %claims.sub, "Sync requested");
         let open = self.inner.sessions.fetch_add(1, Ordering::Relaxed) + 1;
         let slot = SessionSlot(self.inner.clone());
         if open > self.inner.config.max_sessions {

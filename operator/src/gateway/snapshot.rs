@@ -225,6 +225,12 @@ fn apply_one(s: &mut FleetSnapshot, change: Change) {
         }
         Change::ApplyPolicy(p) => {
             let key = key_of(&p);
+            // What the controller marks Accepted=False is never pushed: devices keep the
+            // last accepted version of this policy (or whatever else selects them).
+            if let Err(e) = edgewise_core::policy::compile(&p.spec.policy) {
+                tracing::warn!(namespace = %key.0, policy = %key.1, reason = %e, "RoutingPolicy does not compile; devices keep its last accepted version");
+                return;
+            }
             let version = policy_version(&p.spec.policy);
             let old = s.policies.get(&key).cloned();
             let same = old.as_ref().is_some_and(|o| {
