@@ -470,18 +470,21 @@ async fn kubectl_drives_the_dev_api_like_a_cluster() {
         }
     });
     tokio::time::sleep(Duration::from_secs(2)).await;
-    run(s(&[
-        "patch",
-        "mro",
-        "assistant-eu-beta",
-        "-n",
-        "edgewise",
-        "--type",
-        "merge",
-        "-p",
-        r#"{"spec":{"paused":true}}"#,
-    ]))
-    .await;
+    // `kubectl patch --type merge` of the example rollout.
+    let merge_patch = |body: &'static str| {
+        [
+            "patch",
+            "mro",
+            "assistant-eu-beta",
+            "-n",
+            "edgewise",
+            "--type",
+            "merge",
+            "-p",
+            body,
+        ]
+    };
+    run(s(&merge_patch(r#"{"spec":{"paused":true}}"#))).await;
     let watched = String::from_utf8_lossy(&watch.await.expect("joins").stdout).into_owned();
     assert!(
         watched.contains("MODIFIED") && watched.contains("assistant-eu-beta"),
@@ -492,17 +495,9 @@ async fn kubectl_drives_the_dev_api_like_a_cluster() {
     let out = std::process::Command::new("kubectl")
         .arg("--kubeconfig")
         .arg(&kc)
-        .args([
-            "patch",
-            "mro",
-            "assistant-eu-beta",
-            "-n",
-            "edgewise",
-            "--type",
-            "merge",
-            "-p",
+        .args(merge_patch(
             r#"{"spec":{"steps":[{"setPercent":50},{"setPercent":10}]}}"#,
-        ])
+        ))
         .output()
         .expect("runs");
     assert!(!out.status.success());

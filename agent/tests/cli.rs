@@ -110,12 +110,12 @@ fn one_agent_per_data_dir_and_status_tells_live_from_saved() {
             .args(extra)
             .output()
             .expect("runs");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr),
         );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        assert!(out.status.success(), "status fails: {stderr}");
+        stdout
     };
     wait_for("status.json", || {
         dir.path().join("data/status.json").exists()

@@ -146,12 +146,9 @@ pub struct Requirements {
     /// (`x86_64`, `aarch64`, `armv7`, `macos`) are accepted as aliases.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub platforms: Vec<String>,
-    /// Minimum device memory in MiB.
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        rename = "minMemoryMiB"
-    )]
+    /// Minimum device memory in MiB (spelt `minMemoryMiB`, not camel case's `minMemoryMib`).
+    #[serde(rename = "minMemoryMiB")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_memory_mib: Option<u64>,
     /// The device needs at least one of these accelerators (`npu`, `gpu`, `ane`, …); empty
     /// means none needed.
