@@ -46,19 +46,26 @@ fn condition<'a>(
         .unwrap_or_else(|| panic!("no {type_} condition in {:?}", s.conditions))
 }
 
+/// The Events of `assistant` with `reason`, once at least one is listed: the controller
+/// publishes them after the status that holds the transition, so a status seen does not
+/// mean its event is listed yet.
 async fn events_with_reason(client: &Client, reason: &str) -> usize {
     let events: Api<Event> = Api::namespaced(client.clone(), NS);
-    events
-        .list(&ListParams::default())
-        .await
-        .expect("events")
-        .items
-        .iter()
-        .filter(|e| {
-            e.reason.as_deref() == Some(reason)
-                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("assistant")
-        })
-        .count()
+    eventually(Duration::from_secs(10), reason, || async {
+        let n = events
+            .list(&ListParams::default())
+            .await
+            .expect("events")
+            .items
+            .iter()
+            .filter(|e| {
+                e.reason.as_deref() == Some(reason)
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("assistant")
+            })
+            .count();
+        (n > 0).then_some(n)
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -158,6 +165,10 @@ async fn missing_versions_wait_promote_never_skips_analysis_and_full_promotion_i
         done.devices.installed, on_stable,
         "INSTALLED and skew agree"
     );
+    assert_eq!(
+        done.state.message.as_deref(),
+        Some("2.0.0 is stable on the whole segment")
+    );
 
     // 3.0.0 is six times slower. Promote skips the manual pause, the analysis that follows
     // still runs (a second promote there is refused) and rolls it back.
@@ -167,10 +178,14 @@ async fn missing_versions_wait_promote_never_skips_analysis_and_full_promotion_i
         .steps(gated)
         .apply(&mros, "test")
         .await;
-    status_where(&mros, "paused at 50 %", |s| {
+    let paused = status_where(&mros, "paused at 50 %", |s| {
         s.state.phase == Some(Phase::Paused) && s.state.percent == 50
     })
     .await;
+    assert_eq!(
+        paused.state.message.as_deref(),
+        Some("waiting for promotion (kubectl edgewise promote)")
+    );
     assert_eq!(
         done.state.last_analysis, None,
         "a run without analysis has none"

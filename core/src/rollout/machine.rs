@@ -342,6 +342,22 @@ pub fn analysis_due(strategy: &RolloutStrategy, state: &RolloutState, now: Times
     at_analysis && next_analysis_at(strategy, state).is_none_or(|at| now >= at)
 }
 
+/// Where the rollout stands, in words, for a state the machine gave no reason for.
+fn describe(strategy: &RolloutStrategy, s: &RolloutState) -> Option<String> {
+    let stable = s.stable_version.as_deref();
+    match (s.phase?, &s.canary_version) {
+        (Phase::Succeeded, _) => Some(format!("{} is stable on the whole segment", stable?)),
+        (phase, Some(canary)) if phase.in_flight() => Some(format!(
+            "step {} of {}: {}% of the segment on {canary}, the rest on {}",
+            (s.step_index as usize + 1).min(strategy.steps.len()),
+            strategy.steps.len(),
+            s.percent,
+            stable?
+        )),
+        _ => None,
+    }
+}
+
 const MINUTE_MS: i64 = 60_000;
 /// How often to look again while waiting for devices to connect (counts have no watch).
 const DEVICE_WAIT_MS: i64 = 5_000;
@@ -355,10 +371,15 @@ pub fn advance(
     obs: &Observations,
     now: Timestamp,
 ) -> Transition {
+    let mut s = prev.clone();
+    // A description is regenerated from the state each time; a reason stays until replaced.
+    if s.message.is_some() && s.message == describe(strategy, prev) {
+        s.message = None;
+    }
     let mut m = Machine {
         strategy,
         obs,
-        s: prev.clone(),
+        s,
         events: Vec::new(),
         requeue_after: None,
         version_blocker: None,
@@ -366,6 +387,9 @@ pub fn advance(
         now,
     };
     m.run();
+    if m.s.message.is_none() {
+        m.s.message = describe(strategy, &m.s);
+    }
     Transition {
         state: m.s,
         events: m.events,

@@ -364,6 +364,14 @@ impl World {
         if next.stable_version.is_none() {
             prop_assert_eq!(next.canary_version.as_deref(), None);
         }
+
+        // status.message always says where the rollout stands.
+        if next.phase.is_some() {
+            prop_assert!(
+                next.message.as_ref().is_some_and(|m| !m.is_empty()),
+                "no message in {next:?}"
+            );
+        }
         Ok(())
     }
 

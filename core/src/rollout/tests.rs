@@ -514,3 +514,23 @@ fn timestamps_survive_a_status_round_trip() {
     );
     let _ = SignedDuration::ZERO;
 }
+
+#[test]
+fn the_message_says_where_the_rollout_stands_at_every_tick() {
+    let mut s = started();
+    let mut said = vec![s.message.clone().unwrap_or_default()];
+    for at in [60, 661, 721] {
+        s = advance(&strategy("2.0.0"), &s, &healthy(), t(at)).state;
+        said.push(s.message.clone().unwrap_or_default());
+    }
+    assert_eq!(
+        said,
+        [
+            // At the first analysis step, after setting 5 %.
+            "step 2 of 6: 5% of the segment on 2.0.0, the rest on 1.0.0",
+            "pausing for 10m",
+            "step 5 of 6: 25% of the segment on 2.0.0, the rest on 1.0.0",
+            "2.0.0 is stable on the whole segment",
+        ]
+    );
+}
