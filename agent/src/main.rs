@@ -46,6 +46,18 @@ enum Command {
         #[arg(long)]
         duration_secs: Option<u64>,
     },
+    /// Serve one model file over the OpenAI-compatible API.
+    ServeModel {
+        /// The model file (GGUF).
+        #[arg(long)]
+        model: PathBuf,
+        /// Listen address.
+        #[arg(long, default_value = "127.0.0.1:8089")]
+        addr: std::net::SocketAddr,
+        /// The model name responses carry (default: the file name without extension).
+        #[arg(long)]
+        name: Option<String>,
+    },
     /// What the local agent runs: asked of the running agent over its socket, else its
     /// last saved state (said so, with its time). Exits 1 when no agent has run there.
     Status {
@@ -90,6 +102,7 @@ fn main() -> ExitCode {
                     Err(e) => fail(&e.to_string()),
                 }
             }
+            Command::ServeModel { model, addr, name } => serve_model(model, addr, name).await,
             Command::Simulate {
                 devices,
                 gateway,
@@ -179,6 +192,34 @@ fn main() -> ExitCode {
             }
         }
     })
+}
+
+async fn serve_model(path: PathBuf, addr: std::net::SocketAddr, name: Option<String>) -> ExitCode {
+    use edgewise_agent::openai;
+    let name = name.unwrap_or_else(|| {
+        path.file_stem()
+            .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned())
+    });
+    let runtime = edgewise_agent::runtime::Runtime::new(None);
+    eprintln!("serve-model: loading {}", path.display());
+    let loaded = match runtime.load(&name, "file", &path, "gguf").await {
+        Ok(l) => l,
+        Err(e) => return fail(&e.to_string()),
+    };
+    let listener = match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => l,
+        Err(e) => return fail(&format!("listening on {addr}: {e}")),
+    };
+    let bound = listener.local_addr().map_or(addr, |a| a);
+    eprintln!("serve-model: {name} answers on http://{bound}/v1 (OpenAI-compatible)");
+    let backend = std::sync::Arc::new(openai::serve_model::ServeModel {
+        name,
+        model: loaded,
+    });
+    match openai::serve(listener, openai::router(backend), shutdown_on_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e.to_string()),
+    }
 }
 
 fn fail(message: &str) -> ExitCode {

@@ -928,3 +928,75 @@ pub async fn router_client(
         .expect("connects to the router socket");
     edgewise_proto::router::router_client::RouterClient::new(channel)
 }
+
+/// A process serving an OpenAI-compatible API, stopped when dropped.
+pub struct ServedModel {
+    /// The server process (killed on drop).
+    pub child: tokio::process::Child,
+    /// `http://127.0.0.1:PORT/v1`
+    pub base_url: String,
+}
+
+/// Writes a tiny GGUF model to `path` (seeded; `damaged` perturbs every weight).
+pub fn tiny_model(path: &Path, seed: u64, damaged: bool) -> PathBuf {
+    use edgewise_agent::runtime::tiny::{self, GgmlDType, TinyModel};
+    let mut m = TinyModel::new(seed, GgmlDType::Q8_0);
+    m.damaged = damaged;
+    tiny::write(path, m).expect("write tiny model");
+    path.to_owned()
+}
+
+/// Starts `edgewise-agent serve-model` on a free port and waits until it answers.
+pub async fn serve_model(model: &Path, name: &str) -> ServedModel {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new(workspace_binary("edgewise-agent"))
+        .args([
+            "serve-model",
+            "--addr",
+            "127.0.0.1:0",
+            "--name",
+            name,
+            "--model",
+        ])
+        .arg(model)
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("serve-model starts");
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let base_url = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(line) = lines.next_line().await.expect("stderr line") {
+            if let Some(rest) = line.split("answers on ").nth(1) {
+                return rest.split(' ').next().expect("url").to_owned();
+            }
+        }
+        panic!("serve-model exited before listening");
+    })
+    .await
+    .expect("serve-model listens within a minute");
+    // Keep draining its log so it never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    ServedModel { child, base_url }
+}
+
+/// Runs `tests/fixtures/openai_client.py` (the official SDK) against `base_url`.
+pub async fn openai_sdk(
+    base_url: &str,
+    model: &str,
+    extra_body: Option<&serde_json::Value>,
+) -> serde_json::Value {
+    let mut cmd = tokio::process::Command::new("python3");
+    cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/openai_client.py"))
+        .arg(base_url)
+        .arg(model);
+    if let Some(e) = extra_body {
+        cmd.arg(e.to_string());
+    }
+    let out = cmd.output().await.expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "openai SDK: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("json")
+}
