@@ -648,6 +648,9 @@ async fn an_agent_started_offline_serves_decide_from_its_persisted_policy() {
         durable: true,
         // Routing must not depend on this machine's routing table.
         probe_network: false,
+        data_plane: None,
+        model_memory: None,
+        cloud: Vec::new(),
     };
     // First run: online, receives and persists the policy.
     let stop = tokio_util::sync::CancellationToken::new();

@@ -748,6 +748,7 @@ impl TestAgentWithTelemetry {
             backoff: quick_backoff(),
             collect_garbage: false,
             telemetry: Some(buffer.clone()),
+            runtime: None,
         });
         let stop = tokio_util::sync::CancellationToken::new();
         let channel = edgewise_agent::gateway_channel(gateway).expect("channel");

@@ -37,6 +37,15 @@ pub enum StartError {
     /// The HTTP client could not be built.
     #[error("HTTP client: {0}")]
     Http(#[from] reqwest::Error),
+    /// The data plane's address is taken or not allowed.
+    #[error("data plane: cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// Another agent runs on this data dir.
     #[error("another agent (pid {pid}) is running with data dir {}; stop it or give this one its own data_dir", dir.display())]
     Locked {
@@ -133,6 +142,7 @@ pub fn open_device(config: &AgentConfig) -> Result<Arc<Device>, StartError> {
         backoff: config.backoff,
         collect_garbage: true,
         telemetry: Some(telemetry),
+        runtime: Some(Arc::new(crate::runtime::Runtime::new(config.model_memory))),
     }))
 }
 
@@ -180,6 +190,22 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         if let Err(e) = served {
             error!(error = %e, "starting the router thread");
         }
+    }
+    tasks.spawn(crate::installer::load_active(device.clone()));
+    if let Some(addr) = config.data_plane {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Listen { addr, source })?;
+        let bound = listener.local_addr().unwrap_or(addr);
+        info!(addr = %bound, "data plane listening (OpenAI-compatible)");
+        let plane = Arc::new(crate::dataplane::DataPlane::new(device.clone(), &config));
+        let stop = shutdown.clone();
+        tasks.spawn(async move {
+            if let Err(e) = crate::openai::serve(listener, crate::openai::router(plane), stop).await
+            {
+                error!(error = %e, "data plane failed");
+            }
+        });
     }
     tasks.spawn(crate::installer::run(
         device.clone(),

@@ -23,6 +23,7 @@
 //! ```
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -95,10 +96,77 @@ pub struct ConfigFile {
     /// the router assumes online unless a request says otherwise.
     #[serde(default = "probe_network_default")]
     pub probe_network: bool,
+    /// The OpenAI-compatible endpoint apps send their requests to.
+    #[serde(default)]
+    pub data_plane: DataPlaneConfig,
+    /// Credentials for cloud endpoints, by endpoint URL: policies name endpoints, never
+    /// keys.
+    #[serde(default)]
+    pub cloud: Vec<CloudCredential>,
 }
 
 fn probe_network_default() -> bool {
     true
+}
+
+/// The data plane's settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataPlaneConfig {
+    /// Listen address (loopback by default); `enabled = false` serves none.
+    #[serde(default = "default_data_plane_listen")]
+    pub listen: SocketAddr,
+    /// Whether to serve it.
+    #[serde(default = "probe_network_default")]
+    pub enabled: bool,
+    /// Memory the on-device runtime may use for models, MiB (default: what is free).
+    #[serde(default)]
+    pub model_memory_mib: Option<u64>,
+}
+
+fn default_data_plane_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8088))
+}
+
+impl Default for DataPlaneConfig {
+    fn default() -> Self {
+        DataPlaneConfig {
+            listen: default_data_plane_listen(),
+            enabled: true,
+            model_memory_mib: None,
+        }
+    }
+}
+
+/// The API key the agent sends to one cloud endpoint.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CloudCredential {
+    /// Endpoint URL as the policy writes it (`https://api.example.com/v1`).
+    pub endpoint: String,
+    /// File holding the key (read at each request, so rotation needs no restart).
+    #[serde(default)]
+    pub api_key_file: Option<PathBuf>,
+    /// Or an environment variable holding it.
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+}
+
+impl CloudCredential {
+    /// The key, if one is configured and readable.
+    #[must_use]
+    pub fn key(&self) -> Option<String> {
+        if let Some(f) = &self.api_key_file {
+            return std::fs::read_to_string(f)
+                .ok()
+                .map(|k| k.trim().to_owned())
+                .filter(|k| !k.is_empty());
+        }
+        self.api_key_env
+            .as_deref()
+            .and_then(|v| std::env::var(v).ok())
+            .filter(|k| !k.is_empty())
+    }
 }
 
 /// Hardware facts that override detection.
@@ -233,6 +301,12 @@ pub struct AgentConfig {
     pub durable: bool,
     /// Derive `network` from the routing table.
     pub probe_network: bool,
+    /// Where the data plane listens, if it runs.
+    pub data_plane: Option<SocketAddr>,
+    /// Model memory for the runtime, bytes (`None`: what is free).
+    pub model_memory: Option<u64>,
+    /// Cloud endpoint credentials.
+    pub cloud: Vec<CloudCredential>,
 }
 
 /// Exponential backoff with full jitter: the n-th delay is uniform in
@@ -314,6 +388,9 @@ impl ConfigFile {
             data_dir: self.data_dir,
             durable: true,
             probe_network: self.probe_network,
+            data_plane: self.data_plane.enabled.then_some(self.data_plane.listen),
+            model_memory: self.data_plane.model_memory_mib.map(|m| m << 20),
+            cloud: self.cloud,
         })
     }
 }

@@ -198,6 +198,8 @@ pub struct Device {
     pub stats: DeviceStats,
     /// Durable telemetry buffer, if this device reports telemetry.
     pub telemetry: Option<Arc<TelemetryBuffer>>,
+    /// The on-device runtime, if this device serves models (simulated devices do not).
+    pub runtime: Option<Arc<crate::runtime::Runtime>>,
 }
 
 /// Parts to build a [`Device`] from.
@@ -225,6 +227,8 @@ pub struct DeviceParts {
     pub collect_garbage: bool,
     /// Telemetry buffer.
     pub telemetry: Option<Arc<TelemetryBuffer>>,
+    /// On-device runtime.
+    pub runtime: Option<Arc<crate::runtime::Runtime>>,
 }
 
 impl Device {
@@ -257,6 +261,7 @@ impl Device {
             collect_garbage: parts.collect_garbage,
             stats: DeviceStats::default(),
             telemetry: parts.telemetry,
+            runtime: parts.runtime,
         })
     }
 

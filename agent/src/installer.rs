@@ -12,6 +12,7 @@ use tracing::{info, warn};
 use crate::device::Device;
 use crate::download::{Fetch, FetchError, fetch};
 use crate::router::ModelsView;
+use crate::runtime::{Loaded, Runtime};
 use crate::store::Install;
 
 /// Transient download failures retried before waiting for a fresh assignment.
@@ -77,8 +78,20 @@ async fn install(device: &Device, http: &reqwest::Client, model: &str, a: &Model
         .is_some_and(|p| p.sha256 == a.sha256)
     {
         // Rolling back to the version kept on disk: no download.
+        let previous = current.as_ref().and_then(|s| s.previous.clone());
+        let loaded = match previous {
+            Some(p) => match prepare(device, model, &p).await {
+                Ok(l) => l,
+                Err(reason) => {
+                    install_failed(device, model, a, started, reason).await;
+                    return;
+                }
+            },
+            None => None,
+        };
         match device.state.rollback(model) {
             Ok(_) => {
+                serve(device, loaded);
                 info!(%model, version = %a.version, "rolled back to the previous version");
                 publish(device);
                 device.report(model, a, WireState::Active, a.size_bytes, String::new());
@@ -178,8 +191,21 @@ async fn install(device: &Device, http: &reqwest::Client, model: &str, a: &Model
         path,
         rollout: a.rollout.clone(),
     };
+    // Loaded and warmed before it is activated: a version that cannot serve never does.
+    let loaded = match prepare(device, model, &install).await {
+        Ok(l) => l,
+        Err(reason) => {
+            warn!(%model, version = %a.version, error = %reason, "the runtime refused the artifact; never activated");
+            if let Err(io) = device.state.mark_failed(&a.sha256, &reason) {
+                warn!(error = %io, "recording the failed digest");
+            }
+            install_failed(device, model, a, started, reason).await;
+            return;
+        }
+    };
     match device.state.activate(model, install) {
         Ok(_) => {
+            serve(device, loaded);
             info!(%model, version = %a.version, variant = %a.variant, "activated");
             publish(device);
             device.report(model, a, WireState::Active, a.size_bytes, String::new());
@@ -203,6 +229,46 @@ async fn install(device: &Device, http: &reqwest::Client, model: &str, a: &Model
             }
         }
         Err(e) => install_failed(device, model, a, started, format!("activation: {e}")).await,
+    }
+}
+
+/// Loads `install` into the device's runtime when one serves its format, without serving
+/// it yet; `Ok(None)` when nothing on the device runs that format.
+async fn prepare(
+    device: &Device,
+    model: &str,
+    install: &Install,
+) -> Result<Option<Arc<Loaded>>, String> {
+    let Some(rt) = &device.runtime else {
+        return Ok(None);
+    };
+    if !Runtime::serves_format(&install.format) {
+        return Ok(None);
+    }
+    rt.load(model, &install.version, &install.path, &install.format)
+        .await
+        .map(Some)
+        .map_err(|e| e.to_string())
+}
+
+/// Switches new requests to `loaded`; requests in flight finish on the version before.
+fn serve(device: &Device, loaded: Option<Arc<Loaded>>) {
+    if let (Some(rt), Some(l)) = (&device.runtime, loaded) {
+        info!(model = %l.model, version = %l.version, "serving");
+        rt.switch(l);
+    }
+}
+
+/// Loads every active model the runtime serves, at start (in the background: routing and
+/// sync do not wait for it).
+pub async fn load_active(device: Arc<Device>) {
+    for (model, slots) in device.state.snapshot().models {
+        match prepare(&device, &model, &slots.active).await {
+            Ok(l) => serve(&device, l),
+            Err(e) => {
+                warn!(%model, version = %slots.active.version, error = %e, "loading the active version")
+            }
+        }
     }
 }
 

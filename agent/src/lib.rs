@@ -16,6 +16,7 @@
 
 pub mod agent;
 pub mod config;
+pub mod dataplane;
 pub mod device;
 pub mod direct_io;
 pub mod download;

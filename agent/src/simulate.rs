@@ -202,6 +202,7 @@ impl SimFleet {
                 backoff: config.backoff,
                 collect_garbage: false,
                 telemetry: telemetry.clone(),
+                runtime: None,
             });
             if let Some(buffer) = telemetry {
                 tasks.spawn(crate::telemetry::uploader::run(

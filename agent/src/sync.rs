@@ -352,6 +352,7 @@ mod tests {
             },
             collect_garbage: false,
             telemetry: None,
+            runtime: None,
         })
     }
 

@@ -642,6 +642,7 @@ impl TestAgent {
             backoff: quick_backoff(),
             collect_garbage: true,
             telemetry: None,
+            runtime: None,
         });
         let stop = CancellationToken::new();
         let channel = edgewise_agent::gateway_channel(gateway_url).expect("channel");
@@ -999,4 +1000,122 @@ pub async fn openai_sdk(
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).expect("json")
+}
+
+/// What a [`FaultProxy`] does with the next connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Forward both ways.
+    Pass,
+    /// Accept and close at once (a reset upstream).
+    Cut,
+    /// Answer `HTTP 429` with `retry-after: 1`.
+    TooMany,
+    /// Answer `HTTP 500`.
+    ServerError,
+    /// Hold the connection open and say nothing.
+    Silent,
+}
+
+/// A TCP proxy in front of a real server that injects faults and counts the bytes clients
+/// sent through it (so a test can prove nothing was sent).
+pub struct FaultProxy {
+    /// Where clients connect.
+    pub addr: SocketAddr,
+    /// Bytes received from clients, faults included.
+    pub bytes_in: Arc<std::sync::atomic::AtomicU64>,
+    mode: Arc<std::sync::Mutex<Fault>>,
+}
+
+impl FaultProxy {
+    /// Starts a proxy to `upstream`.
+    pub async fn start(upstream: SocketAddr) -> Self {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind(loopback())
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let bytes_in = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mode = Arc::new(std::sync::Mutex::new(Fault::Pass));
+        let (count, current) = (bytes_in.clone(), mode.clone());
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let fault = *current.lock().expect("mode");
+                let count = count.clone();
+                let current_mode = current.clone();
+                tokio::spawn(async move {
+                    let canned = |status: &str, extra: &str| {
+                        let body = format!(
+                            r#"{{"error":{{"message":"{status}","type":"server_error"}}}}"#
+                        );
+                        format!(
+                            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\n{extra}content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                            body.len()
+                        )
+                    };
+                    let mut head = vec![0u8; 65536];
+                    match fault {
+                        Fault::Cut => {}
+                        Fault::Silent => {
+                            let n = client.read(&mut head).await.unwrap_or(0);
+                            count.fetch_add(n as u64, Ordering::Relaxed);
+                            tokio::time::sleep(Duration::from_secs(60)).await;
+                        }
+                        Fault::TooMany | Fault::ServerError => {
+                            let n = client.read(&mut head).await.unwrap_or(0);
+                            count.fetch_add(n as u64, Ordering::Relaxed);
+                            let reply = if fault == Fault::TooMany {
+                                canned("429 Too Many Requests", "retry-after: 1\r\n")
+                            } else {
+                                canned("500 Internal Server Error", "")
+                            };
+                            let _ = client.write_all(reply.as_bytes()).await;
+                        }
+                        Fault::Pass => {
+                            let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await
+                            else {
+                                return;
+                            };
+                            let (mut cr, mut cw) = client.split();
+                            let (mut sr, mut sw) = server.split();
+                            let up = async {
+                                let mut buf = vec![0u8; 16384];
+                                loop {
+                                    let n = cr.read(&mut buf).await.unwrap_or(0);
+                                    // A fault set since this connection opened applies to it
+                                    // too: pooled connections would otherwise dodge it.
+                                    let still = *current_mode.lock().expect("mode") == Fault::Pass;
+                                    if n == 0 || !still || sw.write_all(&buf[..n]).await.is_err() {
+                                        break;
+                                    }
+                                    count.fetch_add(n as u64, Ordering::Relaxed);
+                                }
+                            };
+                            let down = tokio::io::copy(&mut sr, &mut cw);
+                            tokio::select! {
+                                () = up => {}
+                                _ = down => {}
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        FaultProxy {
+            addr,
+            bytes_in,
+            mode,
+        }
+    }
+
+    /// Sets what new connections get.
+    pub fn set(&self, fault: Fault) {
+        *self.mode.lock().expect("mode") = fault;
+    }
+
+    /// Bytes clients have sent so far.
+    pub fn bytes(&self) -> u64 {
+        self.bytes_in.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }

@@ -36,9 +36,13 @@ pub struct Answer {
     pub edgewise: Option<Value>,
     /// Extra response headers (`x-edgewise-*`).
     pub headers: Vec<(HeaderName, HeaderValue)>,
-    /// Called with the outcome once the answer has ended (measurement).
-    pub on_end: Option<Box<dyn FnOnce(Outcome) + Send>>,
+    /// Called with the outcome once the answer has ended (measurement); what it returns
+    /// is merged into the final `edgewise` object (cost, say).
+    pub on_end: Option<OnEnd>,
 }
+
+/// Measures an answer at its end; returns fields for the final `edgewise` object.
+pub type OnEnd = Box<dyn FnOnce(Outcome) -> Option<Value> + Send>;
 
 /// How an answer ended, for whoever measures it.
 #[derive(Clone, Debug)]
@@ -57,8 +61,8 @@ pub struct Outcome {
 
 /// Who answers.
 pub trait Backend: Send + Sync + 'static {
-    /// `GET /v1/models`: `(id, owned_by)` pairs.
-    fn models(&self) -> Vec<(String, String)>;
+    /// `GET /v1/models`: model objects (`id`, `owned_by` and any extra fields).
+    fn models(&self) -> Vec<Value>;
     /// Starts answering; errors before the first piece are the request's status.
     fn answer(
         &self,
@@ -96,7 +100,11 @@ async fn models(State(backend): State<Arc<dyn Backend>>) -> Response {
     let data: Vec<Value> = backend
         .models()
         .into_iter()
-        .map(|(id, owner)| json!({"id": id, "object": "model", "created": created, "owned_by": owner}))
+        .map(|mut m| {
+            m["object"] = json!("model");
+            m["created"] = json!(created);
+            m
+        })
         .collect();
     axum::Json(json!({"object": "list", "data": data})).into_response()
 }
@@ -158,7 +166,7 @@ async fn whole(
     model: String,
     mut pieces: Pieces,
     edgewise: Option<Value>,
-    on_end: Option<Box<dyn FnOnce(Outcome) + Send>>,
+    on_end: Option<OnEnd>,
 ) -> Response {
     let started = std::time::Instant::now();
     let mut text = String::new();
@@ -185,15 +193,16 @@ async fn whole(
             "the answer ended early".into(),
         ))
     });
-    if let Some(f) = on_end {
+    let patch = on_end.and_then(|f| {
         f(Outcome {
             text: text.clone(),
             usage: end.as_ref().map(|(u, _)| *u).unwrap_or_default(),
             error: end.as_ref().err().map(ToString::to_string),
             first_token_ms: first,
             total_ms: ms(started),
-        });
-    }
+        })
+    });
+    let edgewise = merged(edgewise, patch);
     match end {
         Ok((usage, finish)) => {
             let mut body = wire::completion(
@@ -227,6 +236,19 @@ async fn whole(
     }
 }
 
+/// `base` with the fields of `patch` set.
+fn merged(base: Option<Value>, patch: Option<Value>) -> Option<Value> {
+    match (base, patch) {
+        (Some(Value::Object(mut b)), Some(Value::Object(p))) => {
+            b.extend(p);
+            Some(Value::Object(b))
+        }
+        (b, None) => b,
+        (None, p) => p,
+        (b, Some(_)) => b,
+    }
+}
+
 fn ms(since: std::time::Instant) -> u64 {
     u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
@@ -243,7 +265,7 @@ fn sse(
     pieces: Pieces,
     edgewise: Option<Value>,
     include_usage: bool,
-    on_end: Option<Box<dyn FnOnce(Outcome) + Send>>,
+    on_end: Option<OnEnd>,
 ) -> Response {
     struct St {
         pieces: Pieces,
@@ -253,25 +275,25 @@ fn sse(
         text: String,
         first: Option<u64>,
         started: std::time::Instant,
-        on_end: Option<Box<dyn FnOnce(Outcome) + Send>>,
+        on_end: Option<OnEnd>,
     }
     impl St {
-        fn end(&mut self, usage: Usage, error: Option<String>) {
-            if let Some(f) = self.on_end.take() {
+        fn end(&mut self, usage: Usage, error: Option<String>) -> Option<Value> {
+            self.on_end.take().and_then(|f| {
                 f(Outcome {
                     text: std::mem::take(&mut self.text),
                     usage,
                     error,
                     first_token_ms: self.first,
                     total_ms: ms(self.started),
-                });
-            }
+                })
+            })
         }
     }
     impl Drop for St {
         // A client that went away mid-stream still gets its request measured.
         fn drop(&mut self) {
-            self.end(Usage::default(), Some("the client disconnected".into()));
+            let _ = self.end(Usage::default(), Some("the client disconnected".into()));
         }
     }
     let st = St {
@@ -297,7 +319,8 @@ fn sse(
             Some(Piece::Done(usage, finish)) => {
                 st.done = true;
                 let mut last = wire::chunk(endpoint, &st.meta, None, Some(finish));
-                if let Some(e) = st.edgewise.take() {
+                let patch = st.end(usage, None);
+                if let Some(e) = merged(st.edgewise.take(), patch) {
                     last["edgewise"] = e;
                 }
                 let mut out = event(&last).to_vec();
@@ -305,20 +328,19 @@ fn sse(
                     out.extend_from_slice(&event(&wire::usage_chunk(endpoint, &st.meta, usage)));
                 }
                 out.extend_from_slice(b"data: [DONE]\n\n");
-                st.end(usage, None);
                 Bytes::from(out)
             }
             Some(Piece::Failed(e)) => {
                 st.done = true;
                 let msg = e.to_string();
-                st.end(Usage::default(), Some(msg.clone()));
+                let _ = st.end(Usage::default(), Some(msg.clone()));
                 event(
                     &json!({"error": {"message": msg, "type": "server_error", "param": null, "code": "generation_failed"}}),
                 )
             }
             None => {
                 st.done = true;
-                st.end(Usage::default(), Some("the answer ended early".into()));
+                let _ = st.end(Usage::default(), Some("the answer ended early".into()));
                 event(
                     &json!({"error": {"message": "the answer ended early", "type": "server_error", "param": null, "code": "generation_failed"}}),
                 )

@@ -21,8 +21,8 @@ pub struct ServeModel {
 }
 
 impl Backend for ServeModel {
-    fn models(&self) -> Vec<(String, String)> {
-        vec![(self.name.clone(), "edgewise".into())]
+    fn models(&self) -> Vec<serde_json::Value> {
+        vec![serde_json::json!({"id": self.name, "owned_by": "edgewise"})]
     }
 
     fn answer(

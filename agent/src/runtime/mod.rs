@@ -251,6 +251,15 @@ pub struct Runtime {
     memory_limit: Option<u64>,
 }
 
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime")
+            .field("serving", &self.status())
+            .field("memory_limit", &self.memory_limit)
+            .finish()
+    }
+}
+
 /// Resident size of a model relative to its file: weights plus KV cache and scratch.
 const RESIDENT_FACTOR: f64 = 1.25;
 

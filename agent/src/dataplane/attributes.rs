@@ -1,0 +1,160 @@
+//! Routing attributes of a data-plane request: the body's `edgewise` object (SDKs send it
+//! with `extra_body`) and `x-edgewise-*` headers, the header winning; what the app does not
+//! say the agent fills in (input tokens, complexity) or leaves to its own view (network).
+
+use axum::http::HeaderMap;
+use edgewise_proto::router::{DecideRequest, Network};
+use serde_json::Value;
+
+use crate::openai::{ApiError, Request};
+use crate::runtime::Prompt;
+
+/// Known attributes: (body key, header suffix).
+const KNOWN: &[(&str, &str)] = &[
+    ("requestId", "request-id"),
+    ("task", "task"),
+    ("dataClass", "data-class"),
+    ("latencyBudgetMs", "latency-budget-ms"),
+    ("network", "network"),
+    ("battery", "battery"),
+    ("complexity", "complexity"),
+];
+
+/// Roughly four characters a token, for a model whose tokenizer is not on the device.
+pub fn estimate_tokens(prompt: &Prompt) -> u32 {
+    let chars: usize = match prompt {
+        Prompt::Text(t) => t.chars().count(),
+        Prompt::Chat(m) => m.iter().map(|m| m.content.chars().count() + 4).sum(),
+    };
+    u32::try_from(chars.div_ceil(4)).unwrap_or(u32::MAX)
+}
+
+/// Complexity when the app gives none: longer prompts are harder, saturating at 2,000
+/// tokens. (A learned router replaces this when one is installed.)
+pub fn heuristic_complexity(input_tokens: u32) -> f32 {
+    (input_tokens as f32 / 2000.0).min(1.0)
+}
+
+fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+/// The Decide request for `request`.
+pub fn from_request(
+    request: &Request,
+    headers: &HeaderMap,
+    input_tokens: u32,
+) -> Result<DecideRequest, ApiError> {
+    let get = |key: &str, suffix: &str| -> Option<String> {
+        headers
+            .get(format!("x-edgewise-{suffix}"))
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+            .or_else(|| request.edgewise.get(key).and_then(text))
+    };
+    let number = |v: Option<String>, field: &'static str| -> Result<Option<f64>, ApiError> {
+        v.map(|s| {
+            s.trim().parse::<f64>().map_err(|_| {
+                ApiError::invalid(
+                    format!("edgewise.{field} must be a number, not {s:?}"),
+                    Some("edgewise"),
+                )
+            })
+        })
+        .transpose()
+    };
+    let request_id = get("requestId", "request-id")
+        .unwrap_or_else(|| format!("req-{:016x}", rand::random::<u64>()));
+    let task = get("task", "task");
+    let data_class = get("dataClass", "data-class");
+    let latency = number(
+        get("latencyBudgetMs", "latency-budget-ms"),
+        "latencyBudgetMs",
+    )?;
+    let battery = number(get("battery", "battery"), "battery")?;
+    let complexity = number(get("complexity", "complexity"), "complexity")?;
+    let network = match get("network", "network").as_deref() {
+        None => Network::Unspecified,
+        Some("online") => Network::Online,
+        Some("offline") => Network::Offline,
+        Some("metered") => Network::Metered,
+        Some(other) => {
+            return Err(ApiError::invalid(
+                format!("edgewise.network must be online, offline or metered, not {other:?}"),
+                Some("edgewise"),
+            ));
+        }
+    };
+    let mut attributes = std::collections::HashMap::new();
+    if let Some(Value::Object(custom)) = request.edgewise.get("attributes") {
+        for (k, v) in custom {
+            if let Some(t) = text(v) {
+                attributes.insert(k.clone(), t);
+            }
+        }
+    }
+    for (k, v) in &request.edgewise {
+        if k != "attributes"
+            && !KNOWN.iter().any(|(key, _)| key == k)
+            && let Some(t) = text(v)
+        {
+            attributes.insert(k.clone(), t);
+        }
+    }
+    for (name, value) in headers {
+        if let Some(suffix) = name.as_str().strip_prefix("x-edgewise-")
+            && !KNOWN.iter().any(|(_, s)| *s == suffix)
+            && let Ok(v) = value.to_str()
+        {
+            attributes.insert(suffix.to_owned(), v.to_owned());
+        }
+    }
+    Ok(DecideRequest {
+        request_id,
+        task,
+        data_class,
+        input_tokens: Some(input_tokens),
+        latency_budget_ms: latency.map(|v| v.max(0.0) as u32),
+        network: network as i32,
+        battery: battery.map(|v| v as f32),
+        complexity: Some(
+            complexity.map_or_else(|| heuristic_complexity(input_tokens), |v| v as f32),
+        ),
+        attributes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::openai::{Endpoint, wire};
+
+    #[test]
+    fn headers_win_over_the_body_and_unknown_keys_become_attributes() {
+        let req = wire::parse(
+            Endpoint::Chat,
+            br#"{"model":"m","messages":[{"role":"user","content":"hi"}],
+                 "edgewise":{"task":"chat","dataClass":"public","tier":"gold","attributes":{"team":"x"}}}"#,
+        )
+        .expect("parses");
+        let mut h = HeaderMap::new();
+        h.insert("x-edgewise-data-class", "private".parse().expect("value"));
+        h.insert("x-edgewise-region", "eu".parse().expect("value"));
+        let d = from_request(&req, &h, 12).expect("attributes");
+        assert_eq!(d.task.as_deref(), Some("chat"));
+        assert_eq!(d.data_class.as_deref(), Some("private"));
+        assert_eq!(d.attributes["tier"], "gold");
+        assert_eq!(d.attributes["team"], "x");
+        assert_eq!(d.attributes["region"], "eu");
+        assert_eq!(d.input_tokens, Some(12));
+        assert!(d.complexity.is_some_and(|c| c < 0.01));
+        h.insert("x-edgewise-network", "sideways".parse().expect("value"));
+        let err = from_request(&req, &h, 12).expect_err("refused");
+        assert!(err.message.contains("network"), "{}", err.message);
+    }
+}
