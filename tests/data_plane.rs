@@ -280,6 +280,28 @@ async fn the_agent_executes_the_policy_on_device_in_the_cloud_with_fallback_and_
     assert_eq!(body["edgewise"]["target"], "cloud", "{body}");
     assert!(proxy.bytes() > before);
 
+    // `status` shows what the runtime serves, with the requests it answered.
+    let out = std::process::Command::new(edgewise_tests::workspace_binary("edgewise-agent"))
+        .args(["status", "-o", "json", "--data-dir"])
+        .arg(&dir)
+        .output()
+        .expect("status runs");
+    let status: Value = serde_json::from_slice(&out.stdout).expect("status json");
+    let serving = &status["status"]["serving"][0];
+    assert_eq!(serving["model"], "assistant", "{status}");
+    assert_eq!(serving["version"], "1.0.0", "{status}");
+    assert!(serving["requests"].as_u64().unwrap_or(0) >= 8, "{status}");
+    let text = std::process::Command::new(edgewise_tests::workspace_binary("edgewise-agent"))
+        .args(["status", "--data-dir"])
+        .arg(&dir)
+        .output()
+        .expect("status runs");
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("SERVING") && text.contains("embedded (candle, GGUF)"),
+        "{text}"
+    );
+
     stop.cancel();
     agent.await.expect("joins").expect("agent ran");
 }

@@ -57,6 +57,9 @@ pub struct StatusFile {
     /// Self-reported labels (selectors see them as `self.<key>`).
     #[serde(default)]
     pub self_labels: std::collections::BTreeMap<String, String>,
+    /// What the on-device runtime serves, per model (live only).
+    #[serde(default)]
+    pub serving: Vec<crate::runtime::ServedModel>,
     /// The agent's process id.
     #[serde(default)]
     pub pid: u32,
@@ -110,6 +113,11 @@ impl StatusFile {
             activity: device.activity.borrow().clone(),
             labels,
             self_labels: device.labels.clone(),
+            serving: device
+                .runtime
+                .as_ref()
+                .map(|r| r.status())
+                .unwrap_or_default(),
             pid: std::process::id(),
             taken_at_unix_ms: crate::telemetry::clock::now_unix_ms(),
         }
@@ -310,6 +318,23 @@ pub fn render(r: &Report) -> String {
             &slots.active.sha256[..12.min(slots.active.sha256.len())],
             slots.previous.as_ref().map_or("-", |p| p.version.as_str())
         );
+    }
+    if let Some(s) = r.status.as_ref().filter(|s| !s.serving.is_empty()) {
+        let _ = writeln!(
+            out,
+            "\nSERVING      VERSION     RUNTIME                    MEMORY     REQUESTS"
+        );
+        for m in &s.serving {
+            let _ = writeln!(
+                out,
+                "{:<12} {:<11} {:<26} {:>6} MiB  {}",
+                m.model,
+                m.version,
+                m.runtime,
+                m.memory_bytes.div_ceil(1 << 20),
+                m.requests
+            );
+        }
     }
     if let Some(s) = &r.status {
         let pending: Vec<&ModelProgress> =

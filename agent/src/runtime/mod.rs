@@ -227,7 +227,7 @@ impl Loaded {
 }
 
 /// One served model, for `status`.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct ServedModel {
     /// Logical model name.
     pub model: String,
