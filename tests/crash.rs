@@ -103,10 +103,11 @@ async fn sigkill_during_download_and_activation_always_leaves_one_complete_versi
     std::fs::create_dir_all(&dir).expect("dir");
     std::fs::write(dir.join("token"), TOKEN).expect("token");
     let config = dir.join("agent.toml");
+    // The data plane on any free port: 8088 may be taken where the tests run.
     std::fs::write(
         &config,
         format!(
-            "gateway = \"{gateway_url}\"\nbootstrap_token_file = \"{}\"\ndata_dir = \"{}\"\n[hardware]\nmemory_mib = 4096\n[sync]\nbackoff_initial_ms = 50\nbackoff_max_ms = 500\n",
+            "gateway = \"{gateway_url}\"\nbootstrap_token_file = \"{}\"\ndata_dir = \"{}\"\n[hardware]\nmemory_mib = 4096\n[sync]\nbackoff_initial_ms = 50\nbackoff_max_ms = 500\n[data_plane]\nlisten = \"127.0.0.1:0\"\n",
             dir.join("token").display(),
             dir.join("data").display()
         ),

@@ -192,9 +192,14 @@ impl DataPlane {
             return Err(ApiError::unknown_model(&request.model));
         }
         let runtime = self.device.runtime.clone();
+        // Counted with the tokenizer of the model asked for, else the policy's first device
+        // model's: the one that would answer on the device.
         let input_tokens = runtime
             .as_ref()
-            .and_then(|r| device_models.first().and_then(|m| r.serving(m)))
+            .and_then(|r| {
+                r.serving(&request.model)
+                    .or_else(|| device_models.first().and_then(|m| r.serving(m)))
+            })
             .and_then(|l| l.count_tokens(&request.prompt).ok())
             .and_then(|n| u32::try_from(n).ok())
             .unwrap_or_else(|| attributes::estimate_tokens(&request.prompt));
