@@ -61,6 +61,57 @@ fn free_addr() -> std::net::SocketAddr {
         .expect("free port")
 }
 
+/// A device agent's configuration with its data plane on `addr`.
+fn agent_config(h: &Harness, dir: &std::path::Path, addr: std::net::SocketAddr) -> AgentConfig {
+    AgentConfig {
+        gateway: h.gateway_url(),
+        bootstrap_token: TOKEN.into(),
+        data_dir: dir.to_owned(),
+        router_socket: Some(dir.join("router.sock")),
+        publisher_key: None,
+        labels: BTreeMap::new(),
+        facts: facts("linux", "amd64", 4096, &[]),
+        backoff: quick_backoff(),
+        durable: true,
+        probe_network: false,
+        data_plane: Some(addr),
+        model_memory: None,
+        data_plane_socket: None,
+        cloud: Vec::new(),
+    }
+}
+
+fn start_agent(
+    config: AgentConfig,
+) -> (
+    tokio_util::sync::CancellationToken,
+    tokio::task::JoinHandle<Result<(), edgewise_agent::agent::StartError>>,
+) {
+    let stop = tokio_util::sync::CancellationToken::new();
+    let agent = tokio::spawn(edgewise_agent::agent::run(config, stop.clone()));
+    (stop, agent)
+}
+
+/// Waits until the data plane at `base` serves `version` of `assistant`.
+async fn loaded(http: &reqwest::Client, base: &str, version: &str) {
+    eventually(
+        Duration::from_secs(60),
+        &format!("assistant {version} loaded"),
+        || async {
+            let v: Value = http
+                .get(format!("{base}/models"))
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            (v["data"][0]["edgewise"]["loaded"] == version).then_some(())
+        },
+    )
+    .await;
+}
+
 async fn post(http: &reqwest::Client, base: &str, body: Value) -> (u16, Value) {
     let r = http
         .post(format!("{base}/chat/completions"))
@@ -134,41 +185,10 @@ async fn the_agent_executes_the_policy_on_device_in_the_cloud_with_fallback_and_
 
     let dir = h.dir.path().join("agent");
     let addr = free_addr();
-    let config = AgentConfig {
-        gateway: h.gateway_url(),
-        bootstrap_token: TOKEN.into(),
-        data_dir: dir.clone(),
-        router_socket: Some(dir.join("router.sock")),
-        publisher_key: None,
-        labels: BTreeMap::new(),
-        facts: facts("linux", "amd64", 4096, &[]),
-        backoff: quick_backoff(),
-        durable: true,
-        probe_network: false,
-        data_plane: Some(addr),
-        model_memory: None,
-        cloud: Vec::new(),
-    };
-    let stop = tokio_util::sync::CancellationToken::new();
-    let agent = tokio::spawn(edgewise_agent::agent::run(config, stop.clone()));
+    let (stop, agent) = start_agent(agent_config(&h, &dir, addr));
     let base = format!("http://{addr}/v1");
     let http = reqwest::Client::new();
-    eventually(
-        Duration::from_secs(60),
-        "assistant 1.0.0 loaded",
-        || async {
-            let v: Value = http
-                .get(format!("{base}/models"))
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
-            (v["data"][0]["edgewise"]["loaded"] == "1.0.0").then_some(())
-        },
-    )
-    .await;
+    loaded(&http, &base, "1.0.0").await;
 
     // The official SDK, default route: answered on the device by the rolled-out version.
     let said = openai_sdk(
@@ -280,6 +300,32 @@ async fn the_agent_executes_the_policy_on_device_in_the_cloud_with_fallback_and_
     assert_eq!(body["edgewise"]["target"], "cloud", "{body}");
     assert!(proxy.bytes() > before);
 
+    // An app that goes away mid-stream closes the cloud request on its behalf: the slow
+    // answer would run for many seconds, and its connection is not kept for reuse.
+    proxy.set(Fault::Trickle);
+    let closed = proxy.closed();
+    let mut body = chat(json!({"task": "reason"}));
+    body["stream"] = json!(true);
+    body["max_tokens"] = json!(400);
+    let mut streaming = http
+        .post(format!("{base}/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(streaming.status(), 200);
+    assert_eq!(streaming.headers()["x-edgewise-target"], "cloud");
+    let first = streaming.chunk().await.expect("a chunk").expect("bytes");
+    assert!(first.starts_with(b"data: "), "{first:?}");
+    drop(streaming);
+    eventually(
+        Duration::from_secs(5),
+        "the upstream request closed",
+        || async { (proxy.closed() > closed).then_some(()) },
+    )
+    .await;
+    proxy.set(Fault::Pass);
+
     // `status` shows what the runtime serves, with the requests it answered.
     let out = std::process::Command::new(edgewise_tests::workspace_binary("edgewise-agent"))
         .args(["status", "-o", "json", "--data-dir"])
@@ -304,4 +350,370 @@ async fn the_agent_executes_the_policy_on_device_in_the_cloud_with_fallback_and_
 
     stop.cancel();
     agent.await.expect("joins").expect("agent ran");
+}
+
+/// A cloud: `edgewise-agent serve-model` on `file`, behind a fault proxy.
+struct Cloud {
+    served: edgewise_tests::ServedModel,
+    proxy: FaultProxy,
+}
+
+impl Cloud {
+    async fn start(file: &std::path::Path, name: &str) -> Self {
+        let served = serve_model(file, name).await;
+        let upstream: std::net::SocketAddr = served
+            .base_url
+            .trim_start_matches("http://")
+            .trim_end_matches("/v1")
+            .parse()
+            .expect("addr");
+        let proxy = FaultProxy::start(upstream).await;
+        Cloud { served, proxy }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://{}/v1", self.proxy.addr)
+    }
+
+    /// What this cloud answers the test's chat request, asked directly.
+    async fn answer(&self, http: &reqwest::Client) -> String {
+        let (_, body) = post(http, &self.served.base_url, chat(json!({}))).await;
+        body["choices"][0]["message"]["content"]
+            .as_str()
+            .expect("text")
+            .to_owned()
+    }
+}
+
+/// Runs `tests/fixtures/openai_phases.py` (the official SDK, over TCP or a Unix socket).
+async fn openai_phases(base: &str, extra: &Value, socket: Option<&std::path::Path>) -> Value {
+    let mut cmd = tokio::process::Command::new("python3");
+    cmd.arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/openai_phases.py"))
+        .arg(base)
+        .arg("assistant")
+        .arg(extra.to_string());
+    if let Some(s) = socket {
+        cmd.arg(s);
+    }
+    let out = cmd.output().await.expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "openai SDK: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("json")
+}
+
+/// Policy of the second test: `shadow` names the shadow target, `budget` caps cloud
+/// requests per day.
+fn phases_policy(same: &str, other: &str, shadow: &str, budget: Option<u64>) -> Value {
+    let mut spec = json!({
+        "targets": [
+            {"name": "on-device", "device": {"model": "assistant"}},
+            {"name": "same", "cloud": {"endpoint": same, "model": "same",
+                "costPer1kTokensUsd": 0.5, "timeoutMs": 1500}},
+            {"name": "other", "cloud": {"endpoint": other, "model": "other",
+                "costPer1kTokensUsd": 1.0, "timeoutMs": 1500}}
+        ],
+        "rules": [
+            {"name": "private", "match": [{"attribute": "dataClass", "eq": "private"}], "route": "on-device"},
+            {"name": "draft", "match": [{"attribute": "task", "eq": "draft"}],
+                "route": "on-device", "fallback": ["other"], "refine": "other"},
+            {"name": "later", "match": [{"attribute": "task", "eq": "later"}],
+                "route": "other", "fallback": ["on-device"], "reprocess": true},
+            {"name": "reason", "match": [{"attribute": "task", "eq": "reason"}],
+                "route": "other", "fallback": ["on-device"]}
+        ],
+        "default": {"route": "on-device", "fallback": ["other"]},
+        "shadow": {"sampleRate": 1.0, "target": shadow}
+    });
+    if let Some(n) = budget {
+        spec["budgets"] = json!({"cloudRequestsPerDevicePerDay": n});
+    }
+    spec
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_data_plane_refines_shadows_keeps_budgets_and_reprocesses_offline_answers() {
+    let ch = edgewise_tests::ClickHouse::start().await;
+    let h = Harness::start_with_telemetry(
+        &ch.url(),
+        edgewise_operator::telemetry::ingest::SinkConfig::default(),
+    )
+    .await;
+    let file = tiny_model(&h.dir.path().join("assistant-1.gguf"), 1, false);
+    let artifact = h
+        .put_artifact(
+            "assistant/1.0.0/cpu.gguf",
+            std::fs::read(&file).expect("read"),
+        )
+        .await;
+    // Two clouds: one serves the device's own model (so its answers agree), one another.
+    let same = Cloud::start(&file, "same").await;
+    let other = Cloud::start(
+        &tiny_model(&h.dir.path().join("other.gguf"), 9, false),
+        "other",
+    )
+    .await;
+    let policy = |shadow: &str, budget| {
+        Change::ApplyPolicy(routing_policy(
+            "p",
+            phases_policy(&same.endpoint(), &other.endpoint(), shadow, budget),
+        ))
+    };
+    h.apply([
+        Change::ApplyVersion(model_version(
+            "assistant",
+            "1.0.0",
+            vec![Variant {
+                name: "cpu".into(),
+                artifact,
+                format: ModelFormat::Gguf,
+                requires: Requirements::default(),
+            }],
+        )),
+        Change::ApplyRollout(
+            rollout("assistant")
+                .named("assistant")
+                .stable("1.0.0")
+                .build(),
+        ),
+        policy("same", None),
+    ]);
+    let dir = h.dir.path().join("agent");
+    let addr = free_addr();
+    let socket = dir.join("openai.sock");
+    let mut config = agent_config(&h, &dir, addr);
+    config.data_plane_socket = Some(socket.clone());
+    let (stop, agent) = start_agent(config.clone());
+    let base = format!("http://{addr}/v1");
+    let http = reqwest::Client::new();
+    loaded(&http, &base, "1.0.0").await;
+    let device_text = same.answer(&http).await;
+    let other_text = other.answer(&http).await;
+    assert_ne!(device_text, other_text, "the two clouds must differ");
+
+    // Refinement, through the official SDK over TCP and over the Unix socket.
+    let draft = json!({"edgewise": {"task": "draft"}});
+    for socket in [None, Some(socket.as_path())] {
+        let said = openai_phases(&base, &draft, socket).await;
+        let whole = &said["whole"];
+        assert_eq!(whole["text"], json!(other_text), "refined answer: {said}");
+        assert_eq!(whole["choices"], 1, "{said}");
+        assert_eq!(whole["edgewise"]["refined"], true, "{said}");
+        assert_eq!(whole["edgewise"]["target"], "on-device", "{said}");
+        assert_eq!(whole["edgewise"]["refine"]["target"], "other", "{said}");
+        assert_eq!(
+            whole["edgewise"]["draft"]["text"],
+            json!(device_text),
+            "{said}"
+        );
+        // Streaming: the device's answer first as choice 0, then the refinement as choice 1,
+        // each of its chunks marked.
+        assert_eq!(said["stream_texts"]["0"], json!(device_text), "{said}");
+        assert_eq!(said["stream_texts"]["1"], json!(other_text), "{said}");
+        let chunks = said["chunks"].as_array().expect("chunks");
+        let first_refined = chunks
+            .iter()
+            .position(|c| c["index"] == 1)
+            .expect("refined chunks");
+        assert!(
+            chunks[first_refined..]
+                .iter()
+                .all(|c| c["index"] == 1 && (c["phase"] == "refine" || c["content"].is_null())),
+            "the phases interleave or are unmarked: {said}"
+        );
+        assert!(
+            chunks[..first_refined]
+                .iter()
+                .any(|c| c["finish"] == "stop" || c["finish"] == "length"),
+            "the first phase ends before the second: {said}"
+        );
+        assert_eq!(said["stream_edgewise"]["refined"], true, "{said}");
+    }
+
+    // Shadows: every device answer is also sent to `same` and agrees; a private request
+    // is never shadowed (zero bytes to either cloud).
+    let before = (same.proxy.bytes(), other.proxy.bytes());
+    let (status, body) = post(&http, &base, chat(json!({"dataClass": "private"}))).await;
+    assert_eq!(
+        (status, body["edgewise"]["shadowed"].clone()),
+        (200, json!(false)),
+        "{body}"
+    );
+    for _ in 0..3 {
+        let (status, body) = post(&http, &base, chat(json!({"dataClass": "public"}))).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["edgewise"]["shadowed"], true, "{body}");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        other.proxy.bytes(),
+        before.1,
+        "nothing went to the other cloud"
+    );
+    assert!(same.proxy.bytes() > before.0, "the shadows went to `same`");
+    let agreed = "SELECT count() FROM edgewise.inference_events FINAL \
+        WHERE rule = 'default' AND target = 'on-device' AND shadow = 'agree'";
+    eventually(
+        Duration::from_secs(30),
+        "3 agreeing shadows in ClickHouse",
+        || async { (ch.count(agreed).await == 3).then_some(()) },
+    )
+    .await;
+    // The refinements were measured as cloud requests of the draft rule, with their cost.
+    let refined = "SELECT count() FROM edgewise.inference_events FINAL \
+        WHERE rule = 'draft' AND target = 'other' AND NOT on_device AND cost_usd > 0";
+    eventually(
+        Duration::from_secs(30),
+        "4 refinements in ClickHouse",
+        || async { (ch.count(refined).await == 4).then_some(()) },
+    )
+    .await;
+
+    // Shadowed to the other model, device answers disagree.
+    let spec = phases_policy(&same.endpoint(), &other.endpoint(), "other", None);
+    h.apply([policy("other", None)]);
+    in_force(&http, &base, &spec).await;
+    let (status, body) = post(&http, &base, chat(json!({}))).await;
+    assert_eq!(
+        (status, body["edgewise"]["shadowed"].clone()),
+        (200, json!(true)),
+        "{body}"
+    );
+    let disagreed = "SELECT count() FROM edgewise.inference_events FINAL \
+        WHERE rule = 'default' AND shadow = 'disagree'";
+    eventually(
+        Duration::from_secs(30),
+        "a disagreeing shadow in ClickHouse",
+        || async { (ch.count(disagreed).await >= 1).then_some(()) },
+    )
+    .await;
+
+    // Offline, then reconcile: the cloud is cut and the app says it is offline; the device
+    // answers, the request is kept, and once the cloud answers it is reprocessed.
+    other.proxy.set(Fault::Cut);
+    let (status, body) = post(
+        &http,
+        &base,
+        chat(json!({"task": "later", "network": "offline"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["edgewise"]["target"], "on-device", "{body}");
+    let id = body["edgewise"]["reprocess"]["id"]
+        .as_str()
+        .expect("a reprocess id")
+        .to_owned();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let list: Value = http
+        .get(format!("{base}/edgewise/reprocessed"))
+        .send()
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        list["data"],
+        json!([]),
+        "nothing reprocessed while the cloud is cut"
+    );
+    other.proxy.set(Fault::Pass);
+    let done = eventually(
+        Duration::from_secs(60),
+        "the request reprocessed",
+        || async {
+            let list: Value = http
+                .get(format!("{base}/edgewise/reprocessed"))
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            list["data"].as_array().filter(|d| !d.is_empty()).cloned()
+        },
+    )
+    .await;
+    assert_eq!(done.len(), 1, "{done:?}");
+    assert_eq!(done[0]["id"], json!(id));
+    assert_eq!(done[0]["device"]["text"], json!(device_text));
+    assert_eq!(done[0]["cloud"]["text"], json!(other_text));
+    assert_eq!(done[0]["agreement"]["agree"], false, "{done:?}");
+    let gone = http
+        .delete(format!("{base}/edgewise/reprocessed/{id}"))
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(gone.status(), 200);
+    let again = http
+        .delete(format!("{base}/edgewise/reprocessed/{id}"))
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(again.status(), 404);
+
+    // Budgets: counted from real requests, kept across a restart.
+    let usage = |dir: &std::path::Path| -> u64 {
+        let v: Value =
+            serde_json::from_slice(&std::fs::read(dir.join("usage.json")).expect("usage.json"))
+                .expect("json");
+        v["cloud_requests"].as_u64().expect("count")
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let spent = usage(&dir);
+    // 4 refinements, 8 shadows (of the 4 drafts and 4 default requests), 1 reprocessed.
+    assert_eq!(
+        spent, 13,
+        "refinements, shadows and reprocessing are cloud requests"
+    );
+    let spec = phases_policy(
+        &same.endpoint(),
+        &other.endpoint(),
+        "other",
+        Some(spent + 2),
+    );
+    h.apply([policy("other", Some(spent + 2))]);
+    in_force(&http, &base, &spec).await;
+    let reason = || chat(json!({"task": "reason"}));
+    for _ in 0..2 {
+        let (_, body) = post(&http, &base, reason()).await;
+        assert_eq!(body["edgewise"]["target"], "other", "within budget: {body}");
+    }
+    let (_, body) = post(&http, &base, reason()).await;
+    assert_eq!(
+        body["edgewise"]["target"], "on-device",
+        "over budget: {body}"
+    );
+    assert_eq!(usage(&dir), spent + 2);
+    stop.cancel();
+    agent.await.expect("joins").expect("agent ran");
+    let (stop, agent) = start_agent(config);
+    loaded(&http, &base, "1.0.0").await;
+    let (_, body) = post(&http, &base, reason()).await;
+    assert_eq!(
+        body["edgewise"]["target"], "on-device",
+        "still over budget after a restart: {body}"
+    );
+    assert_eq!(usage(&dir), spent + 2);
+    stop.cancel();
+    agent.await.expect("joins").expect("agent ran");
+}
+
+/// Waits until the agent decides with `spec` (asked with private requests, which never
+/// leave the device).
+async fn in_force(http: &reqwest::Client, base: &str, spec: &Value) {
+    let spec: edgewise_core::policy::spec::RoutingPolicySpec =
+        serde_json::from_value(spec.clone()).expect("a policy spec");
+    let version = edgewise_core::policy::policy_version(&spec);
+    eventually(
+        Duration::from_secs(30),
+        "the new policy in force",
+        || async {
+            let (_, body) = post(http, base, chat(json!({"dataClass": "private"}))).await;
+            (body["edgewise"]["policyVersion"] == json!(version)).then_some(())
+        },
+    )
+    .await;
 }

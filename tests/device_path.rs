@@ -650,6 +650,7 @@ async fn an_agent_started_offline_serves_decide_from_its_persisted_policy() {
         probe_network: false,
         data_plane: None,
         model_memory: None,
+        data_plane_socket: None,
         cloud: Vec::new(),
     };
     // First run: online, receives and persists the policy.

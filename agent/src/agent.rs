@@ -46,6 +46,15 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    /// The data plane's socket cannot be bound.
+    #[error("data plane: cannot listen on {}: {source}", path.display())]
+    ListenUnix {
+        /// The socket path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// Another agent runs on this data dir.
     #[error("another agent (pid {pid}) is running with data dir {}; stop it or give this one its own data_dir", dir.display())]
     Locked {
@@ -130,7 +139,7 @@ pub fn open_device(config: &AgentConfig) -> Result<Arc<Device>, StartError> {
         BufferError::Io(source) => state_err(source),
         BufferError::Closed => state_err(std::io::Error::other("telemetry buffer closed")),
     })?;
-    Ok(Device::new(DeviceParts {
+    let device = Device::new(DeviceParts {
         identity,
         content,
         state,
@@ -143,7 +152,13 @@ pub fn open_device(config: &AgentConfig) -> Result<Arc<Device>, StartError> {
         collect_garbage: true,
         telemetry: Some(telemetry),
         runtime: Some(Arc::new(crate::runtime::Runtime::new(config.model_memory))),
-    }))
+    });
+    // Budgets count the whole UTC day, across restarts.
+    device
+        .router
+        .persist_usage(dir.join("usage.json"))
+        .map_err(state_err)?;
+    Ok(device)
 }
 
 /// Runs the agent until `shutdown`.
@@ -192,20 +207,39 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         }
     }
     tasks.spawn(crate::installer::load_active(device.clone()));
-    if let Some(addr) = config.data_plane {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|source| StartError::Listen { addr, source })?;
-        let bound = listener.local_addr().unwrap_or(addr);
-        info!(addr = %bound, "data plane listening (OpenAI-compatible)");
-        let plane = Arc::new(crate::dataplane::DataPlane::new(device.clone(), &config));
-        let stop = shutdown.clone();
-        tasks.spawn(async move {
-            if let Err(e) = crate::openai::serve(listener, crate::openai::router(plane), stop).await
-            {
-                error!(error = %e, "data plane failed");
-            }
-        });
+    if config.data_plane.is_some() || config.data_plane_socket.is_some() {
+        let plane = crate::dataplane::DataPlane::new(device.clone(), &config);
+        if let Some(addr) = config.data_plane {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Listen { addr, source })?;
+            let bound = listener.local_addr().unwrap_or(addr);
+            info!(addr = %bound, "data plane listening (OpenAI-compatible)");
+            let (routes, stop) = (plane.routes(), shutdown.clone());
+            tasks.spawn(async move {
+                if let Err(e) = crate::openai::serve(listener, routes, stop).await {
+                    error!(error = %e, "data plane failed");
+                }
+            });
+        }
+        if let Some(path) = config.data_plane_socket.clone() {
+            let listener =
+                crate::fsutil::bind_unix(&path).map_err(|source| StartError::ListenUnix {
+                    path: path.clone(),
+                    source,
+                })?;
+            info!(socket = %path.display(), "data plane listening (OpenAI-compatible)");
+            let (routes, stop) = (plane.routes(), shutdown.clone());
+            tasks.spawn(async move {
+                let served = axum::serve(listener, routes)
+                    .with_graceful_shutdown(async move { stop.cancelled().await })
+                    .await;
+                if let Err(e) = served {
+                    error!(error = %e, "data plane socket failed");
+                }
+            });
+        }
+        tasks.spawn(plane.reprocess(shutdown.clone()));
     }
     tasks.spawn(crate::installer::run(
         device.clone(),

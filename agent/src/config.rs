@@ -20,6 +20,15 @@
 //! [sync]
 //! backoff_initial_ms = 500
 //! backoff_max_ms = 30000
+//!
+//! [data_plane]                                     # the OpenAI-compatible endpoint
+//! listen = "127.0.0.1:8088"                        # default; enabled = false serves none
+//! socket = "/run/edgewise/openai.sock"             # optional: also on a Unix socket
+//! model_memory_mib = 2048                          # optional cap for loaded models
+//!
+//! [[cloud]]                                        # keys for the endpoints policies name
+//! endpoint = "https://api.openai.com/v1"
+//! api_key_file = "/etc/edgewise/openai.key"        # or api_key_env = "OPENAI_API_KEY"
 //! ```
 
 use std::collections::BTreeMap;
@@ -122,6 +131,10 @@ pub struct DataPlaneConfig {
     /// Memory the on-device runtime may use for models, MiB (default: what is free).
     #[serde(default)]
     pub model_memory_mib: Option<u64>,
+    /// Also serve the API on this Unix socket (mode 0660), for apps that should not
+    /// reach a TCP port.
+    #[serde(default)]
+    pub socket: Option<PathBuf>,
 }
 
 fn default_data_plane_listen() -> SocketAddr {
@@ -134,6 +147,7 @@ impl Default for DataPlaneConfig {
             listen: default_data_plane_listen(),
             enabled: true,
             model_memory_mib: None,
+            socket: None,
         }
     }
 }
@@ -303,6 +317,8 @@ pub struct AgentConfig {
     pub probe_network: bool,
     /// Where the data plane listens, if it runs.
     pub data_plane: Option<SocketAddr>,
+    /// The data plane's Unix socket, if it serves one.
+    pub data_plane_socket: Option<PathBuf>,
     /// Model memory for the runtime, bytes (`None`: what is free).
     pub model_memory: Option<u64>,
     /// Cloud endpoint credentials.
@@ -389,6 +405,7 @@ impl ConfigFile {
             durable: true,
             probe_network: self.probe_network,
             data_plane: self.data_plane.enabled.then_some(self.data_plane.listen),
+            data_plane_socket: self.data_plane.socket.filter(|_| self.data_plane.enabled),
             model_memory: self.data_plane.model_memory_mib.map(|m| m << 20),
             cloud: self.cloud,
         })

@@ -155,6 +155,8 @@ pub struct DeviceStats {
     pub policies_applied: AtomicU64,
     /// Policy updates rejected.
     pub policies_rejected: AtomicU64,
+    /// Sampled requests not shadowed because too many shadows were in flight.
+    pub shadows_skipped: AtomicU64,
 }
 
 /// A device.

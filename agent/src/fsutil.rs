@@ -49,3 +49,22 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> std::io::Result
         Err(e) => Err(e),
     }
 }
+
+/// Binds a Unix socket at `path` (its directory created, a socket left by an earlier run
+/// replaced) with file mode `0660`: the owner and its group may connect, no one else.
+///
+/// # Errors
+/// When the directory, the bind or the mode fails.
+pub fn bind_unix(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let listener = tokio::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    Ok(listener)
+}

@@ -3,6 +3,7 @@
 //! Everything here is a pure function of its inputs so that gateways, controllers, agents,
 //! the kubectl plugin and tests compute the same answers:
 //!
+//! - [`agreement`]: whether two answers to one request agree (shadows, reprocessing);
 //! - [`cohort`]: which devices are in a rollout's canary cohort;
 //! - [`names`]: Kubernetes name and label rules;
 //! - [`selector`]: label selectors over device labels;
@@ -10,6 +11,7 @@
 //! - [`rollout`]: the rollout step machine and gate evaluation;
 //! - [`version`] and [`variant`]: semantic versions and which variant a device gets.
 
+pub mod agreement;
 pub mod cohort;
 pub mod names;
 pub mod policy;

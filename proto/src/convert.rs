@@ -175,6 +175,7 @@ pub fn decide_response(
         fallback: d.fallback().map(|t| target(t, installed)).collect(),
         refine: d.refine.map(|t| target(t, installed)),
         shadow: d.shadow.map(|t| target(t, installed)),
+        reprocess: d.reprocess.map(|t| target(t, installed)),
         rule: d.rule.to_owned(),
         policy_version: d.policy_version.to_owned(),
         reroute: router::Reroute::from(d.reroute).into(),

@@ -1015,6 +1015,8 @@ pub enum Fault {
     ServerError,
     /// Hold the connection open and say nothing.
     Silent,
+    /// Forward, but the server's bytes at about 3 KB/s (a slow, long answer).
+    Trickle,
 }
 
 /// A TCP proxy in front of a real server that injects faults and counts the bytes clients
@@ -1024,6 +1026,8 @@ pub struct FaultProxy {
     pub addr: SocketAddr,
     /// Bytes received from clients, faults included.
     pub bytes_in: Arc<std::sync::atomic::AtomicU64>,
+    /// Forwarded connections that have ended (either side closed).
+    pub closed: Arc<std::sync::atomic::AtomicU64>,
     mode: Arc<std::sync::Mutex<Fault>>,
 }
 
@@ -1037,12 +1041,14 @@ impl FaultProxy {
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let bytes_in = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let closed = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let mode = Arc::new(std::sync::Mutex::new(Fault::Pass));
-        let (count, current) = (bytes_in.clone(), mode.clone());
+        let (count, current, ended) = (bytes_in.clone(), mode.clone(), closed.clone());
         tokio::spawn(async move {
             while let Ok((mut client, _)) = listener.accept().await {
                 let fault = *current.lock().expect("mode");
                 let count = count.clone();
+                let ended = ended.clone();
                 let current_mode = current.clone();
                 tokio::spawn(async move {
                     let canned = |status: &str, extra: &str| {
@@ -1072,7 +1078,7 @@ impl FaultProxy {
                             };
                             let _ = client.write_all(reply.as_bytes()).await;
                         }
-                        Fault::Pass => {
+                        Fault::Pass | Fault::Trickle => {
                             let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await
                             else {
                                 return;
@@ -1085,18 +1091,35 @@ impl FaultProxy {
                                     let n = cr.read(&mut buf).await.unwrap_or(0);
                                     // A fault set since this connection opened applies to it
                                     // too: pooled connections would otherwise dodge it.
-                                    let still = *current_mode.lock().expect("mode") == Fault::Pass;
+                                    let still = matches!(
+                                        *current_mode.lock().expect("mode"),
+                                        Fault::Pass | Fault::Trickle
+                                    );
                                     if n == 0 || !still || sw.write_all(&buf[..n]).await.is_err() {
                                         break;
                                     }
                                     count.fetch_add(n as u64, Ordering::Relaxed);
                                 }
                             };
-                            let down = tokio::io::copy(&mut sr, &mut cw);
+                            let down = async {
+                                if fault == Fault::Trickle {
+                                    let mut buf = [0u8; 64];
+                                    loop {
+                                        let n = sr.read(&mut buf).await.unwrap_or(0);
+                                        if n == 0 || cw.write_all(&buf[..n]).await.is_err() {
+                                            break;
+                                        }
+                                        tokio::time::sleep(Duration::from_millis(20)).await;
+                                    }
+                                } else {
+                                    let _ = tokio::io::copy(&mut sr, &mut cw).await;
+                                }
+                            };
                             tokio::select! {
                                 () = up => {}
-                                _ = down => {}
+                                () = down => {}
                             }
+                            ended.fetch_add(1, Ordering::Relaxed);
                         }
                     }
                 });
@@ -1105,6 +1128,7 @@ impl FaultProxy {
         FaultProxy {
             addr,
             bytes_in,
+            closed,
             mode,
         }
     }
@@ -1117,5 +1141,10 @@ impl FaultProxy {
     /// Bytes clients have sent so far.
     pub fn bytes(&self) -> u64 {
         self.bytes_in.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Forwarded connections that have ended so far.
+    pub fn closed(&self) -> u64 {
+        self.closed.load(std::sync::atomic::Ordering::Relaxed)
     }
 }

@@ -9,38 +9,56 @@
 
 pub mod attributes;
 pub mod cloud;
+pub mod reprocess;
 
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use axum::extract::{Path as UrlPath, Query, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
-use edgewise_proto::router::{Outcome as WireOutcome, Target, target::Kind};
+use axum::response::{IntoResponse, Response};
+use edgewise_core::agreement;
+use edgewise_proto::router::{
+    DecideRequest, DecideResponse, Outcome as WireOutcome, Target, target::Kind,
+};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
-use tracing::debug;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
+use tracing::{Instrument, debug, info, warn};
 
 use crate::config::{AgentConfig, CloudCredential};
 use crate::device::Device;
-use crate::openai::{Answer, ApiError, Backend, Outcome, Request};
+use crate::openai::{Answer, ApiError, Backend, Endpoint, Outcome, Phase, Request};
 use crate::runtime::{Piece, RuntimeError};
 use cloud::CloudFailure;
+use reprocess::{CloudTarget, Pending, Queue, Reprocessed};
 
 /// The whole request, fallbacks included, when the app gives no latency budget.
 const DEFAULT_DEADLINE: Duration = Duration::from_secs(120);
 /// A cloud target's wait for its response head when the policy gives no `timeoutMs`.
 const DEFAULT_CLOUD_TIMEOUT: Duration = Duration::from_secs(30);
+/// Shadow requests in flight at once; a sampled request beyond this is not shadowed (and
+/// counted), so shadows can never pile up behind a slow cloud.
+const MAX_SHADOWS_IN_FLIGHT: usize = 4;
+/// A shadow or reprocessed request's whole answer, once its first token came.
+const BACKGROUND_DEADLINE: Duration = Duration::from_secs(120);
 
-/// The policy-executing backend of the agent's OpenAI endpoint.
+/// The policy-executing backend of the agent's OpenAI endpoint. Cheap to clone: the parts
+/// are shared.
+#[derive(Clone)]
 pub struct DataPlane {
     device: Arc<Device>,
     http: reqwest::Client,
-    credentials: Vec<CloudCredential>,
+    credentials: Arc<[CloudCredential]>,
     /// Endpoints that answered 429 with `retry-after`: skipped until then.
-    cooldown: Mutex<HashMap<String, Instant>>,
+    cooldown: Arc<Mutex<HashMap<String, Instant>>>,
+    shadows: Arc<Semaphore>,
+    reprocess: Arc<Queue>,
 }
 
 /// Why one target did not serve.
@@ -51,6 +69,15 @@ enum Attempt {
     Client(ApiError),
 }
 
+impl Attempt {
+    fn reason(self) -> String {
+        match self {
+            Attempt::Next(r) => r,
+            Attempt::Client(e) => e.message,
+        }
+    }
+}
+
 /// A target that has produced its first piece.
 struct Serving {
     first: Piece,
@@ -59,8 +86,31 @@ struct Serving {
     cost_per_1k: f64,
 }
 
+impl Serving {
+    fn pieces(self) -> crate::openai::Pieces {
+        futures_util::stream::iter([self.first])
+            .chain(ReceiverStream::new(self.rest))
+            .boxed()
+    }
+}
+
+/// A request the chain's `target` (at `index`) has begun to answer.
+struct Served<'a> {
+    request: &'a Request,
+    attrs: &'a DecideRequest,
+    decision: &'a DecideResponse,
+    target: &'a Target,
+    index: usize,
+    fallbacks: Vec<Value>,
+    serving: Serving,
+    started: Instant,
+}
+
+// === impl DataPlane ===
+
 impl DataPlane {
-    /// The data plane of `device`, with the cloud credentials of `config`.
+    /// The data plane of `device`, with the cloud credentials of `config`; requests kept
+    /// for reprocessing live under its data dir.
     pub fn new(device: Arc<Device>, config: &AgentConfig) -> Self {
         DataPlane {
             device,
@@ -71,9 +121,24 @@ impl DataPlane {
                 .tcp_nodelay(true)
                 .build()
                 .unwrap_or_default(),
-            credentials: config.cloud.clone(),
-            cooldown: Mutex::new(HashMap::new()),
+            credentials: config.cloud.clone().into(),
+            cooldown: Arc::default(),
+            shadows: Arc::new(Semaphore::new(MAX_SHADOWS_IN_FLIGHT)),
+            reprocess: Arc::new(Queue::new(config.data_dir.join("reprocess"))),
         }
+    }
+
+    /// The HTTP API: the OpenAI endpoints and `/v1/edgewise/reprocessed`.
+    pub fn routes(&self) -> axum::Router {
+        crate::openai::router(Arc::new(self.clone())).merge(
+            axum::Router::new()
+                .route("/v1/edgewise/reprocessed", axum::routing::get(reprocessed))
+                .route(
+                    "/v1/edgewise/reprocessed/{id}",
+                    axum::routing::delete(forget_reprocessed),
+                )
+                .with_state(self.reprocess.clone()),
+        )
     }
 
     fn key_for(&self, endpoint: &str) -> Option<String> {
@@ -163,6 +228,31 @@ impl DataPlane {
         }
     }
 
+    /// The whole answer of `target`, for work done in the background (shadows,
+    /// reprocessing): text and tokens, or why not.
+    async fn answer_of(&self, target: &Target, request: &Request) -> Result<(String, u32), String> {
+        let deadline = Instant::now() + BACKGROUND_DEADLINE;
+        let serving = self
+            .attempt(target, request, deadline)
+            .await
+            .map_err(Attempt::reason)?;
+        let mut pieces = serving.pieces();
+        let mut text = String::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, pieces.next()).await {
+                Err(_) => return Err("the answer did not finish in time".into()),
+                Ok(Some(Piece::Text(t))) => text.push_str(&t),
+                Ok(Some(Piece::Done(u, _))) => {
+                    let tokens = u.prompt_tokens + u.completion_tokens;
+                    return Ok((text, u32::try_from(tokens).unwrap_or(u32::MAX)));
+                }
+                Ok(Some(Piece::Failed(e))) => return Err(e.to_string()),
+                Ok(None) => return Err("the answer ended early".into()),
+            }
+        }
+    }
+
     fn cooled(&self, endpoint: &str, now: Instant) -> Option<Instant> {
         let mut map = self.cooldown.lock().unwrap_or_else(|e| e.into_inner());
         map.retain(|_, until| *until > now);
@@ -219,21 +309,20 @@ impl DataPlane {
         let started = Instant::now();
         let deadline = started + budget;
         let mut fallbacks: Vec<Value> = Vec::new();
-        for (i, target) in chain.iter().enumerate() {
+        for (index, target) in chain.iter().enumerate() {
             match self.attempt(target, &request, deadline).await {
                 Ok(serving) => {
                     debug!(target = %target.name, rule = %decision.rule, "serving");
-                    return Ok(self.answer(
-                        &request,
-                        &attrs,
-                        &decision,
+                    return Ok(self.answer(Served {
+                        request: &request,
+                        attrs: &attrs,
+                        decision: &decision,
                         target,
-                        i > 0,
-                        pinned,
+                        index,
                         fallbacks,
                         serving,
                         started,
-                    ));
+                    }));
                 }
                 Err(Attempt::Client(e)) => return Err(e),
                 Err(Attempt::Next(reason)) => {
@@ -278,21 +367,30 @@ impl DataPlane {
         Err(ApiError::unavailable(error))
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn answer(
-        &self,
-        request: &Request,
-        attrs: &edgewise_proto::router::DecideRequest,
-        decision: &edgewise_proto::router::DecideResponse,
-        target: &Target,
-        fallback_used: bool,
-        pinned: bool,
-        fallbacks: Vec<Value>,
-        serving: Serving,
-        started: Instant,
-    ) -> Answer {
+    fn answer(&self, served: Served<'_>) -> Answer {
+        let Served {
+            request,
+            attrs,
+            decision,
+            target,
+            index,
+            fallbacks,
+            serving,
+            started,
+        } = served;
+        let fallback_used = index > 0;
+        let pinned = decision.fallback.is_empty();
         let on_device = matches!(target.kind, Some(Kind::Device(_)));
-        let edgewise = json!({
+        // Shadows and reprocessing apply to device answers only; the policy already keeps
+        // pinned requests out of both.
+        let shadow = decision.shadow.clone().filter(|_| on_device);
+        let reprocess = decision
+            .reprocess
+            .as_ref()
+            .filter(|_| on_device)
+            .and_then(CloudTarget::of);
+        let reprocess_id = reprocess.as_ref().map(|_| Queue::new_id());
+        let mut edgewise = json!({
             "target": target.name,
             "onDevice": on_device,
             "rule": decision.rule,
@@ -302,7 +400,11 @@ impl DataPlane {
             "fallbacks": fallbacks,
             "pinned": pinned,
             "refined": false,
+            "shadowed": shadow.is_some(),
         });
+        if let (Some(id), Some(t)) = (&reprocess_id, &reprocess) {
+            edgewise["reprocess"] = json!({"id": id, "target": t.name});
+        }
         let mut headers = vec![
             header("x-edgewise-target", &target.name),
             header("x-edgewise-rule", &decision.rule),
@@ -315,7 +417,6 @@ impl DataPlane {
         if let Some(v) = &serving.model_version {
             headers.push(header("x-edgewise-model-version", v));
         }
-        let per_1k = serving.cost_per_1k;
         let outcome = WireOutcome {
             request_id: attrs.request_id.clone(),
             target: target.name.clone(),
@@ -326,44 +427,311 @@ impl DataPlane {
             data_class: attrs.data_class.clone().unwrap_or_default(),
             ..Default::default()
         };
-        let router = self.device.router.clone();
+        let refine = decision
+            .refine
+            .clone()
+            .filter(|r| r.name != target.name)
+            .map(|r| self.refinement(r, request.clone(), outcome.clone()));
+        let plane = self.clone();
+        let model = request.model.clone();
+        let request = request.clone();
+        let model_version = serving.model_version.clone();
+        let per_1k = serving.cost_per_1k;
         let on_end = Box::new(move |o: Outcome| {
             let tokens = o.usage.prompt_tokens + o.usage.completion_tokens;
             let cost = per_1k * tokens as f64 / 1000.0;
+            let ok = o.error.is_none();
             let report = WireOutcome {
                 latency_ms: started.elapsed().as_secs_f64() * 1000.0,
-                ok: o.error.is_none(),
-                error: o.error.unwrap_or_default(),
+                ok,
+                error: o.error.clone().unwrap_or_default(),
                 input_tokens: u32::try_from(o.usage.prompt_tokens).unwrap_or(u32::MAX),
                 output_tokens: u32::try_from(o.usage.completion_tokens).unwrap_or(u32::MAX),
                 ..outcome
             };
-            tokio::spawn(async move {
-                if let Err(e) = router.report(&report).await {
-                    tracing::warn!(error = %e, "recording a data-plane request");
-                }
-            });
+            if let (true, Some(id), Some(target)) = (ok, reprocess_id, reprocess) {
+                plane.keep_for_reprocessing(Pending {
+                    id,
+                    created_unix_ms: crate::telemetry::clock::now_unix_ms(),
+                    endpoint: endpoint_name(request.endpoint).into(),
+                    body: Value::Object(request.raw.clone()),
+                    rule: report.rule.clone(),
+                    target,
+                    device_text: o.text.clone(),
+                    device_version: model_version,
+                });
+            }
+            match shadow.filter(|_| ok) {
+                Some(shadow) => plane.shadow(shadow, request, o.text, report),
+                None => plane.report(report),
+            }
             Some(json!({"costUsd": cost}))
         });
-        let pieces = futures_util::stream::iter([serving.first])
-            .chain(ReceiverStream::new(serving.rest))
-            .boxed();
         Answer {
-            model: request.model.clone(),
-            pieces,
+            model,
+            pieces: serving.pieces(),
             edgewise: Some(edgewise),
             headers,
             on_end: Some(on_end),
+            refine,
         }
+    }
+
+    /// Starts the refine target now, alongside the first answer; its answer follows the
+    /// first (docs/protocol.md). Dropping the result cancels it.
+    fn refinement(
+        &self,
+        target: Target,
+        request: Request,
+        outcome: WireOutcome,
+    ) -> crate::openai::Refinement {
+        let plane = self.clone();
+        let task = tokio::spawn(
+            async move {
+                let started = Instant::now();
+                let deadline = started + DEFAULT_DEADLINE;
+                let serving = plane
+                    .attempt(&target, &request, deadline)
+                    .await
+                    .map_err(|a| format!("{}: {}", target.name, a.reason()))?;
+                let per_1k = serving.cost_per_1k;
+                let edgewise = json!({
+                    "target": target.name,
+                    "onDevice": matches!(target.kind, Some(Kind::Device(_))),
+                    "modelVersion": serving.model_version,
+                });
+                let on_end = Box::new(move |o: Outcome| {
+                    let tokens = o.usage.prompt_tokens + o.usage.completion_tokens;
+                    plane.report(WireOutcome {
+                        target: target.name.clone(),
+                        latency_ms: started.elapsed().as_secs_f64() * 1000.0,
+                        ok: o.error.is_none(),
+                        error: o.error.unwrap_or_default(),
+                        input_tokens: u32::try_from(o.usage.prompt_tokens).unwrap_or(u32::MAX),
+                        output_tokens: u32::try_from(o.usage.completion_tokens).unwrap_or(u32::MAX),
+                        fallback_used: false,
+                        ..outcome
+                    });
+                    Some(json!({"costUsd": per_1k * tokens as f64 / 1000.0}))
+                });
+                Ok(Phase {
+                    pieces: serving.pieces(),
+                    edgewise,
+                    on_end: Some(on_end),
+                })
+            }
+            .in_current_span(),
+        );
+        let task = AbortOnDropHandle::new(task);
+        Box::pin(async move {
+            task.await
+                .unwrap_or_else(|e| Err(format!("the refinement stopped: {e}")))
+        })
+    }
+
+    /// Sends a device-answered request to the shadow target in the background, compares
+    /// the answers, and records the request with the verdict. Never delays the app; beyond
+    /// [`MAX_SHADOWS_IN_FLIGHT`] the request is recorded unshadowed.
+    fn shadow(&self, target: Target, request: Request, device_text: String, report: WireOutcome) {
+        let Ok(permit) = self.shadows.clone().try_acquire_owned() else {
+            self.device
+                .stats
+                .shadows_skipped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            debug!(target = %target.name, "shadow skipped: too many in flight");
+            return self.report(report);
+        };
+        let plane = self.clone();
+        tokio::spawn(
+            async move {
+                let verdict = match plane.answer_of(&target, &request).await {
+                    Ok((cloud_text, tokens)) => {
+                        if let Some(per_1k) = plane.device.router.cloud_price(&target.name) {
+                            plane.device.router.charge_cloud(per_1k, tokens);
+                        }
+                        let a = agreement::compare(&device_text, &cloud_text);
+                        debug!(f1 = a.f1, agree = a.agree, "shadow compared");
+                        if a.agree {
+                            SHADOW_AGREE
+                        } else {
+                            SHADOW_DISAGREE
+                        }
+                    }
+                    Err(why) => {
+                        debug!(target = %target.name, error = %why, "shadow failed");
+                        SHADOW_NONE
+                    }
+                };
+                drop(permit);
+                plane.report(WireOutcome {
+                    shadow_agreement: verdict,
+                    ..report
+                });
+            }
+            .in_current_span(),
+        );
+    }
+
+    fn keep_for_reprocessing(&self, pending: Pending) {
+        if let Err(e) = self.reprocess.push(&pending) {
+            warn!(id = %pending.id, error = %e, "keeping a request for reprocessing");
+        }
+    }
+
+    /// Runs kept requests in the cloud whenever the device is online, oldest first, backing
+    /// off while the cloud does not answer. Quiet when nothing is kept.
+    #[tracing::instrument(name = "reprocess", skip_all)]
+    pub async fn reprocess(self, shutdown: CancellationToken) {
+        let mut failures = 0u32;
+        loop {
+            let pending = self.reprocess.pending().unwrap_or_else(|e| {
+                warn!(error = %e, "reading the reprocess queue");
+                Vec::new()
+            });
+            let wait = if pending.is_empty() {
+                None
+            } else if self.device.router.network() == edgewise_core::policy::Network::Offline {
+                Some(reprocess::retry_after(failures))
+            } else {
+                match self.reprocess_all(pending).await {
+                    Ok(()) => {
+                        failures = 0;
+                        continue;
+                    }
+                    Err(why) => {
+                        failures += 1;
+                        let wait = reprocess::retry_after(failures);
+                        info!(error = %why, retry_in_ms = wait.as_millis() as u64, "reprocessing waits for the cloud");
+                        Some(wait)
+                    }
+                }
+            };
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = self.reprocess.queued.notified() => {}
+                () = async {
+                    match wait {
+                        Some(w) => tokio::time::sleep(w).await,
+                        None => std::future::pending().await,
+                    }
+                } => {}
+            }
+        }
+    }
+
+    async fn reprocess_all(&self, pending: Vec<Pending>) -> Result<(), String> {
+        for p in pending {
+            let endpoint = match p.endpoint.as_str() {
+                "completions" => Endpoint::Completions,
+                _ => Endpoint::Chat,
+            };
+            let request = match crate::openai::wire::parse(endpoint, p.body.to_string().as_bytes())
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!(id = %p.id, error = %e.message, "a kept request no longer parses; dropped");
+                    let _ = self.reprocess.complete(&done(
+                        &p,
+                        json!({"error": e.message}),
+                        Value::Null,
+                    ));
+                    continue;
+                }
+            };
+            let target = p.target.target();
+            let started = Instant::now();
+            let (text, tokens) = self.answer_of(&target, &request).await?;
+            let a = agreement::compare(&p.device_text, &text);
+            self.report(WireOutcome {
+                request_id: p.id.clone(),
+                target: target.name.clone(),
+                rule: p.rule.clone(),
+                latency_ms: started.elapsed().as_secs_f64() * 1000.0,
+                ok: true,
+                input_tokens: tokens,
+                shadow_agreement: if a.agree {
+                    SHADOW_AGREE
+                } else {
+                    SHADOW_DISAGREE
+                },
+                ..Default::default()
+            });
+            let cloud = json!({"target": p.target.name, "model": p.target.model, "text": text});
+            self.reprocess
+                .complete(&done(&p, cloud, json!({"f1": a.f1, "agree": a.agree})))
+                .map_err(|e| format!("recording reprocessed {}: {e}", p.id))?;
+            debug!(id = %p.id, agree = a.agree, "reprocessed");
+        }
+        Ok(())
     }
 
     fn report(&self, outcome: WireOutcome) {
         let router = self.device.router.clone();
         tokio::spawn(async move {
             if let Err(e) = router.report(&outcome).await {
-                tracing::warn!(error = %e, "recording a data-plane request");
+                warn!(error = %e, "recording a data-plane request");
             }
         });
+    }
+}
+
+/// `Outcome.shadow_agreement` values (edgewise.v1.ShadowAgreement).
+const SHADOW_NONE: u32 = 0;
+const SHADOW_AGREE: u32 = 1;
+const SHADOW_DISAGREE: u32 = 2;
+
+fn done(p: &Pending, cloud: Value, agreement: Value) -> Reprocessed {
+    Reprocessed {
+        id: p.id.clone(),
+        created_unix_ms: p.created_unix_ms,
+        reprocessed_unix_ms: crate::telemetry::clock::now_unix_ms(),
+        rule: p.rule.clone(),
+        request: p.body.clone(),
+        device: json!({"text": p.device_text, "modelVersion": p.device_version}),
+        cloud,
+        agreement,
+    }
+}
+
+fn endpoint_name(e: Endpoint) -> &'static str {
+    match e {
+        Endpoint::Chat => "chat",
+        Endpoint::Completions => "completions",
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct After {
+    after: Option<String>,
+}
+
+/// `GET /v1/edgewise/reprocessed[?after=ID]`: answers the cloud gave to requests the
+/// device answered offline, oldest first.
+async fn reprocessed(State(queue): State<Arc<Queue>>, Query(q): Query<After>) -> Response {
+    match queue.done(q.after.as_deref()) {
+        Ok(list) => axum::Json(json!({"object": "list", "data": list})).into_response(),
+        Err(e) => {
+            ApiError::unavailable(format!("reading reprocessed requests: {e}")).into_response()
+        }
+    }
+}
+
+/// `DELETE /v1/edgewise/reprocessed/{id}`: the app has taken it.
+async fn forget_reprocessed(
+    State(queue): State<Arc<Queue>>,
+    UrlPath(id): UrlPath<String>,
+) -> Response {
+    match queue.forget(&id) {
+        Ok(true) => axum::Json(json!({"id": id, "deleted": true})).into_response(),
+        Ok(false) => ApiError {
+            status: StatusCode::NOT_FOUND,
+            kind: "invalid_request_error",
+            message: format!("no reprocessed request {id:?}"),
+            param: Some("id"),
+            code: Some("not_found"),
+        }
+        .into_response(),
+        Err(e) => ApiError::unavailable(format!("forgetting {id}: {e}")).into_response(),
     }
 }
 

@@ -17,7 +17,11 @@ use axum::routing::{get, post};
 use futures_util::{Stream, StreamExt};
 use serde_json::{Value, json};
 
-use crate::runtime::{Piece, Usage};
+use std::time::Instant;
+
+use tracing::Instrument;
+
+use crate::runtime::{Finish, Piece, RuntimeError, Usage};
 pub use wire::{ApiError, Endpoint, Request};
 
 /// Largest request body accepted (OpenAI-style 413 beyond).
@@ -39,10 +43,26 @@ pub struct Answer {
     /// Called with the outcome once the answer has ended (measurement); what it returns
     /// is merged into the final `edgewise` object (cost, say).
     pub on_end: Option<OnEnd>,
+    /// Progressive refinement: a second answer that follows this one (docs/protocol.md).
+    pub refine: Option<Refinement>,
 }
 
 /// Measures an answer at its end; returns fields for the final `edgewise` object.
 pub type OnEnd = Box<dyn FnOnce(Outcome) -> Option<Value> + Send>;
+
+/// The refining phase of an answer: resolves once its target has begun answering, or to
+/// why it could not.
+pub type Refinement = Pin<Box<dyn Future<Output = Result<Phase, String>> + Send>>;
+
+/// One phase of an answer after the first.
+pub struct Phase {
+    /// Its pieces, ending with `Done` or `Failed`.
+    pub pieces: Pieces,
+    /// What served it (target, model version…), for `edgewise.refine`.
+    pub edgewise: Value,
+    /// Measures it at its end, like [`Answer::on_end`].
+    pub on_end: Option<OnEnd>,
+}
 
 /// How an answer ended, for whoever measures it.
 #[derive(Clone, Debug)]
@@ -133,45 +153,56 @@ async fn complete(
         Err(e) => return e.into_response(),
     };
     let (stream, include_usage) = (request.stream, request.include_usage);
-    let answer = match backend.answer(request, &headers).await {
+    let mut answer = match backend.answer(request, &headers).await {
         Ok(a) => a,
         Err(e) => return e.into_response(),
     };
+    let extra = std::mem::take(&mut answer.headers);
+    let meta = wire::Meta::new(endpoint, &answer.model);
     let mut response = if stream {
-        sse(
-            endpoint,
-            answer.model.clone(),
-            answer.pieces,
-            answer.edgewise.clone(),
-            include_usage,
-            answer.on_end,
-        )
+        sse(endpoint, meta, answer, include_usage)
     } else {
-        whole(
-            endpoint,
-            answer.model.clone(),
-            answer.pieces,
-            answer.edgewise.clone(),
-            answer.on_end,
-        )
-        .await
+        whole(endpoint, meta, answer).await
     };
-    response.headers_mut().extend(answer.headers);
+    response.headers_mut().extend(extra);
     response
 }
 
-/// Collects the whole answer into one response object.
-async fn whole(
-    endpoint: Endpoint,
-    model: String,
-    mut pieces: Pieces,
-    edgewise: Option<Value>,
+/// How one phase of an answer ended.
+struct Ended {
+    text: String,
+    usage: Usage,
+    end: Result<Finish, RuntimeError>,
+    /// The phase's `edgewise` fields with what its measurement added.
+    edgewise: Value,
+}
+
+/// Calls `on_end` with how a phase went; returns the fields it adds.
+fn measure(
     on_end: Option<OnEnd>,
-) -> Response {
-    let started = std::time::Instant::now();
-    let mut text = String::new();
-    let mut first = None;
-    let mut end = None;
+    text: &str,
+    usage: Usage,
+    error: Option<String>,
+    first: Option<u64>,
+    started: Instant,
+) -> Option<Value> {
+    on_end.and_then(|f| {
+        f(Outcome {
+            text: text.to_owned(),
+            usage,
+            error,
+            first_token_ms: first,
+            total_ms: ms(started),
+        })
+    })
+}
+
+/// Reads a phase to its end.
+async fn collect(mut pieces: Pieces, edgewise: Value, on_end: Option<OnEnd>) -> Ended {
+    let started = Instant::now();
+    let (mut text, mut first) = (String::new(), None);
+    let mut end = Err(RuntimeError::Generation("the answer ended early".into()));
+    let mut usage = Usage::default();
     while let Some(p) = pieces.next().await {
         match p {
             Piece::Text(t) => {
@@ -179,77 +210,124 @@ async fn whole(
                 text.push_str(&t);
             }
             Piece::Done(u, f) => {
-                end = Some(Ok((u, f)));
+                (usage, end) = (u, Ok(f));
                 break;
             }
             Piece::Failed(e) => {
-                end = Some(Err(e));
+                end = Err(e);
                 break;
             }
         }
     }
-    let end = end.unwrap_or_else(|| {
-        Err(crate::runtime::RuntimeError::Generation(
-            "the answer ended early".into(),
-        ))
-    });
-    let patch = on_end.and_then(|f| {
-        f(Outcome {
-            text: text.clone(),
-            usage: end.as_ref().map(|(u, _)| *u).unwrap_or_default(),
-            error: end.as_ref().err().map(ToString::to_string),
-            first_token_ms: first,
-            total_ms: ms(started),
-        })
-    });
-    let edgewise = merged(edgewise, patch);
-    match end {
-        Ok((usage, finish)) => {
-            let mut body = wire::completion(
-                endpoint,
-                &wire::Meta::new(endpoint, &model),
-                &text,
-                usage,
-                finish,
-            );
-            if let Some(e) = edgewise {
-                body["edgewise"] = e;
+    let error = end.as_ref().err().map(ToString::to_string);
+    let patch = measure(on_end, &text, usage, error, first, started);
+    Ended {
+        text,
+        usage,
+        end,
+        edgewise: merged(edgewise, patch),
+    }
+}
+
+/// Collects the whole answer into one response object; a refined answer is the refining
+/// phase's, with the first one under `edgewise.draft`.
+async fn whole(endpoint: Endpoint, meta: wire::Meta, answer: Answer) -> Response {
+    let draft = collect(
+        answer.pieces,
+        answer.edgewise.unwrap_or_else(|| json!({})),
+        answer.on_end,
+    )
+    .await;
+    let finish = match draft.end {
+        Ok(f) => f,
+        Err(e) => return generation_error(&e).into_response(),
+    };
+    let (text, usage, finish, edgewise) = match answer.refine {
+        None => (draft.text, draft.usage, finish, draft.edgewise),
+        Some(refine) => {
+            let mut edgewise = draft.edgewise;
+            match refine.await {
+                Err(why) => {
+                    edgewise["refined"] = json!(false);
+                    edgewise["refineError"] = json!(why);
+                    (draft.text, draft.usage, finish, edgewise)
+                }
+                Ok(phase) => {
+                    let refined = collect(phase.pieces, phase.edgewise, phase.on_end).await;
+                    match refined.end {
+                        Err(e) => {
+                            edgewise["refined"] = json!(false);
+                            edgewise["refineError"] = json!(e.to_string());
+                            (draft.text, draft.usage, finish, edgewise)
+                        }
+                        Ok(refined_finish) => {
+                            edgewise["refined"] = json!(true);
+                            edgewise["refine"] = refined.edgewise;
+                            edgewise["draft"] = json!({
+                                "text": draft.text,
+                                "finishReason": finish.as_str(),
+                                "usage": wire::usage_json(draft.usage),
+                            });
+                            (
+                                refined.text,
+                                sum(draft.usage, refined.usage),
+                                refined_finish,
+                                edgewise,
+                            )
+                        }
+                    }
+                }
             }
-            axum::Json(body).into_response()
         }
-        Err(e) if e.is_client_error() => ApiError {
+    };
+    let mut body = wire::completion(endpoint, &meta, &text, usage, finish);
+    if edgewise.as_object().is_some_and(|o| !o.is_empty()) {
+        body["edgewise"] = edgewise;
+    }
+    axum::Json(body).into_response()
+}
+
+/// Usage of a response with two phases: both models read the prompt and wrote an answer.
+fn sum(a: Usage, b: Usage) -> Usage {
+    Usage {
+        prompt_tokens: a.prompt_tokens + b.prompt_tokens,
+        completion_tokens: a.completion_tokens + b.completion_tokens,
+    }
+}
+
+/// The error object of an answer that failed before its first piece was sent.
+fn generation_error(e: &RuntimeError) -> ApiError {
+    if e.is_client_error() {
+        ApiError {
             status: StatusCode::BAD_REQUEST,
             kind: "invalid_request_error",
             message: e.to_string(),
             param: Some("messages"),
             code: Some("context_length_exceeded"),
         }
-        .into_response(),
-        Err(e) => ApiError {
+    } else {
+        ApiError {
             status: StatusCode::BAD_GATEWAY,
             kind: "server_error",
             message: e.to_string(),
             param: None,
             code: Some("generation_failed"),
         }
-        .into_response(),
     }
 }
 
 /// `base` with the fields of `patch` set.
-fn merged(base: Option<Value>, patch: Option<Value>) -> Option<Value> {
+fn merged(base: Value, patch: Option<Value>) -> Value {
     match (base, patch) {
-        (Some(Value::Object(mut b)), Some(Value::Object(p))) => {
+        (Value::Object(mut b), Some(Value::Object(p))) => {
             b.extend(p);
-            Some(Value::Object(b))
+            Value::Object(b)
         }
-        (b, None) => b,
-        (None, p) => p,
-        (b, Some(_)) => b,
+        (b, _) => b,
     }
 }
 
-fn ms(since: std::time::Instant) -> u64 {
+fn ms(since: Instant) -> u64 {
     u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
@@ -257,102 +335,176 @@ fn event(v: &Value) -> Bytes {
     Bytes::from(format!("data: {v}\n\n"))
 }
 
-/// Streams the answer as server-sent events, ending with `data: [DONE]`; a failure after
-/// the first token ends the stream with an error event.
-fn sse(
-    endpoint: Endpoint,
-    model: String,
-    pieces: Pieces,
-    edgewise: Option<Value>,
-    include_usage: bool,
-    on_end: Option<OnEnd>,
-) -> Response {
-    struct St {
-        pieces: Pieces,
-        meta: wire::Meta,
-        done: bool,
-        edgewise: Option<Value>,
-        text: String,
-        first: Option<u64>,
-        started: std::time::Instant,
-        on_end: Option<OnEnd>,
-    }
-    impl St {
-        fn end(&mut self, usage: Usage, error: Option<String>) -> Option<Value> {
-            self.on_end.take().and_then(|f| {
-                f(Outcome {
-                    text: std::mem::take(&mut self.text),
-                    usage,
-                    error,
-                    first_token_ms: self.first,
-                    total_ms: ms(self.started),
-                })
-            })
-        }
-    }
-    impl Drop for St {
-        // A client that went away mid-stream still gets its request measured.
-        fn drop(&mut self) {
-            let _ = self.end(Usage::default(), Some("the client disconnected".into()));
-        }
-    }
-    let st = St {
-        pieces,
-        meta: wire::Meta::new(endpoint, &model),
-        done: false,
-        edgewise,
-        text: String::new(),
-        first: None,
-        started: std::time::Instant::now(),
-        on_end,
-    };
-    let body = futures_util::stream::unfold(st, move |mut st| async move {
-        if st.done {
-            return None;
-        }
-        let out = match st.pieces.next().await {
-            Some(Piece::Text(t)) => {
-                st.first.get_or_insert_with(|| ms(st.started));
-                st.text.push_str(&t);
-                event(&wire::chunk(endpoint, &st.meta, Some(&t), None))
-            }
-            Some(Piece::Done(usage, finish)) => {
-                st.done = true;
-                let mut last = wire::chunk(endpoint, &st.meta, None, Some(finish));
-                let patch = st.end(usage, None);
-                if let Some(e) = merged(st.edgewise.take(), patch) {
-                    last["edgewise"] = e;
+fn error_event(message: &str) -> Bytes {
+    event(
+        &json!({"error": {"message": message, "type": "server_error", "param": null, "code": "generation_failed"}}),
+    )
+}
+
+/// Streams the answer as server-sent events, ending with `data: [DONE]`. A failure after
+/// the first token ends the stream with an error event. A refining phase follows the first
+/// as choice 1, each of its chunks marked `edgewise.phase = "refine"` (docs/protocol.md).
+/// A client that goes away stops generation (upstream requests included) and is measured.
+fn sse(endpoint: Endpoint, meta: wire::Meta, answer: Answer, include_usage: bool) -> Response {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
+    tokio::spawn(
+        async move {
+            let edgewise = answer.edgewise.unwrap_or_else(|| json!({}));
+            let Some(draft) = stream_phase(
+                &tx,
+                endpoint,
+                &meta,
+                0,
+                answer.pieces,
+                edgewise,
+                answer.on_end,
+            )
+            .await
+            else {
+                return;
+            };
+            let Ok(finish) = draft.end else { return };
+            let mut edgewise = draft.edgewise;
+            let mut usage = draft.usage;
+            match answer.refine {
+                None => {
+                    let mut last = wire::chunk(endpoint, &meta, 0, None, Some(finish));
+                    last["edgewise"] = edgewise;
+                    if tx.send(event(&last)).await.is_err() {
+                        return;
+                    }
                 }
-                let mut out = event(&last).to_vec();
-                if include_usage {
-                    out.extend_from_slice(&event(&wire::usage_chunk(endpoint, &st.meta, usage)));
+                Some(refine) => {
+                    // The first phase ends as choice 0 does; the refinement follows.
+                    if tx
+                        .send(event(&wire::chunk(endpoint, &meta, 0, None, Some(finish))))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    let started = tokio::select! {
+                        r = refine => r,
+                        () = tx.closed() => return,
+                    };
+                    let last = match started {
+                        Err(why) => {
+                            edgewise["refined"] = json!(false);
+                            edgewise["refineError"] = json!(why);
+                            wire::chunk_without_choices(endpoint, &meta)
+                        }
+                        Ok(phase) => {
+                            let Some(refined) = stream_phase(
+                                &tx,
+                                endpoint,
+                                &meta,
+                                1,
+                                phase.pieces,
+                                phase.edgewise,
+                                phase.on_end,
+                            )
+                            .await
+                            else {
+                                return;
+                            };
+                            match refined.end {
+                                Ok(f) => {
+                                    edgewise["refined"] = json!(true);
+                                    edgewise["refine"] = refined.edgewise;
+                                    usage = sum(usage, refined.usage);
+                                    wire::chunk(endpoint, &meta, 1, None, Some(f))
+                                }
+                                Err(_) => return,
+                            }
+                        }
+                    };
+                    let mut last = last;
+                    last["edgewise"] = edgewise;
+                    if tx.send(event(&last)).await.is_err() {
+                        return;
+                    }
                 }
-                out.extend_from_slice(b"data: [DONE]\n\n");
-                Bytes::from(out)
             }
-            Some(Piece::Failed(e)) => {
-                st.done = true;
-                let msg = e.to_string();
-                let _ = st.end(Usage::default(), Some(msg.clone()));
-                event(
-                    &json!({"error": {"message": msg, "type": "server_error", "param": null, "code": "generation_failed"}}),
-                )
+            if include_usage {
+                let _ = tx
+                    .send(event(&wire::usage_chunk(endpoint, &meta, usage)))
+                    .await;
             }
-            None => {
-                st.done = true;
-                let _ = st.end(Usage::default(), Some("the answer ended early".into()));
-                event(
-                    &json!({"error": {"message": "the answer ended early", "type": "server_error", "param": null, "code": "generation_failed"}}),
-                )
-            }
-        };
-        Some((Ok::<_, std::convert::Infallible>(out), st))
-    });
+            let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
+        }
+        .in_current_span(),
+    );
+    let body =
+        tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok::<_, std::convert::Infallible>);
     Response::builder()
         .header(header::CONTENT_TYPE, "text/event-stream")
         .header(header::CACHE_CONTROL, "no-cache")
         .body(Body::from_stream(body))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// Streams one phase's text as chunks of choice `index` (a refining phase's chunks are
+/// marked). Returns how it ended; a failure has already been sent as an error event.
+/// `None`: the client went away, which was measured and has stopped the phase.
+async fn stream_phase(
+    tx: &tokio::sync::mpsc::Sender<Bytes>,
+    endpoint: Endpoint,
+    meta: &wire::Meta,
+    index: u32,
+    mut pieces: Pieces,
+    edgewise: Value,
+    on_end: Option<OnEnd>,
+) -> Option<Ended> {
+    let started = Instant::now();
+    let (mut text, mut first) = (String::new(), None);
+    let marker = (index > 0).then(|| json!({"phase": "refine"}));
+    let end = loop {
+        let next = tokio::select! {
+            p = pieces.next() => p,
+            () = tx.closed() => None,
+        };
+        let piece = match next {
+            Some(p) => p,
+            None if tx.is_closed() => {
+                let error = Some("the client disconnected".to_owned());
+                measure(on_end, &text, Usage::default(), error, first, started);
+                return None;
+            }
+            None => Piece::Failed(RuntimeError::Generation("the answer ended early".into())),
+        };
+        match piece {
+            Piece::Text(t) => {
+                first.get_or_insert_with(|| ms(started));
+                let mut chunk = wire::chunk(endpoint, meta, index, Some(&t), None);
+                if let Some(m) = &marker {
+                    chunk["edgewise"] = m.clone();
+                }
+                text.push_str(&t);
+                if tx.send(event(&chunk)).await.is_err() {
+                    let error = Some("the client disconnected".to_owned());
+                    measure(on_end, &text, Usage::default(), error, first, started);
+                    return None;
+                }
+            }
+            Piece::Done(usage, finish) => break Ok((usage, finish)),
+            Piece::Failed(e) => break Err(e),
+        }
+    };
+    let (usage, end) = match end {
+        Ok((u, f)) => (u, Ok(f)),
+        Err(e) => {
+            let _ = tx.send(error_event(&e.to_string())).await;
+            (Usage::default(), Err(e))
+        }
+    };
+    let error = end.as_ref().err().map(ToString::to_string);
+    let patch = measure(on_end, &text, usage, error, first, started);
+    Some(Ended {
+        text,
+        usage,
+        end,
+        edgewise: merged(edgewise, patch),
+    })
 }
 
 /// Serves `router` on `listener` until `shutdown`, with `TCP_NODELAY` on every connection

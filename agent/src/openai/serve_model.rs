@@ -38,6 +38,7 @@ impl Backend for ServeModel {
                 edgewise: None,
                 headers: Vec::new(),
                 on_end: None,
+                refine: None,
             })
         })
     }

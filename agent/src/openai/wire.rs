@@ -277,7 +277,8 @@ pub fn parse(endpoint: Endpoint, bytes: &[u8]) -> Result<Request, ApiError> {
     })
 }
 
-fn usage_json(u: Usage) -> Value {
+/// OpenAI's `usage` object.
+pub fn usage_json(u: Usage) -> Value {
     json!({
         "prompt_tokens": u.prompt_tokens,
         "completion_tokens": u.completion_tokens,
@@ -348,10 +349,11 @@ pub fn completion(
     }
 }
 
-/// One streamed chunk: text so far (`delta`), or the end (`finish`).
+/// One streamed chunk of choice `index`: more text (`delta`), or its end (`finish`).
 pub fn chunk(
     endpoint: Endpoint,
     meta: &Meta,
+    index: u32,
     delta: Option<&str>,
     finish: Option<Finish>,
 ) -> Value {
@@ -363,7 +365,7 @@ pub fn chunk(
             "created": meta.created,
             "model": meta.model,
             "choices": [{
-                "index": 0,
+                "index": index,
                 "delta": match delta {
                     Some(t) => json!({"role": "assistant", "content": t}),
                     None => json!({}),
@@ -378,7 +380,7 @@ pub fn chunk(
             "created": meta.created,
             "model": meta.model,
             "choices": [{
-                "index": 0,
+                "index": index,
                 "text": delta.unwrap_or_default(),
                 "logprobs": null,
                 "finish_reason": finish,
@@ -389,6 +391,13 @@ pub fn chunk(
 
 /// The usage chunk sent last when `stream_options.include_usage` is set.
 pub fn usage_chunk(endpoint: Endpoint, meta: &Meta, usage: Usage) -> Value {
+    let mut chunk = chunk_without_choices(endpoint, meta);
+    chunk["usage"] = usage_json(usage);
+    chunk
+}
+
+/// A chunk with no choices, to carry response-wide fields (usage, `edgewise`).
+pub fn chunk_without_choices(endpoint: Endpoint, meta: &Meta) -> Value {
     let object = match endpoint {
         Endpoint::Chat => "chat.completion.chunk",
         Endpoint::Completions => "text_completion",
@@ -399,7 +408,6 @@ pub fn usage_chunk(endpoint: Endpoint, meta: &Meta, usage: Usage) -> Value {
         "created": meta.created,
         "model": meta.model,
         "choices": [],
-        "usage": usage_json(usage),
     })
 }
 

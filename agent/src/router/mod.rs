@@ -100,7 +100,8 @@ pub(crate) fn not_stored(e: BufferError) -> Status {
     Status::unavailable(format!("outcome not stored: {e}"))
 }
 
-#[derive(Debug, Default)]
+/// Cloud use of one UTC day, for budgets; kept in `usage.json` when the router persists it.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 struct DailyUsage {
     day: i64,
     cloud_requests: u32,
@@ -131,6 +132,8 @@ pub struct LocalRouter {
     models: watch::Sender<Arc<ModelsView>>,
     network: AtomicU8,
     usage: Mutex<DailyUsage>,
+    /// Where `usage` is kept across restarts, once set.
+    usage_file: std::sync::OnceLock<std::path::PathBuf>,
     status: StatusSlot,
 }
 
@@ -144,7 +147,83 @@ impl LocalRouter {
             models: watch::Sender::new(Arc::new(ModelsView::default())),
             network: AtomicU8::new(0),
             usage: Mutex::new(DailyUsage::default()),
+            usage_file: std::sync::OnceLock::new(),
             status: StatusSlot(std::sync::OnceLock::new()),
+        }
+    }
+
+    /// Keeps today's cloud use in `path` (read now, rewritten on every cloud request), so a
+    /// restart does not reset the device's budgets. Set once; later calls are ignored.
+    ///
+    /// # Errors
+    /// When an existing file cannot be read or parsed.
+    pub fn persist_usage(&self, path: std::path::PathBuf) -> std::io::Result<()> {
+        if let Some(saved) = crate::fsutil::read_json::<DailyUsage>(&path)? {
+            *self
+                .usage
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = saved;
+        }
+        let _ = self.usage_file.set(path);
+        Ok(())
+    }
+
+    /// Cloud requests and spend counted today (UTC).
+    #[must_use]
+    pub fn cloud_usage_today(&self) -> (u32, f64) {
+        let usage = self
+            .usage
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if usage.day == utc_day() {
+            (usage.cloud_requests, usage.cloud_spend_usd)
+        } else {
+            (0, 0.0)
+        }
+    }
+
+    /// The price per 1,000 tokens of the policy's target `name`, if it is a cloud target.
+    #[must_use]
+    pub fn cloud_price(&self, name: &str) -> Option<f64> {
+        let policy = self.policy.current()?;
+        policy
+            .compiled
+            .targets()
+            .iter()
+            .find(|t| *t.name == *name)
+            .and_then(|t| match &t.kind {
+                TargetKind::Cloud {
+                    cost_per_1k_tokens_usd,
+                    ..
+                } => Some(*cost_per_1k_tokens_usd),
+                TargetKind::Device { .. } => None,
+            })
+    }
+
+    /// Counts one cloud request of `tokens` at `per_1k` dollars against today's budgets
+    /// (shadow requests are counted this way: they cost, but are no request of the app's).
+    pub fn charge_cloud(&self, per_1k: f64, tokens: u32) {
+        let mut usage = self
+            .usage
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let today = utc_day();
+        if usage.day != today {
+            *usage = DailyUsage {
+                day: today,
+                ..DailyUsage::default()
+            };
+        }
+        usage.cloud_requests += 1;
+        usage.cloud_spend_usd += per_1k * f64::from(tokens) / 1000.0;
+        if let Some(path) = self.usage_file.get() {
+            // Renamed into place: a crash leaves the old or the new count, never a torn file.
+            let written = serde_json::to_vec(&*usage)
+                .map_err(std::io::Error::other)
+                .and_then(|bytes| crate::fsutil::atomic_write(path, &bytes, false));
+            if let Err(e) = written {
+                tracing::warn!(path = %path.display(), error = %e, "saving today's cloud use");
+            }
         }
     }
 
@@ -180,7 +259,9 @@ impl LocalRouter {
         self.network.store(v, Ordering::Relaxed);
     }
 
-    fn network(&self) -> Network {
+    /// The agent's view of connectivity.
+    #[must_use]
+    pub fn network(&self) -> Network {
         match self.network.load(Ordering::Relaxed) {
             1 => Network::Offline,
             2 => Network::Metered,
@@ -211,17 +292,7 @@ impl LocalRouter {
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
         let models = self.models.borrow().clone();
-        let (cloud_requests_today, cloud_spend_today_usd) = {
-            let usage = self
-                .usage
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if usage.day == utc_day() {
-                (usage.cloud_requests, usage.cloud_spend_usd)
-            } else {
-                (0, 0.0)
-            }
-        };
+        let (cloud_requests_today, cloud_spend_today_usd) = self.cloud_usage_today();
         let request = Request {
             request_id: &req.request_id,
             task: req.task.as_deref(),
@@ -259,17 +330,8 @@ impl LocalRouter {
             return Ok(());
         };
         let targets = policy.compiled.targets();
-        let cost = targets
-            .iter()
-            .find(|t| *t.name == *outcome.target)
-            .and_then(|t| match &t.kind {
-                TargetKind::Cloud {
-                    cost_per_1k_tokens_usd,
-                    ..
-                } => Some(*cost_per_1k_tokens_usd),
-                TargetKind::Device { .. } => None,
-            });
-        let tokens = f64::from(outcome.input_tokens + outcome.output_tokens);
+        let cost = self.cloud_price(&outcome.target);
+        let tokens = outcome.input_tokens.saturating_add(outcome.output_tokens);
         if let Some(buffer) = &self.telemetry {
             // The model family is the device target's: the app's model, whichever target ran.
             let family = targets.iter().find_map(|t| match &t.kind {
@@ -294,7 +356,7 @@ impl LocalRouter {
                 error: outcome.error.clone(),
                 input_tokens: outcome.input_tokens,
                 output_tokens: outcome.output_tokens,
-                cost_usd: cost.map_or(0.0, |per_1k| per_1k * tokens / 1000.0),
+                cost_usd: cost.map_or(0.0, |per_1k| per_1k * f64::from(tokens) / 1000.0),
                 shadow: i32::try_from(outcome.shadow_agreement).unwrap_or(0),
                 task: outcome.task.clone(),
                 data_class: outcome.data_class.clone(),
@@ -306,19 +368,7 @@ impl LocalRouter {
             buffer.append(vec![Event::Inference(event)]).await?;
         }
         if let Some(per_1k) = cost {
-            let mut usage = self
-                .usage
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let today = utc_day();
-            if usage.day != today {
-                *usage = DailyUsage {
-                    day: today,
-                    ..DailyUsage::default()
-                };
-            }
-            usage.cloud_requests += 1;
-            usage.cloud_spend_usd += per_1k * tokens / 1000.0;
+            self.charge_cloud(per_1k, tokens);
         }
         Ok(())
     }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use edgewise_proto::router::router_server::RouterServer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::UnixStream;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -26,16 +26,7 @@ pub async fn serve_unix(
     router: Arc<LocalRouter>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let path = path.as_path();
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    // A socket left by a previous run would make bind fail.
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-        _ => {}
-    }
-    let listener = UnixListener::bind(path)?;
+    let listener = crate::fsutil::bind_unix(&path)?;
     let (grpc_tx, grpc_rx) = tokio::sync::mpsc::channel::<std::io::Result<Replayed>>(64);
     let grpc = tonic::transport::Server::builder()
         .add_service(RouterServer::new(RouterService::new(router.clone())))

@@ -61,6 +61,8 @@ pub(crate) struct Route {
     pub(crate) route: TargetId,
     pub(crate) fallback: Box<[TargetId]>,
     pub(crate) refine: Option<TargetId>,
+    /// Answered on the device while offline: run on `route` again once online.
+    pub(crate) reprocess: bool,
 }
 
 impl Route {
@@ -376,10 +378,25 @@ impl Compiler {
             }
             Some(id)
         });
+        if spec.reprocess {
+            let at = format!("{path}.reprocess");
+            if route.is_some_and(|id| !targets[usize::from(id)].is_cloud()) {
+                self.issue(
+                    at,
+                    "only a cloud route is reprocessed: a device route already answered where it runs",
+                );
+            } else if spec.fallback.is_empty() {
+                self.issue(
+                    at,
+                    "a pinned route (empty fallback) never leaves its target, so nothing answers it offline to reprocess",
+                );
+            }
+        }
         Route {
             route: route.unwrap_or(0),
             fallback: fallback.into(),
             refine,
+            reprocess: spec.reprocess,
         }
     }
 

@@ -77,6 +77,9 @@ pub struct Decision<'p> {
     pub refine: Option<&'p Target>,
     /// Cloud target that also receives this request as a shadow, if sampled.
     pub shadow: Option<&'p Target>,
+    /// Answered on the device because it is offline, and the rule asks for reprocessing:
+    /// run the request on this (cloud) target again once online.
+    pub reprocess: Option<&'p Target>,
     /// Index of the matching rule; `None` for the default route.
     pub rule_index: Option<usize>,
     /// Name of the matching rule, `default` for the default route.
@@ -154,12 +157,16 @@ impl CompiledPolicy {
             })
             .map(|s| self.target(s.target));
 
+        let reprocess = (route.reprocess && reroute == Some(Reroute::Offline))
+            .then(|| self.target(route.route));
+
         Decision {
             target: self.target(target),
             fallback,
             targets: &self.targets,
             refine,
             shadow,
+            reprocess,
             rule_index,
             rule,
             policy_version: &self.version,

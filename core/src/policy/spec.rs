@@ -112,6 +112,12 @@ pub struct RouteSpec {
     /// Progressive enhancement: answer from `route` now, then refine with this target.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refine: Option<String>,
+    /// Offline, then reconcile: when the device is offline and a device target answers in
+    /// place of this cloud route, the agent keeps the request and runs it on the route again
+    /// once back online, offering both answers to the app. Needs a cloud route that may
+    /// fall back (a pinned route never leaves the device, so never reprocesses).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reprocess: bool,
 }
 
 /// One rule: conditions over request attributes, then a route.

@@ -120,6 +120,48 @@ fn offline_cloud_route_falls_back_to_the_device() {
 }
 
 #[test]
+fn reprocess_is_asked_only_for_offline_answers_of_a_reprocessing_rule() {
+    let p = compile(&spec(&format!(
+        "{TARGETS}rules:\n  - {{name: later, match: [{{attribute: task, eq: big}}], route: cloud, fallback: [dev], reprocess: true}}\n  - {{match: [{{attribute: task, eq: now}}], route: cloud, fallback: [dev]}}\ndefault: {{route: dev}}"
+    )))
+    .expect("compiles");
+    let offline = |task| {
+        p.decide(&Request {
+            network: Network::Offline,
+            ..request(task)
+        })
+    };
+    let d = offline("big");
+    assert_eq!(&*d.target.name, "dev");
+    assert_eq!(d.reprocess.map(|t| &*t.name), Some("cloud"));
+    // Online it runs in the cloud at once; a rule without the flag is not kept.
+    assert!(p.decide(&request("big")).reprocess.is_none());
+    assert!(offline("now").reprocess.is_none());
+    // Over budget is not offline: the device answer is final.
+    let spent = compile(&spec(&format!(
+        "{TARGETS}rules:\n  - {{match: [{{attribute: task, eq: big}}], route: cloud, fallback: [dev], reprocess: true}}\ndefault: {{route: dev}}\nbudgets: {{cloudRequestsPerDevicePerDay: 0}}"
+    )))
+    .expect("compiles");
+    assert!(spent.decide(&request("big")).reprocess.is_none());
+}
+
+#[test]
+fn reprocess_needs_a_cloud_route_that_may_fall_back() {
+    let found = issues(&format!(
+        "{TARGETS}rules:\n  - {{route: dev, fallback: [cloud], reprocess: true}}\n  - {{route: cloud, reprocess: true}}\ndefault: {{route: dev}}"
+    ));
+    assert_eq!(found.len(), 2, "{found:?}");
+    assert!(
+        found[0].starts_with("rules[0].reprocess: only a cloud route"),
+        "{found:?}"
+    );
+    assert!(
+        found[1].starts_with("rules[1].reprocess: a pinned route"),
+        "{found:?}"
+    );
+}
+
+#[test]
 fn over_budget_uses_the_device() {
     let p = twenty();
     let spent = Request {
@@ -309,8 +351,9 @@ fn arb_route() -> impl Strategy<Value = RouteSpec> {
         0usize..3,
         prop::collection::vec(0usize..3, 0..3),
         prop::option::of(0usize..3),
+        any::<bool>(),
     )
-        .prop_map(|(r, fb, refine)| {
+        .prop_map(|(r, fb, refine, reprocess)| {
             let mut fallback: Vec<String> = Vec::new();
             for f in fb {
                 if f != r && !fallback.iter().any(|x| x == NAMES[f]) {
@@ -322,10 +365,13 @@ fn arb_route() -> impl Strategy<Value = RouteSpec> {
             let refine = refine
                 .filter(|&x| x != r && (!fallback.is_empty() || NAMES[x] == "dev"))
                 .map(|x| NAMES[x].into());
+            // Only a cloud route that may fall back is reprocessed.
+            let reprocess = reprocess && NAMES[r] != "dev" && !fallback.is_empty();
             RouteSpec {
                 route: NAMES[r].into(),
                 fallback,
                 refine,
+                reprocess,
             }
         })
 }
@@ -406,6 +452,15 @@ proptest! {
             prop_assert_eq!(d.fallback().len(), 0);
             prop_assert!(d.shadow.is_none());
             prop_assert!(d.refine.is_none_or(|t| !t.is_cloud()));
+            prop_assert!(d.reprocess.is_none());
+        }
+        // Reprocessing is asked only of device answers given offline, on the rule's cloud
+        // route.
+        if let Some(t) = d.reprocess {
+            prop_assert!(t.is_cloud() && !d.target.is_cloud());
+            prop_assert_eq!(d.reroute, Some(Reroute::Offline));
+            prop_assert!(route.reprocess);
+            prop_assert_eq!(&*t.name, route.route.as_str());
         }
     }
 
@@ -421,7 +476,7 @@ proptest! {
                 in_: Some(vec!["private".into()]),
                 ..Condition::default()
             }],
-            route: RouteSpec { route: "dev".into(), fallback: vec![], refine: None },
+            route: RouteSpec { route: "dev".into(), fallback: vec![], refine: None, reprocess: false },
         });
         let compiled = compile(&policy).expect("valid");
         let id = parts.6.to_string();
