@@ -225,6 +225,41 @@ async fn the_agent_executes_the_policy_on_device_in_the_cloud_with_fallback_and_
         (404, json!("model_not_found"))
     );
 
+    // Malformed requests get OpenAI error objects with the status OpenAI uses.
+    let raw = |body: Vec<u8>| {
+        let http = http.clone();
+        let url = format!("{base}/chat/completions");
+        async move {
+            let r = http
+                .post(url)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .expect("request");
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.expect("an error object"))
+        }
+    };
+    let (status, body) = raw(b"{\"model\": \"assistant\", \"messages\": [".to_vec()).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
+    let (status, body) = raw(br#"{"model": "assistant"}"#.to_vec()).await;
+    assert_eq!(
+        (status, body["error"]["param"].clone()),
+        (400, json!("messages")),
+        "{body}"
+    );
+    let mut huge = br#"{"model": "assistant", "messages": [{"role": "user", "content": ""#.to_vec();
+    huge.extend(std::iter::repeat_n(b'a', 5 << 20));
+    huge.extend_from_slice(br#""}]}"#);
+    let (status, body) = raw(huge).await;
+    assert_eq!(
+        (status, body["error"]["code"].clone()),
+        (413, json!("request_too_large")),
+        "{body}"
+    );
+
     // The reasoning rule goes to the cloud, which answers with its own model; cost counted.
     let (status, body) = post(&http, &base, chat(json!({"task": "reason"}))).await;
     assert_eq!(status, 200, "{body}");

@@ -606,3 +606,104 @@ async fn the_examples_work_against_the_dev_stack_as_shipped() {
     );
     again.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_that_disagrees_with_the_cloud_is_rolled_back_on_executed_shadows() {
+    use edgewise_agent::runtime::tiny::{self, GgmlDType, TinyModel};
+    use edgewise_dev::cloud::{CLOUD_MODEL, DEMO_MODEL_SEED};
+    init_logging();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let shutdown = CancellationToken::new();
+    let mut opts = dev_options(dir.path(), 20, false, None);
+    opts.traffic_rps = Some(2.0);
+    let stack = DevStack::start(&opts, shutdown.clone())
+        .await
+        .expect("starts");
+    let mvs: Api<ModelVersion> = Api::namespaced(stack.client.clone(), "edgewise");
+    let mros: Api<ModelRollout> = Api::namespaced(stack.client.clone(), "edgewise");
+    let rps: Api<RoutingPolicy> = Api::namespaced(stack.client.clone(), "edgewise");
+    let apply = PatchParams::apply("test").force();
+    // 1.1.0 is a broken build of 1.0.0's weights (the cloud serves their original): it
+    // loads, warms and answers quickly, and its answers rarely agree with the cloud's.
+    for (v, damaged) in [("1.0.0", false), ("1.1.0", true)] {
+        let model = TinyModel {
+            damaged,
+            ..TinyModel::new(DEMO_MODEL_SEED, GgmlDType::Q8_0)
+        };
+        let artifact = edgewise_dev::publish(
+            &stack.s3_client,
+            &format!("assistant/{v}/cpu.gguf"),
+            tiny::bytes(model).expect("model"),
+        )
+        .await
+        .expect("uploads");
+        let mv = json!({
+            "apiVersion": "edgewise.dev/v1alpha1", "kind": "ModelVersion", "metadata": {"name": format!("assistant-{v}")},
+            "spec": {"model": "assistant", "version": v, "variants": [{"name": "cpu", "format": "gguf", "artifact": artifact, "requires": {"minMemoryMiB": 2048}}]}
+        });
+        mvs.patch(&format!("assistant-{v}"), &apply, &Patch::Apply(&mv))
+            .await
+            .expect("applies");
+    }
+    let policy = json!({
+        "apiVersion": "edgewise.dev/v1alpha1", "kind": "RoutingPolicy", "metadata": {"name": "p"},
+        "spec": {"targets": [{"name": "on-device", "device": {"model": "assistant"}},
+                             {"name": "cloud", "cloud": {"endpoint": stack.cloud_url, "model": CLOUD_MODEL, "costPer1kTokensUsd": 0.002}}],
+                 "default": {"route": "on-device", "fallback": ["cloud"]}, "shadow": {"sampleRate": 0.5, "target": "cloud"}}
+    });
+    rps.patch("p", &apply, &Patch::Apply(&policy))
+        .await
+        .expect("policy");
+    let steps = json!([{"setPercent": 50}, {"analysis": {}}, {"setPercent": 100}]);
+    let agreement =
+        json!([{"metric": "cloud_agreement_rate", "min": 0.5, "relativeToBaseline": true}]);
+    rollout_manifest("1.0.0")
+        .steps(json!([{"setPercent": 100}]))
+        .apply(&mros, "test")
+        .await;
+    // The 1 GiB devices (every tenth) fit no variant.
+    eventually(Duration::from_secs(90), "1.0.0 on 18 devices", || async {
+        (running(&stack, "1.0.0") == 18).then_some(())
+    })
+    .await;
+    rollout_manifest("1.1.0")
+        .steps(steps)
+        .gates(agreement)
+        .every("3s")
+        .min_samples(20)
+        .apply(&mros, "test")
+        .await;
+    let status = eventually(Duration::from_secs(150), "rollback", || async {
+        mros.get("assistant")
+            .await
+            .ok()?
+            .status
+            .filter(|s| s.state.phase == Some(Phase::RolledBack))
+    })
+    .await;
+    let analysis = status
+        .state
+        .last_analysis
+        .as_ref()
+        .expect("an analysis ran");
+    let gate = &analysis.gates[0];
+    assert_eq!(gate.metric.as_str(), "cloud_agreement_rate", "{gate:?}");
+    // Measured from executed shadows: the broken build agrees far less than the baseline.
+    let (canary, baseline) = (
+        gate.value.expect("canary"),
+        gate.baseline.expect("baseline"),
+    );
+    assert!(canary < 0.5 * baseline, "{gate:?}");
+    assert!(
+        baseline > 0.3,
+        "the baseline agrees with the cloud: {gate:?}"
+    );
+    eventually(
+        Duration::from_secs(60),
+        "everyone back on 1.0.0",
+        || async { (running(&stack, "1.0.0") == 18).then_some(()) },
+    )
+    .await;
+    shutdown.cancel();
+    stack.stop().await;
+}

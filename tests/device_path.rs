@@ -109,6 +109,7 @@ async fn sixty_agents_converge_and_split_between_canary_and_stable_by_cohort() {
         devices_per_connection: 20,
         telemetry: false,
         traffic: None,
+        runtime: false,
     })
     .expect("fleet starts");
 

@@ -1,7 +1,7 @@
-//! Every ClickHouse statement Edgewise runs — migrations, gate and skew queries, and every
-//! Grafana panel and variable query with the data source's macros expanded — runs on
-//! Debian's ClickHouse 18.16 (a real server) and on a current engine (chdb), with the
-//! columns each panel needs. The dashboards are checked against Grafana's dashboard model.
+//! Every ClickHouse statement Edgewise runs — migrations, gate, skew and traffic-summary
+//! queries, and every Grafana panel and variable query with the data source's macros
+//! expanded — runs on Debian's ClickHouse 18.16 (a real server) and on a current engine
+//! (chdb), with the columns each panel needs. The dashboards are checked against Grafana's dashboard model.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -15,6 +15,7 @@ use edgewise_operator::telemetry::gates::{
 use edgewise_operator::telemetry::ingest::{SinkConfig, TelemetrySink};
 use edgewise_operator::telemetry::rows::DeviceStatusRow;
 use edgewise_operator::telemetry::schema::{MIGRATIONS, MIGRATIONS_TABLE};
+use edgewise_operator::telemetry::summary::{TARGETS_SQL, TOTALS_SQL};
 use edgewise_proto::fleet::{InferenceEvent, ModelEvent, ModelEventKind, TelemetryBatch};
 use edgewise_tests::*;
 use serde_json::Value;
@@ -271,6 +272,16 @@ fn queries() -> Vec<(String, String, Option<String>)> {
         (
             "policy acks".to_owned(),
             binds(POLICY_ACKS_SQL, &["'p1'"]),
+            None,
+        ),
+        (
+            "traffic summary: targets".to_owned(),
+            binds(TARGETS_SQL, &["'assistant'", &from().to_string()]),
+            None,
+        ),
+        (
+            "traffic summary: totals".to_owned(),
+            binds(TOTALS_SQL, &["'assistant'", &from().to_string()]),
             None,
         ),
     ];

@@ -324,6 +324,7 @@ fn fleet(h: &Harness, devices: usize) -> SimFleet {
         devices_per_connection: 10,
         telemetry: true,
         traffic: None,
+        runtime: false,
     })
     .expect("fleet starts")
 }

@@ -127,6 +127,7 @@ fn main() -> ExitCode {
                     devices_per_connection,
                     telemetry: true,
                     traffic: Some(edgewise_agent::simulate::Traffic::default()),
+                    runtime: true,
                 };
                 let fleet = match SimFleet::start(&config) {
                     Ok(f) => f,

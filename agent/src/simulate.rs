@@ -41,6 +41,10 @@ pub struct SimConfig {
     pub telemetry: bool,
     /// Synthetic inference traffic (needs `telemetry`).
     pub traffic: Option<Traffic>,
+    /// Serve installed GGUF models with the embedded runtime (weights shared across the
+    /// fleet) and send each device's traffic through its data plane, so what telemetry
+    /// reports was executed. Devices whose model no runtime serves keep synthetic outcomes.
+    pub runtime: bool,
 }
 
 /// Synthetic inference traffic: each device asks its router and reports an outcome.
@@ -152,6 +156,7 @@ impl SimFleet {
             })?,
         );
         let http = crate::artifact_client()?;
+        let engines = Arc::new(crate::runtime::SharedEngines::default());
         let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
         let mut devices = Vec::with_capacity(config.devices);
@@ -163,14 +168,11 @@ impl SimFleet {
             let Some(channel) = channel.clone() else {
                 continue;
             };
+            let device_dir = config.data_dir.join("devices").join(i.to_string());
             let telemetry = if config.telemetry {
                 Some(
                     TelemetryBuffer::open(
-                        &config
-                            .data_dir
-                            .join("devices")
-                            .join(i.to_string())
-                            .join("telemetry"),
+                        &device_dir.join("telemetry"),
                         BufferConfig {
                             max_bytes: 16 << 20,
                             segment_bytes: 1 << 20,
@@ -185,12 +187,19 @@ impl SimFleet {
             } else {
                 None
             };
+            let facts = facts_for(i);
+            let runtime = config.runtime.then(|| {
+                Arc::new(crate::runtime::Runtime::sharing(
+                    Some(facts.memory_mib << 20),
+                    engines.clone(),
+                ))
+            });
             let device = Device::new(DeviceParts {
                 identity: Identity::ephemeral(),
                 content: content.clone(),
                 state: ModelState::ephemeral(),
                 policy: Arc::new(PolicyStore::ephemeral()),
-                facts: facts_for(i),
+                facts,
                 labels: labels_for(i),
                 publisher: None,
                 bootstrap_token: config
@@ -202,7 +211,7 @@ impl SimFleet {
                 backoff: config.backoff,
                 collect_garbage: false,
                 telemetry: telemetry.clone(),
-                runtime: None,
+                runtime,
             });
             if let Some(buffer) = telemetry {
                 tasks.spawn(crate::telemetry::uploader::run(
@@ -212,7 +221,14 @@ impl SimFleet {
                     shutdown.clone(),
                 ));
                 if let Some(traffic) = config.traffic.clone() {
-                    tasks.spawn(generate(device.clone(), traffic, shutdown.clone()));
+                    let plane = config.runtime.then(|| {
+                        crate::dataplane::DataPlane::with_parts(
+                            device.clone(),
+                            Vec::new(),
+                            &device_dir,
+                        )
+                    });
+                    tasks.spawn(generate(device.clone(), traffic, plane, shutdown.clone()));
                 }
             }
             tasks.spawn(crate::installer::run(
@@ -275,10 +291,80 @@ const TASKS: [&str; 6] = [
     "caption",
 ];
 
-/// One device's synthetic traffic: decide, "run" the request with a latency drawn around
+/// Prompts of the executed traffic: short chat turns and long documents, so input tokens
+/// (counted by the model's tokenizer) vary as an app's do.
+const PROMPTS: [&str; 6] = [
+    "what is the weather today",
+    "summarize my notes from the meeting about the network and the battery",
+    "translate this to french: the device is fast and the cloud is slow",
+    "why does the model answer on the device and not in the cloud when the network is metered and the battery is low",
+    "caption the photo",
+    "reason step by step: the cost of the cloud, the latency of the network, the battery of the device, and the answer today",
+];
+
+/// One request through the device's data plane, as an app's would go (same routing,
+/// execution, fallback, shadows and measurement; no HTTP).
+async fn execute(device: &Device, plane: &crate::dataplane::DataPlane, model: &str, n: u64) {
+    let prompt = PROMPTS[rand::random_range(0..PROMPTS.len())];
+    let body = serde_json::json!({
+        "model": model,
+        "max_tokens": rand::random_range(2..8),
+        "messages": [{"role": "user", "content": prompt}],
+        "edgewise": {
+            "requestId": format!("{}-{n}", device.device_id),
+            "task": TASKS[rand::random_range(0..TASKS.len())],
+            "dataClass": if rand::random::<f64>() < 0.1 { "private" } else { "public" },
+        },
+    });
+    let request = match crate::openai::wire::parse(
+        crate::openai::Endpoint::Chat,
+        body.to_string().as_bytes(),
+    ) {
+        Ok(r) => r,
+        Err(e) => return tracing::warn!(error = %e.message, "a simulated request does not parse"),
+    };
+    // Failures are measured by the data plane itself; nothing more to do with them here.
+    if let Err(e) = crate::openai::respond(plane, request, &http::HeaderMap::new()).await {
+        tracing::debug!(error = %e.message, "simulated request failed");
+    }
+}
+
+/// The device model whose requests this device executes through its data plane: the
+/// policy's first device model, unless its active install is a format no runtime here
+/// serves (an external runtime this simulator does not run: its outcomes stay synthetic).
+/// A device with nothing installed executes too: its data plane falls back as the
+/// policy says, as a real one would.
+fn executed_model(device: &Device) -> Option<String> {
+    let runtime = device.runtime.as_ref()?;
+    let policy = device.policy.current()?;
+    let model = crate::dataplane::device_models(&policy.compiled)
+        .into_iter()
+        .next()?;
+    if runtime.serving(&model).is_some() {
+        return Some(model);
+    }
+    let installed = device
+        .state
+        .snapshot()
+        .models
+        .get(&model)
+        .map(|s| s.active.format.clone());
+    match installed {
+        Some(format) if !crate::runtime::Runtime::serves_format(&format) => None,
+        _ => Some(model),
+    }
+}
+
+/// One device's traffic. Where the runtime serves the policy's device model, each request
+/// is executed by the data plane; otherwise decide, "run" it with a latency drawn around
 /// the target's median (slower for versions marked slow), report the outcome.
 #[tracing::instrument(name = "traffic", skip_all, fields(device = %device.device_id))]
-async fn generate(device: Arc<Device>, traffic: Traffic, shutdown: CancellationToken) {
+async fn generate(
+    device: Arc<Device>,
+    traffic: Traffic,
+    plane: Option<crate::dataplane::DataPlane>,
+    shutdown: CancellationToken,
+) {
     use edgewise_proto::router::{DecideRequest, Outcome, target};
     let period = std::time::Duration::from_secs_f64(1.0 / traffic.requests_per_sec.max(0.001));
     // Spread devices over the first period so the fleet does not tick in lockstep.
@@ -295,6 +381,15 @@ async fn generate(device: Arc<Device>, traffic: Traffic, shutdown: CancellationT
             _ = tick.tick() => {}
         }
         n += 1;
+        if let Some(plane) = &plane
+            && let Some(model) = executed_model(&device)
+        {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = execute(&device, plane, &model, n) => {}
+            }
+            continue;
+        }
         let request = DecideRequest {
             request_id: format!("{}-{n}", device.device_id),
             task: Some(TASKS[rand::random_range(0..TASKS.len())].into()),

@@ -107,6 +107,7 @@ async fn fanout(n: usize) {
         devices_per_connection: 100,
         telemetry: false,
         traffic: None,
+        runtime: false,
     })
     .unwrap();
     let first: edgewise_core::policy::spec::RoutingPolicySpec =

@@ -114,6 +114,7 @@ async fn ingest() {
         devices_per_connection: 10,
         telemetry: true,
         traffic: None,
+        runtime: false,
     })
     .unwrap();
     let now = now_ms();

@@ -317,6 +317,7 @@ pub fn dev_options(
         api_addr: loopback(),
         s3_addr: loopback(),
         gateway_addr: loopback(),
+        cloud_addr: loopback(),
         clickhouse_url: None,
         traffic_rps: None,
         kubeconfig,
@@ -505,13 +506,18 @@ impl RolloutFixture {
 }
 
 /// The `assistant` rollout as a user applies it to the dev stack: `version` through
-/// `steps`, gated on relative p95 latency and error rate, rolling back on failure.
+/// `steps`, gated (by default) on relative p95 latency and error rate, rolling back on
+/// failure.
 pub fn rollout_manifest(version: &str) -> RolloutManifest {
     RolloutManifest {
         version: version.into(),
         steps: serde_json::json!([{"setPercent": 100}]),
         interval: "4s".into(),
         min_samples: 30,
+        gates: serde_json::json!([
+            {"metric": "latency_p95_ms", "max": 1.5, "relativeToBaseline": true},
+            {"metric": "error_rate", "max": 0.05}
+        ]),
     }
 }
 
@@ -522,9 +528,17 @@ pub struct RolloutManifest {
     steps: serde_json::Value,
     interval: String,
     min_samples: u32,
+    gates: serde_json::Value,
 }
 
 impl RolloutManifest {
+    /// Its analysis gates (default: p95 latency ≤ 1.5× baseline, error rate ≤ 5 %).
+    #[must_use]
+    pub fn gates(mut self, gates: serde_json::Value) -> Self {
+        self.gates = gates;
+        self
+    }
+
     /// Its steps (default: straight to 100 %).
     #[must_use]
     pub fn steps(mut self, steps: serde_json::Value) -> Self {
@@ -554,7 +568,7 @@ impl RolloutManifest {
             "spec": {
                 "model": "assistant", "version": self.version, "steps": self.steps,
                 "analysis": {"interval": self.interval, "window": "1m", "minDevices": 3, "minSamples": self.min_samples, "failureLimit": 0,
-                    "gates": [{"metric": "latency_p95_ms", "max": 1.5, "relativeToBaseline": true}, {"metric": "error_rate", "max": 0.05}]},
+                    "gates": self.gates},
                 "onFailure": "Rollback"
             }
         })

@@ -112,6 +112,16 @@ impl DataPlane {
     /// The data plane of `device`, with the cloud credentials of `config`; requests kept
     /// for reprocessing live under its data dir.
     pub fn new(device: Arc<Device>, config: &AgentConfig) -> Self {
+        Self::with_parts(device, config.cloud.clone(), &config.data_dir)
+    }
+
+    /// The data plane of `device` with these cloud credentials, keeping requests for
+    /// reprocessing under `data_dir`.
+    pub fn with_parts(
+        device: Arc<Device>,
+        credentials: Vec<CloudCredential>,
+        data_dir: &std::path::Path,
+    ) -> Self {
         DataPlane {
             device,
             // No overall timeout: a streaming answer may be long. Each target's wait for its
@@ -121,10 +131,10 @@ impl DataPlane {
                 .tcp_nodelay(true)
                 .build()
                 .unwrap_or_default(),
-            credentials: config.cloud.clone().into(),
+            credentials: credentials.into(),
             cooldown: Arc::default(),
             shadows: Arc::new(Semaphore::new(MAX_SHADOWS_IN_FLIGHT)),
-            reprocess: Arc::new(Queue::new(config.data_dir.join("reprocess"))),
+            reprocess: Arc::new(Queue::new(data_dir.join("reprocess"))),
         }
     }
 
@@ -665,10 +675,13 @@ impl DataPlane {
         Ok(())
     }
 
+    /// Counts the request against budgets now (the next decision must see it), then
+    /// records it in the background.
     fn report(&self, outcome: WireOutcome) {
         let router = self.device.router.clone();
+        router.charge(&outcome);
         tokio::spawn(async move {
-            if let Err(e) = router.report(&outcome).await {
+            if let Err(e) = router.record(&outcome).await {
                 warn!(error = %e, "recording a data-plane request");
             }
         });
@@ -784,7 +797,7 @@ fn rejected(code: u16, upstream: &Value) -> ApiError {
 }
 
 /// The device models a policy routes to, in order.
-fn device_models(policy: &edgewise_core::policy::CompiledPolicy) -> Vec<String> {
+pub fn device_models(policy: &edgewise_core::policy::CompiledPolicy) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     for t in policy.targets() {
         if let edgewise_core::policy::TargetKind::Device { model } = &t.kind

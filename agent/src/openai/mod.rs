@@ -232,6 +232,29 @@ async fn collect(mut pieces: Pieces, edgewise: Value, on_end: Option<OnEnd>) -> 
 /// Collects the whole answer into one response object; a refined answer is the refining
 /// phase's, with the first one under `edgewise.draft`.
 async fn whole(endpoint: Endpoint, meta: wire::Meta, answer: Answer) -> Response {
+    match body_of(endpoint, &meta, answer).await {
+        Ok(body) => axum::Json(body).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Answers `request` without HTTP, as a non-streaming call to the API would: the same
+/// backend, measurement and response object (the simulated fleet's traffic goes this way).
+///
+/// # Errors
+/// The API error the HTTP call would have answered.
+pub async fn respond(
+    backend: &dyn Backend,
+    request: Request,
+    headers: &HeaderMap,
+) -> Result<Value, ApiError> {
+    let endpoint = request.endpoint;
+    let answer = backend.answer(request, headers).await?;
+    let meta = wire::Meta::new(endpoint, &answer.model);
+    body_of(endpoint, &meta, answer).await
+}
+
+async fn body_of(endpoint: Endpoint, meta: &wire::Meta, answer: Answer) -> Result<Value, ApiError> {
     let draft = collect(
         answer.pieces,
         answer.edgewise.unwrap_or_else(|| json!({})),
@@ -240,7 +263,7 @@ async fn whole(endpoint: Endpoint, meta: wire::Meta, answer: Answer) -> Response
     .await;
     let finish = match draft.end {
         Ok(f) => f,
-        Err(e) => return generation_error(&e).into_response(),
+        Err(e) => return Err(generation_error(&e)),
     };
     let (text, usage, finish, edgewise) = match answer.refine {
         None => (draft.text, draft.usage, finish, draft.edgewise),
@@ -280,11 +303,11 @@ async fn whole(endpoint: Endpoint, meta: wire::Meta, answer: Answer) -> Response
             }
         }
     };
-    let mut body = wire::completion(endpoint, &meta, &text, usage, finish);
+    let mut body = wire::completion(endpoint, meta, &text, usage, finish);
     if edgewise.as_object().is_some_and(|o| !o.is_empty()) {
         body["edgewise"] = edgewise;
     }
-    axum::Json(body).into_response()
+    Ok(body)
 }
 
 /// Usage of a response with two phases: both models read the prompt and wrote an answer.

@@ -326,6 +326,26 @@ impl LocalRouter {
     /// # Errors
     /// When the telemetry buffer cannot store the event.
     pub async fn report(&self, outcome: &Outcome) -> Result<(), BufferError> {
+        self.charge(outcome);
+        self.record(outcome).await
+    }
+
+    /// Counts a cloud outcome against today's budgets, at once: the next decision sees it.
+    pub fn charge(&self, outcome: &Outcome) {
+        if let Some(per_1k) = self.cloud_price(&outcome.target) {
+            self.charge_cloud(
+                per_1k,
+                outcome.input_tokens.saturating_add(outcome.output_tokens),
+            );
+        }
+    }
+
+    /// Buffers an outcome as telemetry without counting it against budgets (the caller
+    /// has, with [`LocalRouter::charge`]); resolves once the event is on disk.
+    ///
+    /// # Errors
+    /// When the telemetry buffer cannot store the event.
+    pub async fn record(&self, outcome: &Outcome) -> Result<(), BufferError> {
         let Some(policy) = self.policy.current() else {
             return Ok(());
         };
@@ -366,9 +386,6 @@ impl LocalRouter {
                     .unwrap_or_default(),
             };
             buffer.append(vec![Event::Inference(event)]).await?;
-        }
-        if let Some(per_1k) = cost {
-            self.charge_cloud(per_1k, tokens);
         }
         Ok(())
     }

@@ -249,6 +249,41 @@ pub struct Runtime {
     slots: RwLock<HashMap<String, Arc<ArcSwapOption<Loaded>>>>,
     /// Memory the runtime may use; `None` asks the system what is available.
     memory_limit: Option<u64>,
+    /// Weights shared with other runtimes of this process (simulated devices).
+    engines: Option<Arc<SharedEngines>>,
+}
+
+/// Loaded weights by artifact path, shared by the runtimes of many simulated devices in one
+/// process: a content-addressed path is the same bytes, so it is read and compiled once.
+/// Each device still loads, warms and switches its own versions.
+#[derive(Debug, Default)]
+pub struct SharedEngines(std::sync::Mutex<HashMap<PathBuf, std::sync::Weak<GgufModel>>>);
+
+impl SharedEngines {
+    async fn get_or_load(&self, path: &Path) -> Result<Arc<GgufModel>, RuntimeError> {
+        if let Some(e) = self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(path)
+            .and_then(std::sync::Weak::upgrade)
+        {
+            return Ok(e);
+        }
+        let engine = Arc::new(load_engine(path).await?);
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(path.to_owned(), Arc::downgrade(&engine));
+        Ok(engine)
+    }
+}
+
+async fn load_engine(path: &Path) -> Result<GgufModel, RuntimeError> {
+    let p = path.to_owned();
+    tokio::task::spawn_blocking(move || GgufModel::load(&p))
+        .await
+        .map_err(|e| RuntimeError::Load(e.to_string()))?
 }
 
 impl std::fmt::Debug for Runtime {
@@ -269,6 +304,15 @@ impl Runtime {
         Runtime {
             slots: RwLock::default(),
             memory_limit,
+            engines: None,
+        }
+    }
+
+    /// A runtime that shares loaded weights with the others given the same `engines`.
+    pub fn sharing(memory_limit: Option<u64>, engines: Arc<SharedEngines>) -> Self {
+        Runtime {
+            engines: Some(engines),
+            ..Runtime::new(memory_limit)
         }
     }
 
@@ -329,10 +373,10 @@ impl Runtime {
                 available_mib: available >> 20,
             });
         }
-        let p = path.to_owned();
-        let engine = tokio::task::spawn_blocking(move || GgufModel::load(&p))
-            .await
-            .map_err(|e| RuntimeError::Load(e.to_string()))??;
+        let engine = match &self.engines {
+            Some(shared) => shared.get_or_load(path).await?,
+            None => Arc::new(load_engine(path).await?),
+        };
         let loaded = Arc::new(Loaded {
             model: model.to_owned(),
             version: version.to_owned(),
@@ -340,7 +384,7 @@ impl Runtime {
             bytes: needed,
             requests: AtomicU64::new(0),
             loaded_at: jiff::Timestamp::now(),
-            engine: Arc::new(engine),
+            engine,
         });
         // A warm-up token proves the weights compute before any request depends on them.
         let warm = Sampling {

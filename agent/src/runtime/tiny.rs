@@ -2,7 +2,6 @@
 //! vocabulary in the file's metadata: real files for the embedded runtime, made on the spot
 //! for tests and the dev stack's demo (nothing is downloaded).
 
-use std::io::BufWriter;
 use std::path::Path;
 
 pub use candle_core::quantized::GgmlDType;
@@ -101,6 +100,12 @@ fn matrix(
 
 /// Writes the model to `path`.
 pub fn write(path: &Path, m: TinyModel) -> candle_core::Result<()> {
+    std::fs::write(path, bytes(m)?)?;
+    Ok(())
+}
+
+/// The model's GGUF file, in memory; the same model is the same bytes at every call.
+pub fn bytes(m: TinyModel) -> candle_core::Result<Vec<u8>> {
     let (tokens, scores, types) = vocabulary();
     let vocab = tokens.len();
     let (dim, ffn, heads) = (m.dim, m.dim * 2, 4usize);
@@ -188,8 +193,7 @@ pub fn write(path: &Path, m: TinyModel) -> candle_core::Result<()> {
     ];
     let md: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
     let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let mut out = BufWriter::new(std::fs::File::create(path)?);
+    let mut out = std::io::Cursor::new(Vec::new());
     gguf_file::write(&mut out, &md, &ts)?;
-    std::io::Write::flush(&mut out)?;
-    Ok(())
+    Ok(out.into_inner())
 }

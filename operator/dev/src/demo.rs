@@ -6,16 +6,21 @@
 use std::time::Duration;
 
 use aws_sdk_s3::primitives::ByteStream;
+use edgewise_agent::runtime::tiny::{self, GgmlDType, TinyModel};
 use edgewise_agent::simulate::{SimFleet, Summary};
 use edgewise_core::rollout::Phase;
 use edgewise_operator::crd::names::condition;
 use edgewise_operator::crd::{
     ModelRollout, ModelRolloutStatus, ModelVersion, ModelVersionPhase, RoutingPolicy,
 };
-use kube::Client;
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 use sha2::{Digest, Sha256};
+
+use edgewise_operator::telemetry::summary::{self, TrafficSummary};
+
+use crate::cloud::{CLOUD_MODEL, DEMO_MODEL_SEED};
+use crate::stack::DevStack;
 
 /// Why the demo failed, with what to change where there is something.
 #[derive(Debug, thiserror::Error)]
@@ -200,11 +205,9 @@ fn print_outcome(devices: usize, summary: &Summary) {
 ///
 /// # Errors
 /// [`DemoError`] naming the step that failed and, where there is one, what to change.
-pub async fn run(
-    client: &Client,
-    s3: &aws_sdk_s3::Client,
-    fleet: &SimFleet,
-) -> Result<(), DemoError> {
+pub async fn run(stack: &DevStack) -> Result<(), DemoError> {
+    let (client, s3, fleet) = (&stack.client, &stack.s3_client, &stack.fleet);
+    let started = jiff::Timestamp::now();
     let ns = "edgewise";
     let supported = fleet
         .devices()
@@ -234,24 +237,30 @@ pub async fn run(
     println!("\nDemo");
     step(
         1,
-        "publish assistant 1.0.0 and 2.0.0, each an NPU (GGUF) and a CPU (ONNX) variant, to S3",
+        "publish assistant 1.0.0 and 2.0.0 (real tiny GGUF models: an NPU and a CPU build of each) to S3",
     );
-    for (version, seed) in [("1.0.0", 1u8), ("2.0.0", 2u8)] {
-        let bytes = |n: usize, s: u8| {
-            (0..n)
-                .map(|i| (i as u8).wrapping_mul(31).wrapping_add(s))
-                .collect::<Vec<u8>>()
+    // 2.0.0 ships higher-precision builds of the same weights: closer to the cloud's
+    // original, so its shadow agreement rises.
+    for (version, npu_dtype, cpu_dtype) in [
+        ("1.0.0", GgmlDType::Q8_0, GgmlDType::Q4_0),
+        ("2.0.0", GgmlDType::F32, GgmlDType::Q8_0),
+    ] {
+        let model = |dtype| {
+            tiny::bytes(TinyModel::new(DEMO_MODEL_SEED, dtype)).map_err(|e| DemoError::Upload {
+                key: format!("assistant/{version}"),
+                source: e.into(),
+            })
         };
         let npu = publish(
             s3,
-            &format!("assistant/{version}/npu.gguf"),
-            bytes(256 << 10, seed),
+            &format!("assistant/{version}/npu-{npu_dtype:?}.gguf").to_lowercase(),
+            model(npu_dtype)?,
         )
         .await?;
         let cpu = publish(
             s3,
-            &format!("assistant/{version}/cpu.onnx"),
-            bytes(128 << 10, seed + 100),
+            &format!("assistant/{version}/cpu-{cpu_dtype:?}.gguf").to_lowercase(),
+            model(cpu_dtype)?,
         )
         .await?;
         let mv = json!({
@@ -259,7 +268,7 @@ pub async fn run(
             "metadata": {"name": format!("assistant-{version}")},
             "spec": {"model": "assistant", "version": version, "variants": [
                 {"name": "npu-gguf", "format": "gguf", "artifact": npu, "requires": {"minMemoryMiB": 6144, "accelerators": ["npu"]}},
-                {"name": "cpu-onnx", "format": "onnx", "artifact": cpu, "requires": {"minMemoryMiB": 2048}}
+                {"name": "cpu-gguf", "format": "gguf", "artifact": cpu, "requires": {"minMemoryMiB": 2048}}
             ]}
         });
         mvs.patch(&format!("assistant-{version}"), &pp, &Patch::Apply(&mv))
@@ -286,18 +295,22 @@ pub async fn run(
 
     step(
         2,
-        "push a routing policy: private data stays on device, long context goes to the cloud",
+        &format!(
+            "push a routing policy: private data stays on device, reasoning goes to the cloud ({}), 10 % of device answers shadowed there",
+            stack.cloud_url
+        ),
     );
     let rp = json!({
         "apiVersion": "edgewise.dev/v1alpha1", "kind": "RoutingPolicy", "metadata": {"name": "assistant"},
         "spec": {
             "targets": [
                 {"name": "on-device", "device": {"model": "assistant"}},
-                {"name": "cloud", "cloud": {"endpoint": "https://inference.example.com/v1", "model": "large", "costPer1kTokensUsd": 0.002}}
+                {"name": "cloud", "cloud": {"endpoint": stack.cloud_url, "model": CLOUD_MODEL,
+                    "costPer1kTokensUsd": CLOUD_PRICE_PER_1K_USD, "timeoutMs": 5000}}
             ],
             "rules": [
                 {"name": "private", "match": [{"attribute": "dataClass", "eq": "private"}], "route": "on-device"},
-                {"name": "long-context", "match": [{"attribute": "inputTokens", "gt": 8000}], "route": "cloud", "fallback": ["on-device"]}
+                {"name": "reasoning", "match": [{"attribute": "task", "eq": "reasoning"}], "route": "cloud", "fallback": ["on-device"]}
             ],
             "default": {"route": "on-device", "fallback": ["cloud"]},
             "shadow": {"sampleRate": 0.1, "target": "cloud"}
@@ -385,9 +398,70 @@ pub async fn run(
 
     step(5, "outcome");
     print_outcome(devices, &fleet.summary());
+    step(
+        6,
+        "what the fleet's requests did (executed by the devices' data planes, from ClickHouse)",
+    );
+    let traffic = tokio::time::timeout(
+        Duration::from_secs(30),
+        summary::fetch(&stack.clickhouse, "assistant", started.as_second()),
+    )
+    .await;
+    match traffic {
+        Ok(Ok(s)) => print!("{}", describe_traffic(&s, CLOUD_PRICE_PER_1K_USD)),
+        Ok(Err(e)) => println!("    (no summary: {e})"),
+        Err(_) => println!("    (no summary: ClickHouse did not answer within 30 s)"),
+    }
     println!("\nDemo succeeded.");
     Ok(())
 }
+
+/// What the traffic summary reads as, for people.
+fn describe_traffic(s: &TrafficSummary, price_per_1k_usd: f64) -> String {
+    let t = &s.totals;
+    let mut out = format!(
+        "    {} requests: {:.1} % answered on the device, {:.1} % in the cloud\n",
+        t.requests,
+        100.0 * s.device_share(),
+        100.0 * (1.0 - s.device_share()),
+    );
+    for row in &s.targets {
+        out.push_str(&format!(
+            "    {:<10} {:>6} requests  p50 {:>7.1} ms  p95 {:>7.1} ms  ${:.4}  {} failed{}\n",
+            row.target,
+            row.requests,
+            row.p50,
+            row.p95,
+            row.cost_usd,
+            row.errors,
+            if row.an_error.is_empty() {
+                String::new()
+            } else {
+                format!(" (e.g. {})", row.an_error)
+            }
+        ));
+    }
+    out.push_str(&format!(
+        "    cloud spend ${:.4}, against ${:.4} had every request gone to the cloud\n",
+        s.cloud_spend_usd(),
+        s.all_cloud_usd(price_per_1k_usd)
+    ));
+    out.push_str(&format!(
+        "    private requests: {} of {} kept on the device\n",
+        t.private_on_device, t.private
+    ));
+    if t.shadows > 0 {
+        out.push_str(&format!(
+            "    shadowed to the cloud: {}, agreeing {:.1} %\n",
+            t.shadows,
+            100.0 * t.agreements as f64 / t.shadows as f64
+        ));
+    }
+    out
+}
+
+/// The price the demo policy gives the cloud target, per 1,000 tokens.
+const CLOUD_PRICE_PER_1K_USD: f64 = 0.002;
 
 /// The demo's rollout (`edgewise/assistant`, which is also its cohort salt).
 const DEMO_ROLLOUT: &str = "assistant";
@@ -395,14 +469,15 @@ const DEMO_ROLLOUT: &str = "assistant";
 const DEMO_MIN_MEMORY_MIB: u64 = 2048;
 /// Canary samples an analysis run needs: enough that p95 and a 0.5 % error rate are not noise.
 const DEMO_MIN_SAMPLES: u64 = 150;
-/// Requests per second the whole simulated fleet sends at least.
-const DEMO_FLEET_REQUESTS_PER_SEC: f64 = 150.0;
+/// Requests per second the whole simulated fleet sends. Devices execute them on real
+/// (tiny) models, a few milliseconds of CPU each: this keeps a 2-core machine under half
+/// busy while canaries gather the analysis's samples within seconds.
+const DEMO_FLEET_REQUESTS_PER_SEC: f64 = 80.0;
 
-/// Synthetic requests per second per device: 2, more in a small fleet so its canaries
-/// gather the analysis's samples within seconds.
+/// Requests per second per device: the fleet's rate shared out, within 0.5 and 20.
 #[must_use]
 pub fn requests_per_device(devices: usize) -> f64 {
-    (DEMO_FLEET_REQUESTS_PER_SEC / devices.max(1) as f64).max(2.0)
+    (DEMO_FLEET_REQUESTS_PER_SEC / devices.max(1) as f64).clamp(0.5, 20.0)
 }
 /// The canary share the demo prefers when the fleet allows it.
 const DEMO_PERCENT: u32 = 25;

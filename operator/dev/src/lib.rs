@@ -6,6 +6,7 @@
 
 pub mod admission;
 pub mod clickhouse_server;
+pub mod cloud;
 pub mod demo;
 pub mod devapi;
 pub mod examples;

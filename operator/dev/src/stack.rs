@@ -46,6 +46,10 @@ pub struct DevOptions {
     /// Gateway listen address.
     #[arg(long, default_value = "127.0.0.1:7443")]
     pub gateway_addr: SocketAddr,
+    /// The dev cloud's listen address (an OpenAI-compatible server with the demo's
+    /// full-precision model).
+    #[arg(long, default_value = "127.0.0.1:8090")]
+    pub cloud_addr: SocketAddr,
     /// Use this ClickHouse instead of starting `clickhouse-server`.
     #[arg(long, env = "EDGEWISE_CLICKHOUSE_URL")]
     pub clickhouse_url: Option<String>,
@@ -137,6 +141,8 @@ pub struct DevStack {
     pub client: Client,
     /// The simulated fleet.
     pub fleet: SimFleet,
+    /// The dev cloud's `http://…/v1`.
+    pub cloud_url: String,
     shutdown: CancellationToken,
 }
 
@@ -300,9 +306,17 @@ impl DevStack {
         ));
         tokio::spawn(edgewise_operator::controller::run(ctx, shutdown.clone()));
         println!("Controllers     ModelVersion, ModelRollout, RoutingPolicy");
+        let cloud_url = crate::cloud::start(&dir.join("cloud"), opts.cloud_addr, shutdown.clone())
+            .await
+            .map_err(start("cloud model server"))?;
+        println!(
+            "Cloud model     {cloud_url}   (OpenAI-compatible: {}, what the demo policy's cloud target calls)",
+            crate::cloud::CLOUD_MODEL
+        );
 
-        // Version 3.0.0 of the simulated model is slow: rolling it out shows an automatic
-        // rollback on a latency gate.
+        // Devices execute their requests on the models they run; where a model's format has
+        // no runtime here (ONNX), outcomes are synthetic, and version 3.0.0 of such a model
+        // is slow: rolling it out shows an automatic rollback on a latency gate.
         // A small fleet sends more per device, so even a canary of one or two devices reaches
         // the demo analysis's sample count within seconds.
         let rps = opts
@@ -325,6 +339,7 @@ impl DevStack {
             devices_per_connection: 100,
             telemetry: true,
             traffic,
+            runtime: true,
         })
         .map_err(start("simulated fleet"))?;
         println!("Fleet           {} simulated devices", opts.devices);
@@ -337,6 +352,7 @@ impl DevStack {
             gateway,
             client,
             fleet,
+            cloud_url,
             shutdown,
         })
     }
@@ -396,9 +412,7 @@ pub async fn run(opts: DevOptions, shutdown: CancellationToken) -> Result<(), Er
     }
     let stack = DevStack::start(&opts, shutdown.clone()).await?;
     let outcome = if opts.exit_after_demo {
-        demo::run(&stack.client, &stack.s3_client, &stack.fleet)
-            .await
-            .map_err(Error::from)
+        demo::run(&stack).await.map_err(Error::from)
     } else {
         let kubeconfig = opts
             .kubeconfig

@@ -6,6 +6,7 @@ pub mod gates;
 pub mod ingest;
 pub mod rows;
 pub mod schema;
+pub mod summary;
 
 /// A client for ClickHouse at `url`. Validation is off: ClickHouse 18.16 rejects the
 /// settings the validating mode sends, and the rows here are typed by construction.

@@ -1,0 +1,235 @@
+//! Data-plane benchmarks (a bench binary, not timed tests):
+//!
+//! ```text
+//! cargo bench -p edgewise-tests --bench data_plane
+//! ```
+//!
+//! The same tiny GGUF model answers three ways, side by side in one run: straight from
+//! `edgewise-agent serve-model` (the runtime alone behind the OpenAI API), through the
+//! agent's data plane to its on-device runtime, and through the data plane to a cloud
+//! target (that same serve-model). The agent runs as its own process (`edgewise-agent run`),
+//! so its memory is measured apart. Reported: p50/p99 added latency at one stream
+//! (requests interleaved, so drift hits both sides alike), throughput at 64 concurrent
+//! streams, and the agent's RSS idle and under load with the model's memory apart.
+//! Results go to stdout; `docs/benchmarks.md` records them.
+#![allow(missing_docs, clippy::unwrap_used)]
+
+use std::time::{Duration, Instant};
+
+use edgewise_core::variant::{ModelFormat, Requirements, Variant};
+use edgewise_operator::gateway::Change;
+use edgewise_tests::*;
+use serde_json::{Value, json};
+
+const SAMPLES: usize = 400;
+const STREAMS: usize = 64;
+const LOAD_SECS: u64 = 8;
+
+fn main() {
+    bench_main(|_| run());
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn body(task: &str) -> Value {
+    json!({"model": "assistant", "max_tokens": 1,
+        "messages": [{"role": "user", "content": "is the device fast"}],
+        "edgewise": {"task": task}})
+}
+
+async fn once(http: &reqwest::Client, base: &str, body: &Value) -> Duration {
+    let started = Instant::now();
+    let r = http
+        .post(format!("{base}/chat/completions"))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let _ = r.bytes().await.unwrap();
+    started.elapsed()
+}
+
+fn pct(sorted: &[Duration], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 * p) as usize).min(sorted.len() - 1);
+    sorted[i].as_secs_f64() * 1000.0
+}
+
+/// Requests per second of `STREAMS` concurrent streams for `LOAD_SECS`.
+async fn throughput(http: &reqwest::Client, base: &str, body: &Value) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(LOAD_SECS);
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..STREAMS {
+        let (http, base, body) = (http.clone(), base.to_owned(), body.clone());
+        tasks.spawn(async move {
+            let mut n = 0u64;
+            while Instant::now() < deadline {
+                once(&http, &base, &body).await;
+                n += 1;
+            }
+            n
+        });
+    }
+    let mut total = 0;
+    while let Some(n) = tasks.join_next().await {
+        total += n.unwrap();
+    }
+    total as f64 / LOAD_SECS as f64
+}
+
+async fn run() {
+    let h = Harness::start().await;
+    let file = tiny_model(&h.dir.path().join("assistant.gguf"), 1, false);
+    let artifact = h
+        .put_artifact("assistant/1.0.0/cpu.gguf", std::fs::read(&file).unwrap())
+        .await;
+    // The runtime alone: the same file behind the same API, no routing.
+    let direct = serve_model(&file, "assistant").await;
+    h.apply([
+        Change::ApplyVersion(model_version(
+            "assistant",
+            "1.0.0",
+            vec![Variant {
+                name: "cpu".into(),
+                artifact,
+                format: ModelFormat::Gguf,
+                requires: Requirements::default(),
+            }],
+        )),
+        Change::ApplyRollout(rollout("assistant").named("assistant").stable("1.0.0").build()),
+        Change::ApplyPolicy(routing_policy(
+            "p",
+            json!({
+                "targets": [
+                    {"name": "on-device", "device": {"model": "assistant"}},
+                    {"name": "cloud", "cloud": {"endpoint": direct.base_url, "model": "assistant"}}
+                ],
+                "rules": [{"name": "cloud", "match": [{"attribute": "task", "eq": "cloud"}], "route": "cloud", "fallback": ["on-device"]}],
+                "default": {"route": "on-device", "fallback": ["cloud"]}
+            }),
+        )),
+    ]);
+    let dir = h.dir.path().join("agent");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("token"), TOKEN).unwrap();
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap();
+    std::fs::write(
+        dir.join("agent.toml"),
+        format!(
+            "gateway = \"{}\"\nbootstrap_token_file = \"{}\"\ndata_dir = \"{}\"\nprobe_network = false\n[data_plane]\nlisten = \"{addr}\"\n",
+            h.gateway_url(),
+            dir.join("token").display(),
+            dir.join("data").display()
+        ),
+    )
+    .unwrap();
+    let mut agent = tokio::process::Command::new(workspace_binary("edgewise-agent"))
+        .args(["run", "--config"])
+        .arg(dir.join("agent.toml"))
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = agent.id().unwrap();
+    let base = format!("http://{addr}/v1");
+    let http = reqwest::Client::builder()
+        .tcp_nodelay(true)
+        .build()
+        .unwrap();
+    eventually(
+        Duration::from_secs(60),
+        "the agent serves 1.0.0",
+        || async {
+            let v: Value = http
+                .get(format!("{base}/models"))
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            (v["data"][0]["edgewise"]["loaded"] == "1.0.0").then_some(())
+        },
+    )
+    .await;
+    let status: Value = serde_json::from_str(&stdout_of(
+        std::process::Command::new(workspace_binary("edgewise-agent"))
+            .args(["status", "-o", "json", "--data-dir"])
+            .arg(dir.join("data")),
+    ))
+    .unwrap();
+    let model_kib = status["status"]["serving"][0]["memory_bytes"]
+        .as_u64()
+        .unwrap_or(0)
+        / 1024;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let idle_kib = rss_kib(pid);
+
+    // Warm every path, then interleave.
+    let (device, cloud) = (body("device"), body("cloud"));
+    for _ in 0..20 {
+        once(&http, &direct.base_url, &device).await;
+        once(&http, &base, &device).await;
+        once(&http, &base, &cloud).await;
+    }
+    let (mut d, mut a, mut c) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..SAMPLES {
+        d.push(once(&http, &direct.base_url, &device).await);
+        a.push(once(&http, &base, &device).await);
+        c.push(once(&http, &base, &cloud).await);
+    }
+    for v in [&mut d, &mut a, &mut c] {
+        v.sort();
+    }
+    println!("data plane, one stream, {SAMPLES} requests each (max_tokens 1), ms:");
+    println!("  path                          p50      p99   added p50  added p99");
+    println!(
+        "  serve-model (runtime alone) {:>7.3}  {:>7.3}",
+        pct(&d, 0.5),
+        pct(&d, 0.99)
+    );
+    for (name, v) in [
+        ("agent → on-device runtime", &a),
+        ("agent → cloud (serve-model)", &c),
+    ] {
+        println!(
+            "  {name:<28}{:>7.3}  {:>7.3}  {:>+9.3}  {:>+9.3}",
+            pct(v, 0.5),
+            pct(v, 0.99),
+            pct(v, 0.5) - pct(&d, 0.5),
+            pct(v, 0.99) - pct(&d, 0.99)
+        );
+    }
+
+    let direct_rps = throughput(&http, &direct.base_url, &device).await;
+    let rss_before = rss_kib(pid);
+    let load = {
+        let (http, base, device) = (http.clone(), base.clone(), device.clone());
+        tokio::spawn(async move { throughput(&http, &base, &device).await })
+    };
+    tokio::time::sleep(Duration::from_secs(LOAD_SECS / 2)).await;
+    let busy_kib = rss_kib(pid).max(rss_before);
+    let agent_rps = load.await.unwrap();
+    let cloud_rps = throughput(&http, &base, &cloud).await;
+    println!("{STREAMS} concurrent streams, {LOAD_SECS} s each, requests/s:");
+    println!(
+        "  serve-model {direct_rps:.0}, agent → on-device {agent_rps:.0} ({:.3}x), agent → cloud {cloud_rps:.0} ({:.3}x)",
+        agent_rps / direct_rps,
+        cloud_rps / direct_rps
+    );
+    println!(
+        "agent RSS: idle {} KiB, under {STREAMS} streams {} KiB; of which the loaded model ≈ {model_kib} KiB",
+        idle_kib, busy_kib
+    );
+    agent.kill().await.unwrap();
+}
