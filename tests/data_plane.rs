@@ -78,6 +78,7 @@ fn agent_config(h: &Harness, dir: &std::path::Path, addr: std::net::SocketAddr) 
         model_memory: None,
         data_plane_socket: None,
         cloud: Vec::new(),
+        runtimes: Vec::new(),
     }
 }
 
@@ -748,6 +749,146 @@ async fn in_force(http: &reqwest::Client, base: &str, spec: &Value) {
         || async {
             let (_, body) = post(http, base, chat(json!({"dataClass": "private"}))).await;
             (body["edgewise"]["policyVersion"] == json!(version)).then_some(())
+        },
+    )
+    .await;
+}
+
+/// The agent's `status -o json` for the data dir `dir`.
+fn agent_status(dir: &std::path::Path) -> Value {
+    let out = std::process::Command::new(edgewise_tests::workspace_binary("edgewise-agent"))
+        .args(["status", "-o", "json", "--data-dir"])
+        .arg(dir)
+        .output()
+        .expect("status runs");
+    serde_json::from_slice(&out.stdout).expect("status json")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_external_runtime_is_started_from_its_command_restarted_and_fallen_back_from_meanwhile()
+{
+    let h = Harness::start().await;
+    let file = tiny_model(&h.dir.path().join("assistant-1.gguf"), 1, false);
+    let artifact = h
+        .put_artifact(
+            "assistant/1.0.0/cpu.gguf",
+            std::fs::read(&file).expect("read"),
+        )
+        .await;
+    let cloud = Cloud::start(
+        &tiny_model(&h.dir.path().join("other.gguf"), 9, false),
+        "other",
+    )
+    .await;
+    h.apply([
+        Change::ApplyVersion(model_version(
+            "assistant",
+            "1.0.0",
+            vec![Variant {
+                name: "cpu".into(),
+                artifact,
+                format: ModelFormat::Gguf,
+                requires: Requirements::default(),
+            }],
+        )),
+        Change::ApplyRollout(rollout("assistant").named("assistant").stable("1.0.0").build()),
+        Change::ApplyPolicy(routing_policy(
+            "p",
+            json!({
+                "targets": [
+                    {"name": "on-device", "device": {"model": "assistant"}},
+                    {"name": "cloud", "cloud": {"endpoint": cloud.endpoint(), "model": "other", "timeoutMs": 3000}}
+                ],
+                "default": {"route": "on-device", "fallback": ["cloud"]}
+            }),
+        )),
+    ]);
+    let dir = h.dir.path().join("agent");
+    let addr = free_addr();
+    let mut config = agent_config(&h, &dir, addr);
+    // GGUF goes to a server the agent starts per version (serve-model plays llama-server).
+    let agent_binary = edgewise_tests::workspace_binary("edgewise-agent");
+    config.runtimes = vec![edgewise_agent::runtime::external::ExternalConfig {
+        name: "serve-model".into(),
+        formats: vec!["gguf".into()],
+        url: None,
+        command: Some(vec![
+            agent_binary.display().to_string(),
+            "serve-model".into(),
+            "--model".into(),
+            "{model}".into(),
+            "--addr".into(),
+            "{addr}".into(),
+        ]),
+        model: None,
+        ready_timeout_secs: 30,
+    }];
+    let (stop, agent) = start_agent(config);
+    let base = format!("http://{addr}/v1");
+    let http = reqwest::Client::new();
+    loaded(&http, &base, "1.0.0").await;
+    let serving = agent_status(&dir)["status"]["serving"][0].clone();
+    assert!(
+        serving["runtime"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("external (serve-model")),
+        "{serving}"
+    );
+    let pid = serving["process_id"].as_u64().expect("a process id");
+
+    // The device's answer comes from the external server: the model's own text.
+    let direct = serve_model(&file, "assistant").await;
+    let expected = post(&http, &direct.base_url, chat(json!({}))).await.1["choices"][0]["message"]
+        ["content"]
+        .clone();
+    let (status, body) = post(&http, &base, chat(json!({}))).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["edgewise"]["target"], "on-device", "{body}");
+    assert_eq!(body["choices"][0]["message"]["content"], expected, "{body}");
+
+    // Killed: requests fall back to the cloud while it restarts, then return to it.
+    let killed = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(killed.success());
+    let fell_back = eventually(Duration::from_secs(10), "a fallback", || async {
+        let (_, body) = post(&http, &base, chat(json!({}))).await;
+        (body["edgewise"]["target"] == "cloud").then_some(body)
+    })
+    .await;
+    assert_eq!(fell_back["edgewise"]["fallbackUsed"], true, "{fell_back}");
+    assert!(
+        fell_back["edgewise"]["fallbacks"][0]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("external runtime")),
+        "{fell_back}"
+    );
+    eventually(
+        Duration::from_secs(30),
+        "served on the device again",
+        || async {
+            let (_, body) = post(&http, &base, chat(json!({}))).await;
+            (body["edgewise"]["target"] == "on-device").then_some(())
+        },
+    )
+    .await;
+    let restarted = agent_status(&dir)["status"]["serving"][0]["process_id"].as_u64();
+    assert!(
+        restarted.is_some_and(|p| p != pid),
+        "{restarted:?} after {pid}"
+    );
+
+    stop.cancel();
+    agent.await.expect("joins").expect("agent ran");
+    // The agent's servers go with it.
+    eventually(
+        Duration::from_secs(10),
+        "the external runtime stopped",
+        || async {
+            let alive =
+                restarted.is_some_and(|p| std::path::Path::new(&format!("/proc/{p}")).exists());
+            (!alive).then_some(())
         },
     )
     .await;

@@ -653,6 +653,7 @@ async fn an_agent_started_offline_serves_decide_from_its_persisted_policy() {
         model_memory: None,
         data_plane_socket: None,
         cloud: Vec::new(),
+        runtimes: Vec::new(),
     };
     // First run: online, receives and persists the policy.
     let stop = tokio_util::sync::CancellationToken::new();

@@ -151,7 +151,10 @@ pub fn open_device(config: &AgentConfig) -> Result<Arc<Device>, StartError> {
         backoff: config.backoff,
         collect_garbage: true,
         telemetry: Some(telemetry),
-        runtime: Some(Arc::new(crate::runtime::Runtime::new(config.model_memory))),
+        runtime: Some(Arc::new(
+            crate::runtime::Runtime::new(config.model_memory)
+                .with_external(config.runtimes.clone()),
+        )),
     });
     // Budgets count the whole UTC day, across restarts.
     device

@@ -29,6 +29,11 @@
 //! [[cloud]]                                        # keys for the endpoints policies name
 //! endpoint = "https://api.openai.com/v1"
 //! api_key_file = "/etc/edgewise/openai.key"        # or api_key_env = "OPENAI_API_KEY"
+//!
+//! [[runtime]]                                      # a server on the device for other formats
+//! name = "llama-server"
+//! formats = ["gguf"]                               # here: GGUF through llama.cpp, not candle
+//! command = ["llama-server", "-m", "{model}", "--port", "{port}"]   # or url = "http://…/v1"
 //! ```
 
 use std::collections::BTreeMap;
@@ -112,6 +117,9 @@ pub struct ConfigFile {
     /// keys.
     #[serde(default)]
     pub cloud: Vec<CloudCredential>,
+    /// OpenAI-compatible servers on the device for the formats they list.
+    #[serde(default)]
+    pub runtime: Vec<crate::runtime::external::ExternalConfig>,
 }
 
 fn probe_network_default() -> bool {
@@ -323,6 +331,8 @@ pub struct AgentConfig {
     pub model_memory: Option<u64>,
     /// Cloud endpoint credentials.
     pub cloud: Vec<CloudCredential>,
+    /// External runtimes on the device.
+    pub runtimes: Vec<crate::runtime::external::ExternalConfig>,
 }
 
 /// Exponential backoff with full jitter: the n-th delay is uniform in
@@ -386,6 +396,12 @@ impl ConfigFile {
                 message: "backoff_initial_ms must be > 0 and <= backoff_max_ms".into(),
             });
         }
+        if let Some(problem) = self.runtime.iter().find_map(|r| r.problem()) {
+            return Err(ConfigError::Invalid {
+                field: "runtime",
+                message: problem,
+            });
+        }
         let router_socket = Some(
             self.router_socket
                 .unwrap_or_else(|| self.data_dir.join("router.sock")),
@@ -408,6 +424,7 @@ impl ConfigFile {
             data_plane_socket: self.data_plane.socket.filter(|_| self.data_plane.enabled),
             model_memory: self.data_plane.model_memory_mib.map(|m| m << 20),
             cloud: self.cloud,
+            runtimes: self.runtime,
         })
     }
 }

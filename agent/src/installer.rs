@@ -12,7 +12,7 @@ use tracing::{info, warn};
 use crate::device::Device;
 use crate::download::{Fetch, FetchError, fetch};
 use crate::router::ModelsView;
-use crate::runtime::{Loaded, Runtime};
+use crate::runtime::Loaded;
 use crate::store::Install;
 
 /// Transient download failures retried before waiting for a fresh assignment.
@@ -242,7 +242,7 @@ async fn prepare(
     let Some(rt) = &device.runtime else {
         return Ok(None);
     };
-    if !Runtime::serves_format(&install.format) {
+    if !rt.serves(&install.format) {
         return Ok(None);
     }
     rt.load(model, &install.version, &install.path, &install.format)

@@ -350,7 +350,7 @@ fn executed_model(device: &Device) -> Option<String> {
         .get(&model)
         .map(|s| s.active.format.clone());
     match installed {
-        Some(format) if !crate::runtime::Runtime::serves_format(&format) => None,
+        Some(format) if !runtime.serves(&format) => None,
         _ => Some(model),
     }
 }

@@ -5,7 +5,9 @@
 //! Requests hold their version (an `Arc`) to the end, so in-flight ones finish on the old
 //! version, which is freed when the last of them ends.
 
+pub mod external;
 pub mod gguf;
+pub(crate) mod remote;
 pub mod template;
 pub mod tiny;
 pub mod tokenizer;
@@ -24,6 +26,7 @@ use tokio::sync::mpsc;
 
 pub use template::ChatMessage;
 
+use external::{External, ExternalConfig};
 use gguf::GgufModel;
 
 /// What a model is asked.
@@ -169,26 +172,53 @@ pub struct Loaded {
     pub requests: AtomicU64,
     /// When it finished loading.
     pub loaded_at: jiff::Timestamp,
-    engine: Arc<GgufModel>,
+    engine: Engine,
+}
+
+/// What computes the answers.
+enum Engine {
+    /// In process (candle).
+    Embedded(Arc<GgufModel>),
+    /// A server on the device.
+    External(Arc<External>),
 }
 
 impl Loaded {
     /// Runtime name, as `status` prints it.
-    pub fn runtime(&self) -> &'static str {
-        "embedded (candle, GGUF)"
+    pub fn runtime(&self) -> String {
+        match &self.engine {
+            Engine::Embedded(_) => "embedded (candle, GGUF)".into(),
+            Engine::External(e) => format!("external ({}, {})", e.name, e.base_url),
+        }
+    }
+
+    /// The process serving it, for an external runtime the agent started.
+    pub fn process_id(&self) -> Option<u32> {
+        match &self.engine {
+            Engine::External(e) => Some(e.pid()).filter(|p| *p != 0),
+            Engine::Embedded(_) => None,
+        }
     }
 
     /// Tokens `prompt` takes with this version's tokenizer.
     pub fn count_tokens(&self, prompt: &Prompt) -> Result<usize, RuntimeError> {
-        self.engine.tokens(prompt).map(|t| t.len())
+        match &self.engine {
+            Engine::Embedded(e) => e.tokens(prompt).map(|t| t.len()),
+            Engine::External(_) => Err(RuntimeError::Tokenizer(
+                "an external runtime counts its own tokens".into(),
+            )),
+        }
     }
 
-    /// Generates on a blocking thread; pieces arrive on the receiver. Dropping the receiver
-    /// stops generation at the next token.
+    /// Generates on a blocking thread (or the external server); pieces arrive on the
+    /// receiver. Dropping the receiver stops generation at the next token.
     pub fn stream(self: &Arc<Self>, prompt: Prompt, sampling: Sampling) -> mpsc::Receiver<Piece> {
         self.requests.fetch_add(1, Ordering::Relaxed);
+        let engine = match &self.engine {
+            Engine::Embedded(e) => e.clone(),
+            Engine::External(e) => return e.stream(&prompt, &sampling),
+        };
         let (tx, rx) = mpsc::channel(64);
-        let engine = self.engine.clone();
         // The version stays loaded until this request ends, even if switched away from.
         let keep = self.clone();
         tokio::task::spawn_blocking(move || {
@@ -241,6 +271,9 @@ pub struct ServedModel {
     pub requests: u64,
     /// When it loaded (RFC 3339).
     pub loaded_at: String,
+    /// The process of an external runtime the agent started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process_id: Option<u32>,
 }
 
 /// Every model's serving slot.
@@ -251,6 +284,8 @@ pub struct Runtime {
     memory_limit: Option<u64>,
     /// Weights shared with other runtimes of this process (simulated devices).
     engines: Option<Arc<SharedEngines>>,
+    /// Servers on the device for the formats they list.
+    external: Vec<ExternalConfig>,
 }
 
 /// Loaded weights by artifact path, shared by the runtimes of many simulated devices in one
@@ -305,7 +340,16 @@ impl Runtime {
             slots: RwLock::default(),
             memory_limit,
             engines: None,
+            external: Vec::new(),
         }
+    }
+
+    /// This runtime, with external runtimes for the formats they list (before the
+    /// embedded one).
+    #[must_use]
+    pub fn with_external(mut self, external: Vec<ExternalConfig>) -> Self {
+        self.external = external;
+        self
     }
 
     /// A runtime that shares loaded weights with the others given the same `engines`.
@@ -334,8 +378,8 @@ impl Runtime {
     }
 
     /// Whether this device has a runtime for artifacts of `format`.
-    pub fn serves_format(format: &str) -> bool {
-        format.eq_ignore_ascii_case("gguf")
+    pub fn serves(&self, format: &str) -> bool {
+        self.external.iter().any(|e| e.serves(format)) || format.eq_ignore_ascii_case("gguf")
     }
 
     fn available(&self) -> u64 {
@@ -359,7 +403,7 @@ impl Runtime {
         path: &Path,
         format: &str,
     ) -> Result<Arc<Loaded>, RuntimeError> {
-        if !Self::serves_format(format) {
+        if !self.serves(format) {
             return Err(RuntimeError::NoRuntime(format.to_owned()));
         }
         let size = std::fs::metadata(path)
@@ -373,9 +417,13 @@ impl Runtime {
                 available_mib: available >> 20,
             });
         }
-        let engine = match &self.engines {
-            Some(shared) => shared.get_or_load(path).await?,
-            None => Arc::new(load_engine(path).await?),
+        let engine = match (
+            self.external.iter().find(|e| e.serves(format)),
+            &self.engines,
+        ) {
+            (Some(config), _) => Engine::External(External::start(config, model, path).await?),
+            (None, Some(shared)) => Engine::Embedded(shared.get_or_load(path).await?),
+            (None, None) => Engine::Embedded(Arc::new(load_engine(path).await?)),
         };
         let loaded = Arc::new(Loaded {
             model: model.to_owned(),
@@ -423,7 +471,8 @@ impl Runtime {
             .map(|l| ServedModel {
                 model: l.model.clone(),
                 version: l.version.clone(),
-                runtime: l.runtime().to_owned(),
+                runtime: l.runtime(),
+                process_id: l.process_id(),
                 memory_bytes: l.bytes,
                 requests: l.requests.load(Ordering::Relaxed),
                 loaded_at: l.loaded_at.to_string(),
