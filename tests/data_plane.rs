@@ -893,3 +893,243 @@ async fn an_external_runtime_is_started_from_its_command_restarted_and_fallen_ba
     )
     .await;
 }
+
+/// Trains a learned router with `scripts/train-router` on `examples` (text, complex).
+fn train_router(dir: &std::path::Path, name: &str, examples: &[(String, bool)]) -> Vec<u8> {
+    let data = dir.join(format!("{name}.jsonl"));
+    let lines: Vec<String> = examples
+        .iter()
+        .map(|(text, complex)| json!({"text": text, "complex": complex}).to_string())
+        .collect();
+    std::fs::write(&data, lines.join("\n")).expect("examples");
+    let model = dir.join(format!("{name}.json"));
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/train-router");
+    let out = std::process::Command::new("python3")
+        .arg(&script)
+        .arg(&data)
+        .arg(&model)
+        .arg("--bigrams")
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "train-router: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::read(model).expect("a model")
+}
+
+/// What `scripts/train-router --score` computes for `texts` (the trainer's own features).
+fn python_scores(model: &std::path::Path, texts: &[&str]) -> Vec<f64> {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/train-router");
+    let out = std::process::Command::new("python3")
+        .arg(&script)
+        .arg("--score")
+        .arg(model)
+        .args(texts)
+        .output()
+        .expect("python3 runs");
+    serde_json::from_slice(&out.stdout).expect("scores")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_learned_router_version_rolled_out_changes_which_requests_go_to_the_cloud() {
+    let ch = edgewise_tests::ClickHouse::start().await;
+    let h = Harness::start_with_telemetry(
+        &ch.url(),
+        edgewise_operator::telemetry::ingest::SinkConfig::default(),
+    )
+    .await;
+    let file = tiny_model(&h.dir.path().join("assistant-1.gguf"), 1, false);
+    let assistant = h
+        .put_artifact(
+            "assistant/1.0.0/cpu.gguf",
+            std::fs::read(&file).expect("read"),
+        )
+        .await;
+    let cloud = Cloud::start(
+        &tiny_model(&h.dir.path().join("other.gguf"), 9, false),
+        "other",
+    )
+    .await;
+    // Labelled examples: questions that ask for reasoning, and small talk. 2.0.0 is trained
+    // on the opposite labels, so rolling it out must flip where each kind goes.
+    let reasoning = [
+        "why does the network drop when the battery is low",
+        "explain how the cloud model ranks the answers",
+        "prove that the cache never serves a stale answer",
+        "compare the latency of the device and the cloud and explain why",
+        "analyze the cost of the cloud over a month",
+        "why is the answer different today",
+    ];
+    let small_talk = [
+        "hello",
+        "thanks a lot",
+        "good morning",
+        "what time is it",
+        "hi there",
+        "ok see you",
+    ];
+    let labelled = |flip: bool| -> Vec<(String, bool)> {
+        reasoning
+            .iter()
+            .map(|t| (t.to_string(), !flip))
+            .chain(small_talk.iter().map(|t| (t.to_string(), flip)))
+            .collect()
+    };
+    let v1 = train_router(h.dir.path(), "router-1", &labelled(false));
+    let v2 = train_router(h.dir.path(), "router-2", &labelled(true));
+    let mut routers = Vec::new();
+    for (version, bytes) in [("1.0.0", v1), ("2.0.0", v2)] {
+        let artifact = h
+            .put_artifact(&format!("router/{version}/router.json"), bytes)
+            .await;
+        routers.push(Change::ApplyVersion(model_version(
+            "router",
+            version,
+            vec![Variant {
+                name: "any".into(),
+                artifact,
+                format: ModelFormat::EdgewiseRouter,
+                requires: Requirements::default(),
+            }],
+        )));
+    }
+    h.apply(routers);
+    h.apply([
+        Change::ApplyVersion(model_version(
+            "assistant",
+            "1.0.0",
+            vec![Variant {
+                name: "cpu".into(),
+                artifact: assistant,
+                format: ModelFormat::Gguf,
+                requires: Requirements::default(),
+            }],
+        )),
+        Change::ApplyRollout(
+            rollout("assistant")
+                .named("assistant")
+                .stable("1.0.0")
+                .build(),
+        ),
+        Change::ApplyRollout(rollout("router").named("router").stable("1.0.0").build()),
+        Change::ApplyPolicy(routing_policy(
+            "p",
+            json!({
+                "targets": [
+                    {"name": "on-device", "device": {"model": "assistant"}},
+                    {"name": "cloud", "cloud": {"endpoint": cloud.endpoint(), "model": "other"}}
+                ],
+                "rules": [{"name": "hard", "match": [{"attribute": "complexity", "gt": 0.5}],
+                           "route": "cloud", "fallback": ["on-device"]}],
+                "default": {"route": "on-device", "fallback": ["cloud"]}
+            }),
+        )),
+    ]);
+    let dir = h.dir.path().join("agent");
+    let addr = free_addr();
+    let (stop, agent) = start_agent(agent_config(&h, &dir, addr));
+    let base = format!("http://{addr}/v1");
+    let http = reqwest::Client::new();
+    loaded(&http, &base, "1.0.0").await;
+    let router_serves = |version: &'static str| {
+        let dir = dir.clone();
+        async move {
+            eventually(
+                Duration::from_secs(60),
+                &format!("the learned router {version} serving"),
+                || async {
+                    let status = agent_status(&dir);
+                    status["status"]["serving"]
+                        .as_array()?
+                        .iter()
+                        .any(|m| m["model"] == "router" && m["version"] == version)
+                        .then_some(())
+                },
+            )
+            .await;
+        }
+    };
+    router_serves("1.0.0").await;
+    let ask = |text: &str| {
+        let mut body = chat(json!({}));
+        body["messages"] = json!([{"role": "user", "content": text}]);
+        body
+    };
+    let targets = |version: &'static str| {
+        let (http, base) = (http.clone(), base.clone());
+        async move {
+            let mut out = Vec::new();
+            for text in reasoning.iter().chain(small_talk.iter()) {
+                let (status, body) = post(&http, &base, ask(text)).await;
+                assert_eq!(status, 200, "{body}");
+                assert_eq!(body["edgewise"]["routerVersion"], version, "{body}");
+                out.push((
+                    text.to_string(),
+                    body["edgewise"]["target"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned(),
+                    body["edgewise"]["complexity"].as_f64().unwrap_or(-1.0),
+                ));
+            }
+            out
+        }
+    };
+    let with_v1 = targets("1.0.0").await;
+    for (text, target, _) in &with_v1 {
+        let expected = if reasoning.contains(&text.as_str()) {
+            "cloud"
+        } else {
+            "on-device"
+        };
+        assert_eq!(target, expected, "{text:?} under router 1.0.0: {with_v1:?}");
+    }
+    // The agent scores exactly as the trainer does (the format's features, in Rust).
+    let texts: Vec<&str> = with_v1.iter().map(|(t, _, _)| t.as_str()).collect();
+    let python = python_scores(&h.dir.path().join("router-1.json"), &texts);
+    for ((text, _, rust), py) in with_v1.iter().zip(&python) {
+        assert!(
+            (rust - py).abs() < 1e-4,
+            "{text:?}: agent {rust}, trainer {py}"
+        );
+    }
+
+    // A new version, rolled out like any model, flips the shares.
+    h.apply([Change::ApplyRollout(
+        rollout("router").named("router").stable("2.0.0").build(),
+    )]);
+    router_serves("2.0.0").await;
+    let with_v2 = targets("2.0.0").await;
+    for (text, target, _) in &with_v2 {
+        let expected = if reasoning.contains(&text.as_str()) {
+            "on-device"
+        } else {
+            "cloud"
+        };
+        assert_eq!(target, expected, "{text:?} under router 2.0.0: {with_v2:?}");
+    }
+    // Telemetry carries the router version of every request it scored.
+    let per_version = |v: &str, target: &str| {
+        format!(
+            "SELECT count() FROM edgewise.inference_events FINAL WHERE router_version = '{v}' AND target = '{target}'"
+        )
+    };
+    eventually(
+        Duration::from_secs(30),
+        "both versions in ClickHouse",
+        || async {
+            let counts = (
+                ch.count(&per_version("1.0.0", "cloud")).await,
+                ch.count(&per_version("1.0.0", "on-device")).await,
+                ch.count(&per_version("2.0.0", "cloud")).await,
+                ch.count(&per_version("2.0.0", "on-device")).await,
+            );
+            (counts == (6, 6, 6, 6)).then_some(())
+        },
+    )
+    .await;
+    stop.cancel();
+    agent.await.expect("joins").expect("agent ran");
+}

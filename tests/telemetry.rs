@@ -102,7 +102,8 @@ async fn migrations_are_idempotent_and_record_what_they_applied() {
     assert_eq!(
         ch.count("SELECT count() FROM edgewise.schema_migrations FINAL")
             .await,
-        1
+        2,
+        "1 and 3 applied"
     );
     for table in [
         "inference_events",
@@ -796,7 +797,7 @@ async fn the_migrate_command_applies_the_schema_and_can_run_again() {
             ]),
         );
         let applied = if round == 0 {
-            "applied [1]"
+            "applied [1, 3]"
         } else {
             "applied []"
         };
@@ -836,6 +837,7 @@ async fn every_field_lands_in_its_column() {
         task: "summarize".into(),
         data_class: "internal".into(),
         rollout: "fleet/assistant".into(),
+        router_version: "0.3.0".into(),
     };
     let model = ModelEvent {
         event_id: "m-1".into(),
@@ -888,6 +890,7 @@ async fn every_field_lands_in_its_column() {
             task: "summarize".into(),
             data_class: "internal".into(),
             received_at,
+            router_version: "0.3.0".into(),
         }]
     );
     let rows = ch

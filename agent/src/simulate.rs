@@ -456,6 +456,7 @@ async fn generate(
             shadow_agreement: shadow,
             task: request.task.clone().unwrap_or_default(),
             data_class: request.data_class.clone().unwrap_or_default(),
+            router_version: String::new(),
         };
         if let Err(e) = device.router.report(&outcome).await {
             tracing::warn!(error = %e, "buffering a synthetic outcome");

@@ -4,6 +4,7 @@
 //! the kubectl plugin and tests compute the same answers:
 //!
 //! - [`agreement`]: whether two answers to one request agree (shadows, reprocessing);
+//! - [`complexity`]: the learned router's request scoring;
 //! - [`cohort`]: which devices are in a rollout's canary cohort;
 //! - [`names`]: Kubernetes name and label rules;
 //! - [`selector`]: label selectors over device labels;
@@ -13,6 +14,7 @@
 
 pub mod agreement;
 pub mod cohort;
+pub mod complexity;
 pub mod names;
 pub mod policy;
 pub mod rollout;

@@ -80,6 +80,9 @@ pub enum ModelFormat {
     Safetensors,
     /// ExecuTorch `.pte`.
     Executorch,
+    /// The learned router's request classifier (`edgewise_core::complexity`).
+    #[serde(rename = "edgewise-router")]
+    EdgewiseRouter,
 }
 
 impl ModelFormat {
@@ -93,6 +96,7 @@ impl ModelFormat {
             ModelFormat::Coreml => "coreml",
             ModelFormat::Safetensors => "safetensors",
             ModelFormat::Executorch => "executorch",
+            ModelFormat::EdgewiseRouter => crate::complexity::ARTIFACT_FORMAT,
         }
     }
 }

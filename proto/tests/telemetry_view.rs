@@ -31,6 +31,7 @@ fn full_batch() -> TelemetryBatch {
             task: "chat".into(),
             data_class: "private".into(),
             rollout: "ns/ro".into(),
+            router_version: "0.3.0".into(),
         }],
         model_events: vec![ModelEvent {
             event_id: "e-2".into(),

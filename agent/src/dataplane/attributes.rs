@@ -29,10 +29,23 @@ pub fn estimate_tokens(prompt: &Prompt) -> u32 {
     u32::try_from(chars.div_ceil(4)).unwrap_or(u32::MAX)
 }
 
-/// Complexity when the app gives none: longer prompts are harder, saturating at 2,000
-/// tokens. (A learned router replaces this when one is installed.)
+/// Complexity when the app gives none and no learned router is loaded: longer prompts are
+/// harder, saturating at 2,000 tokens.
 pub fn heuristic_complexity(input_tokens: u32) -> f32 {
     (input_tokens as f32 / 2000.0).min(1.0)
+}
+
+/// What the learned router reads of a request: the prompt, or the user's turns of a chat.
+pub fn scored_text(prompt: &Prompt) -> String {
+    match prompt {
+        Prompt::Text(t) => t.clone(),
+        Prompt::Chat(messages) => messages
+            .iter()
+            .filter(|m| m.role == "user")
+            .map(|m| m.content.as_str())
+            .collect::<Vec<_>>()
+            .join("\n"),
+    }
 }
 
 fn text(v: &Value) -> Option<String> {
@@ -44,11 +57,18 @@ fn text(v: &Value) -> Option<String> {
     }
 }
 
-/// The Decide request for `request`.
+/// Whether the app gave the request's complexity itself (body or header).
+pub fn gives_complexity(request: &Request, headers: &HeaderMap) -> bool {
+    headers.contains_key("x-edgewise-complexity") || request.edgewise.contains_key("complexity")
+}
+
+/// The Decide request for `request`; `learned` is the learned router's complexity, used
+/// when the app gives none.
 pub fn from_request(
     request: &Request,
     headers: &HeaderMap,
     input_tokens: u32,
+    learned: Option<f32>,
 ) -> Result<DecideRequest, ApiError> {
     let get = |key: &str, suffix: &str| -> Option<String> {
         headers
@@ -122,9 +142,10 @@ pub fn from_request(
         latency_budget_ms: latency.map(|v| v.max(0.0) as u32),
         network: network as i32,
         battery: battery.map(|v| v as f32),
-        complexity: Some(
-            complexity.map_or_else(|| heuristic_complexity(input_tokens), |v| v as f32),
-        ),
+        complexity: Some(complexity.map_or_else(
+            || learned.unwrap_or_else(|| heuristic_complexity(input_tokens)),
+            |v| v as f32,
+        )),
         attributes,
     })
 }
@@ -145,16 +166,23 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("x-edgewise-data-class", "private".parse().expect("value"));
         h.insert("x-edgewise-region", "eu".parse().expect("value"));
-        let d = from_request(&req, &h, 12).expect("attributes");
+        let d = from_request(&req, &h, 12, None).expect("attributes");
         assert_eq!(d.task.as_deref(), Some("chat"));
         assert_eq!(d.data_class.as_deref(), Some("private"));
         assert_eq!(d.attributes["tier"], "gold");
         assert_eq!(d.attributes["team"], "x");
         assert_eq!(d.attributes["region"], "eu");
         assert_eq!(d.input_tokens, Some(12));
-        assert!(d.complexity.is_some_and(|c| c < 0.01));
+        assert!(d.complexity.is_some_and(|c| c < 0.01), "the heuristic");
+        assert!(!gives_complexity(&req, &h));
+        let learned = from_request(&req, &h, 12, Some(0.9)).expect("attributes");
+        assert_eq!(learned.complexity, Some(0.9), "the learned router's score");
+        h.insert("x-edgewise-complexity", "0.25".parse().expect("value"));
+        assert!(gives_complexity(&req, &h));
+        let given = from_request(&req, &h, 12, Some(0.9)).expect("attributes");
+        assert_eq!(given.complexity, Some(0.25), "the app's own value wins");
         h.insert("x-edgewise-network", "sideways".parse().expect("value"));
-        let err = from_request(&req, &h, 12).expect_err("refused");
+        let err = from_request(&req, &h, 12, None).expect_err("refused");
         assert!(err.message.contains("network"), "{}", err.message);
     }
 }

@@ -98,6 +98,8 @@ impl Serving {
 struct Served<'a> {
     request: &'a Request,
     attrs: &'a DecideRequest,
+    /// The learned router's version, when it scored the request.
+    router_version: &'a str,
     decision: &'a DecideResponse,
     target: &'a Target,
     index: usize,
@@ -303,7 +305,16 @@ impl DataPlane {
             .and_then(|l| l.count_tokens(&request.prompt).ok())
             .and_then(|n| u32::try_from(n).ok())
             .unwrap_or_else(|| attributes::estimate_tokens(&request.prompt));
-        let attrs = attributes::from_request(&request, headers, input_tokens)?;
+        // The learned router scores what the app did not: its version goes with the request.
+        let classifier = runtime
+            .as_ref()
+            .and_then(|r| r.classifier())
+            .filter(|_| !attributes::gives_complexity(&request, headers));
+        let learned = classifier
+            .as_ref()
+            .and_then(|c| c.complexity(&attributes::scored_text(&request.prompt)));
+        let router_version = classifier.map(|c| c.version.clone()).unwrap_or_default();
+        let attrs = attributes::from_request(&request, headers, input_tokens, learned)?;
         let decision = router
             .decide(&attrs)
             .map_err(|e| ApiError::invalid(e.to_string(), None))?;
@@ -326,6 +337,7 @@ impl DataPlane {
                     return Ok(self.answer(Served {
                         request: &request,
                         attrs: &attrs,
+                        router_version: &router_version,
                         decision: &decision,
                         target,
                         index,
@@ -372,6 +384,7 @@ impl DataPlane {
             input_tokens,
             task: attrs.task.clone().unwrap_or_default(),
             data_class: attrs.data_class.clone().unwrap_or_default(),
+            router_version,
             ..Default::default()
         });
         Err(ApiError::unavailable(error))
@@ -381,6 +394,7 @@ impl DataPlane {
         let Served {
             request,
             attrs,
+            router_version,
             decision,
             target,
             index,
@@ -411,7 +425,11 @@ impl DataPlane {
             "pinned": pinned,
             "refined": false,
             "shadowed": shadow.is_some(),
+            "complexity": attrs.complexity,
         });
+        if !router_version.is_empty() {
+            edgewise["routerVersion"] = json!(router_version);
+        }
         if let (Some(id), Some(t)) = (&reprocess_id, &reprocess) {
             edgewise["reprocess"] = json!({"id": id, "target": t.name});
         }
@@ -435,6 +453,7 @@ impl DataPlane {
             fallback_used,
             task: attrs.task.clone().unwrap_or_default(),
             data_class: attrs.data_class.clone().unwrap_or_default(),
+            router_version: router_version.to_owned(),
             ..Default::default()
         };
         let refine = decision

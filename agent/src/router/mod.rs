@@ -384,6 +384,7 @@ impl LocalRouter {
                     .as_deref()
                     .and_then(|m| models.rollouts.get(m).cloned())
                     .unwrap_or_default(),
+                router_version: outcome.router_version.clone(),
             };
             buffer.append(vec![Event::Inference(event)]).await?;
         }

@@ -26,6 +26,7 @@ use tokio::sync::mpsc;
 
 pub use template::ChatMessage;
 
+use edgewise_core::complexity::{self, ComplexityModel};
 use external::{External, ExternalConfig};
 use gguf::GgufModel;
 
@@ -181,6 +182,8 @@ enum Engine {
     Embedded(Arc<GgufModel>),
     /// A server on the device.
     External(Arc<External>),
+    /// The learned router: it scores requests, it does not answer them.
+    Classifier(Arc<ComplexityModel>),
 }
 
 impl Loaded {
@@ -189,6 +192,7 @@ impl Loaded {
         match &self.engine {
             Engine::Embedded(_) => "embedded (candle, GGUF)".into(),
             Engine::External(e) => format!("external ({}, {})", e.name, e.base_url),
+            Engine::Classifier(_) => "embedded (learned router)".into(),
         }
     }
 
@@ -196,7 +200,15 @@ impl Loaded {
     pub fn process_id(&self) -> Option<u32> {
         match &self.engine {
             Engine::External(e) => Some(e.pid()).filter(|p| *p != 0),
-            Engine::Embedded(_) => None,
+            Engine::Embedded(_) | Engine::Classifier(_) => None,
+        }
+    }
+
+    /// The request's complexity, if this version is the learned router.
+    pub fn complexity(&self, text: &str) -> Option<f32> {
+        match &self.engine {
+            Engine::Classifier(c) => Some(c.score(text)),
+            Engine::Embedded(_) | Engine::External(_) => None,
         }
     }
 
@@ -206,6 +218,9 @@ impl Loaded {
             Engine::Embedded(e) => e.tokens(prompt).map(|t| t.len()),
             Engine::External(_) => Err(RuntimeError::Tokenizer(
                 "an external runtime counts its own tokens".into(),
+            )),
+            Engine::Classifier(_) => Err(RuntimeError::Tokenizer(
+                "the learned router has no tokenizer".into(),
             )),
         }
     }
@@ -217,6 +232,14 @@ impl Loaded {
         let engine = match &self.engine {
             Engine::Embedded(e) => e.clone(),
             Engine::External(e) => return e.stream(&prompt, &sampling),
+            Engine::Classifier(_) => {
+                let (tx, rx) = mpsc::channel(1);
+                let _ = tx.try_send(Piece::Failed(RuntimeError::NoRuntime(format!(
+                    "{} (the learned router scores requests; it does not answer them)",
+                    complexity::ARTIFACT_FORMAT
+                ))));
+                return rx;
+            }
         };
         let (tx, rx) = mpsc::channel(64);
         // The version stays loaded until this request ends, even if switched away from.
@@ -379,7 +402,18 @@ impl Runtime {
 
     /// Whether this device has a runtime for artifacts of `format`.
     pub fn serves(&self, format: &str) -> bool {
-        self.external.iter().any(|e| e.serves(format)) || format.eq_ignore_ascii_case("gguf")
+        self.external.iter().any(|e| e.serves(format))
+            || format.eq_ignore_ascii_case("gguf")
+            || format == complexity::ARTIFACT_FORMAT
+    }
+
+    /// The learned router in force, if one is loaded.
+    pub fn classifier(&self) -> Option<Arc<Loaded>> {
+        let slots = self.slots.read().unwrap_or_else(|e| e.into_inner());
+        slots
+            .values()
+            .filter_map(|s| s.load_full())
+            .find(|l| matches!(l.engine, Engine::Classifier(_)))
     }
 
     fn available(&self) -> u64 {
@@ -417,6 +451,9 @@ impl Runtime {
                 available_mib: available >> 20,
             });
         }
+        if format == complexity::ARTIFACT_FORMAT {
+            return self.load_classifier(model, version, path, needed).await;
+        }
         let engine = match (
             self.external.iter().find(|e| e.serves(format)),
             &self.engines,
@@ -445,6 +482,35 @@ impl Runtime {
             .map_err(|e| RuntimeError::Load(format!("warm-up failed: {e}")))?;
         loaded.requests.store(0, Ordering::Relaxed);
         Ok(loaded)
+    }
+
+    /// Loads the learned router at `path`; its warm-up is one scored request.
+    async fn load_classifier(
+        &self,
+        model: &str,
+        version: &str,
+        path: &Path,
+        bytes: u64,
+    ) -> Result<Arc<Loaded>, RuntimeError> {
+        let raw = tokio::fs::read(path)
+            .await
+            .map_err(|e| RuntimeError::Load(format!("{}: {e}", path.display())))?;
+        let classifier = ComplexityModel::from_json(&raw)
+            .map_err(|e| RuntimeError::Load(format!("{}: {e}", path.display())))?;
+        if !classifier.score("hello").is_finite() {
+            return Err(RuntimeError::Load(
+                "warm-up: the score is not a number".into(),
+            ));
+        }
+        Ok(Arc::new(Loaded {
+            model: model.to_owned(),
+            version: version.to_owned(),
+            path: path.to_owned(),
+            bytes,
+            requests: AtomicU64::new(0),
+            loaded_at: jiff::Timestamp::now(),
+            engine: Engine::Classifier(Arc::new(classifier)),
+        }))
     }
 
     /// Serves `loaded` for new requests from now on; returns the version it replaced.

@@ -257,6 +257,7 @@ pub fn validate(device_id: &str, batch: &TelemetryBatchView) -> Result<(), Inges
                 ("task", &e.task),
                 ("data_class", &e.data_class),
                 ("rollout", &e.rollout),
+                ("router_version", &e.router_version),
             ],
             &e.error,
             e.time_unix_ms,

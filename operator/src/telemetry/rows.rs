@@ -41,6 +41,8 @@ pub struct InferenceRow {
     pub task: String,
     pub data_class: String,
     pub received_at: u32,
+    /// Added by migration 3, so it comes last.
+    pub router_version: String,
 }
 
 /// `edgewise.model_events`.
@@ -182,7 +184,8 @@ impl BatchOrigin<'_> {
             .i8(shadow_enum(e.shadow))
             .str(&e.task)
             .str(&e.data_class)
-            .u32(self.received_at);
+            .u32(self.received_at)
+            .str(&e.router_version);
     }
 
     /// Appends the `model_events` row of a validated event, columns as [`ModelRow`].

@@ -150,6 +150,14 @@ pub const MIGRATIONS: &[Migration] = &[
             "ALTER TABLE edgewise.telemetry_batches MODIFY TTL received_at + INTERVAL 30 DAY",
         ],
     },
+    Migration {
+        version: 3,
+        name: "the learned router's version on inference events",
+        requires: Requires::Any,
+        statements: &[
+            "ALTER TABLE edgewise.inference_events ADD COLUMN router_version String DEFAULT ''",
+        ],
+    },
 ];
 
 /// Why migrating failed.
