@@ -221,15 +221,128 @@ async fn run() {
     let busy_kib = rss_kib(pid).max(rss_before);
     let agent_rps = load.await.unwrap();
     let cloud_rps = throughput(&http, &base, &cloud).await;
+    // Measured again last, so an order effect shows as two different direct figures.
+    let direct_after = throughput(&http, &direct.base_url, &device).await;
+    let direct_mean = (direct_rps + direct_after) / 2.0;
     println!("{STREAMS} concurrent streams, {LOAD_SECS} s each, requests/s:");
     println!(
-        "  serve-model {direct_rps:.0}, agent → on-device {agent_rps:.0} ({:.3}x), agent → cloud {cloud_rps:.0} ({:.3}x)",
-        agent_rps / direct_rps,
-        cloud_rps / direct_rps
+        "  serve-model {direct_rps:.0} (first) and {direct_after:.0} (last), agent → on-device {agent_rps:.0} ({:.3}x their mean), agent → cloud {cloud_rps:.0} ({:.3}x)",
+        agent_rps / direct_mean,
+        cloud_rps / direct_mean
     );
     println!(
         "agent RSS: idle {} KiB, under {STREAMS} streams {} KiB; of which the loaded model ≈ {model_kib} KiB",
         idle_kib, busy_kib
     );
+
+    switch(&h, &http, &base).await;
     agent.kill().await.unwrap();
+}
+
+/// A version switch and a rollback under 16 concurrent streams: from the rollout change to
+/// the first answer of the new version, and every failed request in the meantime.
+async fn switch(h: &Harness, http: &reqwest::Client, base: &str) {
+    const SWITCH_STREAMS: usize = 16;
+    let file = tiny_model(&h.dir.path().join("assistant-2.gguf"), 2, false);
+    let artifact = h
+        .put_artifact("assistant/2.0.0/cpu.gguf", std::fs::read(&file).unwrap())
+        .await;
+    h.apply([Change::ApplyVersion(model_version(
+        "assistant",
+        "2.0.0",
+        vec![Variant {
+            name: "cpu".into(),
+            artifact,
+            format: ModelFormat::Gguf,
+            requires: Requirements::default(),
+        }],
+    ))]);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, bool, String)>();
+    let mut body = body("device");
+    body["stream"] = json!(true);
+    body["max_tokens"] = json!(4);
+    for _ in 0..SWITCH_STREAMS {
+        let (http, base, body, stop, tx) = (
+            http.clone(),
+            base.to_owned(),
+            body.clone(),
+            stop.clone(),
+            tx.clone(),
+        );
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                let r = http
+                    .post(format!("{base}/chat/completions"))
+                    .json(&body)
+                    .send()
+                    .await;
+                let (ok, version) = match r {
+                    Ok(r) => {
+                        let version = r
+                            .headers()
+                            .get("x-edgewise-model-version")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or_default()
+                            .to_owned();
+                        let ok = r.status() == 200
+                            && r.text()
+                                .await
+                                .is_ok_and(|t| t.ends_with("data: [DONE]\n\n"));
+                        (ok, version)
+                    }
+                    Err(_) => (false, String::new()),
+                };
+                let _ = tx.send((Instant::now(), ok, version));
+            }
+        });
+    }
+    drop(tx);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let started = Instant::now();
+    h.apply([Change::ApplyRollout(
+        rollout("assistant")
+            .named("assistant")
+            .stable("2.0.0")
+            .build(),
+    )]);
+    let (to_new, f1, n1) = first_answer_of("2.0.0", started, &mut rx).await;
+    let started = Instant::now();
+    h.apply([Change::ApplyRollout(
+        rollout("assistant")
+            .named("assistant")
+            .stable("1.0.0")
+            .build(),
+    )]);
+    let (back, f2, n2) = first_answer_of("1.0.0", started, &mut rx).await;
+    stop.cancel();
+    println!(
+        "version switch under {SWITCH_STREAMS} streams: rollout change → first answer of 2.0.0 {:?} (push, download, verify, load, warm-up); rollback to the kept 1.0.0 {:?}; failed requests {} of {}",
+        to_new.map(|d| d.as_millis()),
+        back.map(|d| d.as_millis()),
+        f1 + f2,
+        n1 + n2
+    );
+}
+
+/// Reads request results until one second after the first answer of version `to`: how
+/// long that took from `started`, and the failed and total requests seen.
+async fn first_answer_of(
+    to: &str,
+    started: Instant,
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<(Instant, bool, String)>,
+) -> (Option<Duration>, usize, usize) {
+    let (mut first, mut failed, mut total) = (None, 0, 0);
+    let deadline = tokio::time::Instant::from_std(started + Duration::from_secs(60));
+    while let Ok(Some((at, ok, version))) = tokio::time::timeout_at(deadline, rx.recv()).await {
+        total += 1;
+        failed += usize::from(!ok);
+        if version == to && at > started {
+            let since = *first.get_or_insert(at - started);
+            if at - started > since + Duration::from_secs(1) {
+                break;
+            }
+        }
+    }
+    (first, failed, total)
 }
