@@ -11,7 +11,9 @@ use edgewise_tests::{
     Fault, FaultProxy, Harness, TOKEN, eventually, facts, model_version, quick_backoff, rollout,
     routing_policy,
 };
-use edgewise_tests::{openai_sdk, serve_model, tiny_model};
+use edgewise_tests::{
+    data_plane_serves, get_json, openai_sdk, python_fixture, serve_model, tiny_model,
+};
 use serde_json::{Value, json};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -93,26 +95,6 @@ fn start_agent(
     (stop, agent)
 }
 
-/// Waits until the data plane at `base` serves `version` of `assistant`.
-async fn loaded(http: &reqwest::Client, base: &str, version: &str) {
-    eventually(
-        Duration::from_secs(60),
-        &format!("assistant {version} loaded"),
-        || async {
-            let v: Value = http
-                .get(format!("{base}/models"))
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
-            (v["data"][0]["edgewise"]["loaded"] == version).then_some(())
-        },
-    )
-    .await;
-}
-
 async fn post(http: &reqwest::Client, base: &str, body: Value) -> (u16, Value) {
     let r = http
         .post(format!("{base}/chat/completions"))
@@ -135,35 +117,11 @@ fn chat(extra: Value) -> Value {
 async fn the_agent_executes_the_policy_on_device_in_the_cloud_with_fallback_and_pinning() {
     let h = Harness::start().await;
     // The device model, published and rolled out like any model.
-    let file = tiny_model(&h.dir.path().join("assistant-1.gguf"), 1, false);
-    let artifact = h
-        .put_artifact(
-            "assistant/1.0.0/cpu.gguf",
-            std::fs::read(&file).expect("read"),
-        )
-        .await;
+    h.publish_tiny("assistant", "1.0.0", 1).await;
     // The cloud: a real OpenAI-compatible server on its own model, behind a fault proxy.
-    let cloud_model = tiny_model(&h.dir.path().join("big.gguf"), 9, false);
-    let cloud = serve_model(&cloud_model, "big").await;
-    let upstream: std::net::SocketAddr = cloud
-        .base_url
-        .trim_start_matches("http://")
-        .trim_end_matches("/v1")
-        .parse()
-        .expect("addr");
-    let proxy = FaultProxy::start(upstream).await;
-    let endpoint = format!("http://{}/v1", proxy.addr);
+    let cloud = Cloud::start(&tiny_model(&h.dir.path().join("big.gguf"), 9, false), "big").await;
+    let (proxy, endpoint) = (&cloud.proxy, cloud.endpoint());
     h.apply([
-        Change::ApplyVersion(model_version(
-            "assistant",
-            "1.0.0",
-            vec![Variant {
-                name: "cpu".into(),
-                artifact,
-                format: ModelFormat::Gguf,
-                requires: Requirements::default(),
-            }],
-        )),
         Change::ApplyRollout(rollout("assistant").named("assistant").stable("1.0.0").build()),
         Change::ApplyPolicy(routing_policy(
             "p",
@@ -189,7 +147,7 @@ async fn the_agent_executes_the_policy_on_device_in_the_cloud_with_fallback_and_
     let (stop, agent) = start_agent(agent_config(&h, &dir, addr));
     let base = format!("http://{addr}/v1");
     let http = reqwest::Client::new();
-    loaded(&http, &base, "1.0.0").await;
+    data_plane_serves(&http, &base, "1.0.0").await;
 
     // The official SDK, default route: answered on the device by the rolled-out version.
     let said = openai_sdk(
@@ -270,7 +228,7 @@ async fn the_agent_executes_the_policy_on_device_in_the_cloud_with_fallback_and_
         body["edgewise"]["costUsd"].as_f64().unwrap_or(0.0) > 0.0,
         "{body}"
     );
-    let direct = post(&http, &cloud.base_url, chat(json!({}))).await.1;
+    let direct = post(&http, &cloud.served.base_url, chat(json!({}))).await.1;
     assert_eq!(
         body["choices"][0]["message"]["content"], direct["choices"][0]["message"]["content"],
         "the cloud's answer is the cloud model's"
@@ -423,21 +381,9 @@ impl Cloud {
 
 /// Runs `tests/fixtures/openai_phases.py` (the official SDK, over TCP or a Unix socket).
 async fn openai_phases(base: &str, extra: &Value, socket: Option<&std::path::Path>) -> Value {
-    let mut cmd = tokio::process::Command::new("python3");
-    cmd.arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/openai_phases.py"))
-        .arg(base)
-        .arg("assistant")
-        .arg(extra.to_string());
-    if let Some(s) = socket {
-        cmd.arg(s);
-    }
-    let out = cmd.output().await.expect("python3 runs");
-    assert!(
-        out.status.success(),
-        "openai SDK: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("json")
+    let mut args = vec![base.to_owned(), "assistant".to_owned(), extra.to_string()];
+    args.extend(socket.map(|s| s.display().to_string()));
+    python_fixture("openai_phases.py", &args).await
 }
 
 /// Policy of the second test: `shadow` names the shadow target, `budget` caps cloud
@@ -477,13 +423,7 @@ async fn the_data_plane_refines_shadows_keeps_budgets_and_reprocesses_offline_an
         edgewise_operator::telemetry::ingest::SinkConfig::default(),
     )
     .await;
-    let file = tiny_model(&h.dir.path().join("assistant-1.gguf"), 1, false);
-    let artifact = h
-        .put_artifact(
-            "assistant/1.0.0/cpu.gguf",
-            std::fs::read(&file).expect("read"),
-        )
-        .await;
+    let file = h.publish_tiny("assistant", "1.0.0", 1).await;
     // Two clouds: one serves the device's own model (so its answers agree), one another.
     let same = Cloud::start(&file, "same").await;
     let other = Cloud::start(
@@ -498,16 +438,6 @@ async fn the_data_plane_refines_shadows_keeps_budgets_and_reprocesses_offline_an
         ))
     };
     h.apply([
-        Change::ApplyVersion(model_version(
-            "assistant",
-            "1.0.0",
-            vec![Variant {
-                name: "cpu".into(),
-                artifact,
-                format: ModelFormat::Gguf,
-                requires: Requirements::default(),
-            }],
-        )),
         Change::ApplyRollout(
             rollout("assistant")
                 .named("assistant")
@@ -524,7 +454,7 @@ async fn the_data_plane_refines_shadows_keeps_budgets_and_reprocesses_offline_an
     let (stop, agent) = start_agent(config.clone());
     let base = format!("http://{addr}/v1");
     let http = reqwest::Client::new();
-    loaded(&http, &base, "1.0.0").await;
+    data_plane_serves(&http, &base, "1.0.0").await;
     let device_text = same.answer(&http).await;
     let other_text = other.answer(&http).await;
     assert_ne!(device_text, other_text, "the two clouds must differ");
@@ -660,14 +590,7 @@ async fn the_data_plane_refines_shadows_keeps_budgets_and_reprocesses_offline_an
         Duration::from_secs(60),
         "the request reprocessed",
         || async {
-            let list: Value = http
-                .get(format!("{base}/edgewise/reprocessed"))
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
+            let list = get_json(&http, &format!("{base}/edgewise/reprocessed")).await?;
             list["data"].as_array().filter(|d| !d.is_empty()).cloned()
         },
     )
@@ -726,7 +649,7 @@ async fn the_data_plane_refines_shadows_keeps_budgets_and_reprocesses_offline_an
     stop.cancel();
     agent.await.expect("joins").expect("agent ran");
     let (stop, agent) = start_agent(config);
-    loaded(&http, &base, "1.0.0").await;
+    data_plane_serves(&http, &base, "1.0.0").await;
     let (_, body) = post(&http, &base, reason()).await;
     assert_eq!(
         body["edgewise"]["target"], "on-device",
@@ -768,29 +691,13 @@ fn agent_status(dir: &std::path::Path) -> Value {
 async fn an_external_runtime_is_started_from_its_command_restarted_and_fallen_back_from_meanwhile()
 {
     let h = Harness::start().await;
-    let file = tiny_model(&h.dir.path().join("assistant-1.gguf"), 1, false);
-    let artifact = h
-        .put_artifact(
-            "assistant/1.0.0/cpu.gguf",
-            std::fs::read(&file).expect("read"),
-        )
-        .await;
+    let file = h.publish_tiny("assistant", "1.0.0", 1).await;
     let cloud = Cloud::start(
         &tiny_model(&h.dir.path().join("other.gguf"), 9, false),
         "other",
     )
     .await;
     h.apply([
-        Change::ApplyVersion(model_version(
-            "assistant",
-            "1.0.0",
-            vec![Variant {
-                name: "cpu".into(),
-                artifact,
-                format: ModelFormat::Gguf,
-                requires: Requirements::default(),
-            }],
-        )),
         Change::ApplyRollout(rollout("assistant").named("assistant").stable("1.0.0").build()),
         Change::ApplyPolicy(routing_policy(
             "p",
@@ -826,7 +733,7 @@ async fn an_external_runtime_is_started_from_its_command_restarted_and_fallen_ba
     let (stop, agent) = start_agent(config);
     let base = format!("http://{addr}/v1");
     let http = reqwest::Client::new();
-    loaded(&http, &base, "1.0.0").await;
+    data_plane_serves(&http, &base, "1.0.0").await;
     let serving = agent_status(&dir)["status"]["serving"][0].clone();
     assert!(
         serving["runtime"]
@@ -940,13 +847,7 @@ async fn a_new_learned_router_version_rolled_out_changes_which_requests_go_to_th
         edgewise_operator::telemetry::ingest::SinkConfig::default(),
     )
     .await;
-    let file = tiny_model(&h.dir.path().join("assistant-1.gguf"), 1, false);
-    let assistant = h
-        .put_artifact(
-            "assistant/1.0.0/cpu.gguf",
-            std::fs::read(&file).expect("read"),
-        )
-        .await;
+    h.publish_tiny("assistant", "1.0.0", 1).await;
     let cloud = Cloud::start(
         &tiny_model(&h.dir.path().join("other.gguf"), 9, false),
         "other",
@@ -997,16 +898,6 @@ async fn a_new_learned_router_version_rolled_out_changes_which_requests_go_to_th
     }
     h.apply(routers);
     h.apply([
-        Change::ApplyVersion(model_version(
-            "assistant",
-            "1.0.0",
-            vec![Variant {
-                name: "cpu".into(),
-                artifact: assistant,
-                format: ModelFormat::Gguf,
-                requires: Requirements::default(),
-            }],
-        )),
         Change::ApplyRollout(
             rollout("assistant")
                 .named("assistant")
@@ -1032,7 +923,7 @@ async fn a_new_learned_router_version_rolled_out_changes_which_requests_go_to_th
     let (stop, agent) = start_agent(agent_config(&h, &dir, addr));
     let base = format!("http://{addr}/v1");
     let http = reqwest::Client::new();
-    loaded(&http, &base, "1.0.0").await;
+    data_plane_serves(&http, &base, "1.0.0").await;
     let router_serves = |version: &'static str| {
         let dir = dir.clone();
         async move {

@@ -16,7 +16,6 @@
 
 use std::time::{Duration, Instant};
 
-use edgewise_core::variant::{ModelFormat, Requirements, Variant};
 use edgewise_operator::gateway::Change;
 use edgewise_tests::*;
 use serde_json::{Value, json};
@@ -87,23 +86,10 @@ async fn throughput(http: &reqwest::Client, base: &str, body: &Value) -> f64 {
 
 async fn run() {
     let h = Harness::start().await;
-    let file = tiny_model(&h.dir.path().join("assistant.gguf"), 1, false);
-    let artifact = h
-        .put_artifact("assistant/1.0.0/cpu.gguf", std::fs::read(&file).unwrap())
-        .await;
+    let file = h.publish_tiny("assistant", "1.0.0", 1).await;
     // The runtime alone: the same file behind the same API, no routing.
     let direct = serve_model(&file, "assistant").await;
     h.apply([
-        Change::ApplyVersion(model_version(
-            "assistant",
-            "1.0.0",
-            vec![Variant {
-                name: "cpu".into(),
-                artifact,
-                format: ModelFormat::Gguf,
-                requires: Requirements::default(),
-            }],
-        )),
         Change::ApplyRollout(rollout("assistant").named("assistant").stable("1.0.0").build()),
         Change::ApplyPolicy(routing_policy(
             "p",
@@ -146,22 +132,7 @@ async fn run() {
         .tcp_nodelay(true)
         .build()
         .unwrap();
-    eventually(
-        Duration::from_secs(60),
-        "the agent serves 1.0.0",
-        || async {
-            let v: Value = http
-                .get(format!("{base}/models"))
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
-            (v["data"][0]["edgewise"]["loaded"] == "1.0.0").then_some(())
-        },
-    )
-    .await;
+    data_plane_serves(&http, &base, "1.0.0").await;
     let status: Value = serde_json::from_str(&stdout_of(
         std::process::Command::new(workspace_binary("edgewise-agent"))
             .args(["status", "-o", "json", "--data-dir"])
@@ -243,20 +214,7 @@ async fn run() {
 /// the first answer of the new version, and every failed request in the meantime.
 async fn switch(h: &Harness, http: &reqwest::Client, base: &str) {
     const SWITCH_STREAMS: usize = 16;
-    let file = tiny_model(&h.dir.path().join("assistant-2.gguf"), 2, false);
-    let artifact = h
-        .put_artifact("assistant/2.0.0/cpu.gguf", std::fs::read(&file).unwrap())
-        .await;
-    h.apply([Change::ApplyVersion(model_version(
-        "assistant",
-        "2.0.0",
-        vec![Variant {
-            name: "cpu".into(),
-            artifact,
-            format: ModelFormat::Gguf,
-            requires: Requirements::default(),
-        }],
-    ))]);
+    h.publish_tiny("assistant", "2.0.0", 2).await;
     let stop = tokio_util::sync::CancellationToken::new();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, bool, String)>();
     let mut body = body("device");

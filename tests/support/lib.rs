@@ -267,6 +267,33 @@ impl Harness {
     pub fn apply(&self, changes: impl IntoIterator<Item = Change>) {
         self.gateway.snapshots().apply(changes);
     }
+
+    /// Writes a tiny GGUF model (`seed`), uploads it as the one `cpu` variant of `model`
+    /// `version`, and publishes that version; returns the model file.
+    pub async fn publish_tiny(&self, model: &str, version: &str, seed: u64) -> PathBuf {
+        let file = tiny_model(
+            &self.dir.path().join(format!("{model}-{version}.gguf")),
+            seed,
+            false,
+        );
+        let artifact = self
+            .put_artifact(
+                &format!("{model}/{version}/cpu.gguf"),
+                std::fs::read(&file).expect("the model file"),
+            )
+            .await;
+        self.apply([Change::ApplyVersion(model_version(
+            model,
+            version,
+            vec![Variant {
+                name: "cpu".into(),
+                artifact,
+                format: ModelFormat::Gguf,
+                requires: Requirements::default(),
+            }],
+        ))]);
+        file
+    }
 }
 
 /// `127.0.0.1:0`.
@@ -1000,17 +1027,47 @@ pub async fn openai_sdk(
     model: &str,
     extra_body: Option<&serde_json::Value>,
 ) -> serde_json::Value {
-    let mut cmd = tokio::process::Command::new("python3");
-    cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/openai_client.py"))
-        .arg(base_url)
-        .arg(model);
-    if let Some(e) = extra_body {
-        cmd.arg(e.to_string());
-    }
-    let out = cmd.output().await.expect("python3 runs");
+    let mut args = vec![base_url.to_owned(), model.to_owned()];
+    args.extend(extra_body.map(ToString::to_string));
+    python_fixture("openai_client.py", &args).await
+}
+
+/// Waits until the agent's data plane at `base` serves `version` of its first model.
+pub async fn data_plane_serves(http: &reqwest::Client, base: &str, version: &str) {
+    eventually(
+        Duration::from_secs(60),
+        &format!("version {version} loaded"),
+        || async {
+            let v = get_json(http, &format!("{base}/models")).await?;
+            (v["data"][0]["edgewise"]["loaded"] == version).then_some(())
+        },
+    )
+    .await;
+}
+
+/// `GET url` as JSON; `None` on any failure (for polling with [`eventually`]).
+pub async fn get_json(http: &reqwest::Client, url: &str) -> Option<serde_json::Value> {
+    http.get(url).send().await.ok()?.json().await.ok()
+}
+
+/// Runs the Python script `tests/fixtures/NAME` with `args`; what it printed, as JSON.
+///
+/// # Panics
+/// When it fails (with its stderr) or prints something else.
+pub async fn python_fixture(name: &str, args: &[String]) -> serde_json::Value {
+    let out = tokio::process::Command::new("python3")
+        .arg(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("fixtures")
+                .join(name),
+        )
+        .args(args)
+        .output()
+        .await
+        .expect("python3 runs");
     assert!(
         out.status.success(),
-        "openai SDK: {}",
+        "{name}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).expect("json")
