@@ -316,8 +316,9 @@ async fn supervise(
                     warn!(status = ?exited.ok(), "the external runtime exited; restarting");
                     break;
                 }
-                () = tokio::time::sleep(Duration::from_millis(if up { 1000 } else { 100 })) => {
-                    if !up && answers(&http, &base).await {
+                // Polled only until it answers; then nothing wakes but an exit or a stop.
+                () = tokio::time::sleep(Duration::from_millis(100)), if !up => {
+                    if answers(&http, &base).await {
                         up = true;
                         failures = 0;
                         healthy.store(true, Ordering::Relaxed);
