@@ -536,6 +536,12 @@ async fn forged_expired_and_revoked_credentials_are_refused() {
         (err.code(), err.message()),
         (Code::Unauthenticated, "unknown bootstrap token")
     );
+    let req = thief.enroll_request("", &facts("linux", "x86_64", 4096, &[]), &BTreeMap::new());
+    let err = c.enroll(req).await.expect_err("no token");
+    assert_eq!(
+        (err.code(), err.message()),
+        (Code::InvalidArgument, "bootstrap_token is required")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -571,6 +577,8 @@ async fn malformed_messages_get_errors_naming_the_problem_and_other_streams_carr
     if let Some(f) = bad_version.facts.as_mut() {
         f.agent_version = "banana".into();
     }
+    let mut bad_agent = hello(&device);
+    bad_agent.agent_version = "latest".into();
     let mut long_os = hello(&device);
     if let Some(f) = long_os.facts.as_mut() {
         f.os = "x".repeat(300);
@@ -591,6 +599,10 @@ async fn malformed_messages_get_errors_naming_the_problem_and_other_streams_carr
         (
             vec![msg(agent_message::Kind::Hello(long_os))],
             "hello.facts.os is 300 bytes",
+        ),
+        (
+            vec![msg(agent_message::Kind::Hello(bad_agent))],
+            "hello.agent_version \"latest\" is not a semantic version",
         ),
     ];
     for (messages, words) in cases {

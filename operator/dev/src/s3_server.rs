@@ -149,10 +149,31 @@ impl EmbeddedS3 {
     }
 }
 
-/// s3s-fs with fast GET bodies.
+/// s3s-fs with fast GET bodies, and the checks a directory-backed store needs.
 struct Store {
     fs: s3s_fs::FileSystem,
     root: PathBuf,
+}
+
+impl Store {
+    /// Objects are files under `root/bucket`: a key with `.` or `..` segments would name a
+    /// file elsewhere (another bucket), so it is refused, and the bucket must exist (s3s-fs
+    /// would create it on PUT and answer NoSuchKey on GET).
+    fn check(&self, bucket: &str, key: &str) -> S3Result<()> {
+        if key
+            .split('/')
+            .any(|segment| segment == ".." || segment == ".")
+        {
+            return Err(s3s::s3_error!(
+                InvalidArgument,
+                "this store keeps objects as files: keys with '.' or '..' path segments are refused"
+            ));
+        }
+        if bucket.is_empty() || bucket.contains(['/', '\\']) || !self.root.join(bucket).is_dir() {
+            return Err(s3s::s3_error!(NoSuchBucket));
+        }
+        Ok(())
+    }
 }
 
 /// Forwards operations to s3s-fs unchanged. Written in `async_trait`'s expanded form, since
@@ -185,22 +206,44 @@ impl S3 for Store {
         head_bucket: HeadBucketInput => HeadBucketOutput,
         list_buckets: ListBucketsInput => ListBucketsOutput,
         get_bucket_location: GetBucketLocationInput => GetBucketLocationOutput,
-        head_object: HeadObjectInput => HeadObjectOutput,
         copy_object: CopyObjectInput => CopyObjectOutput,
-        delete_object: DeleteObjectInput => DeleteObjectOutput,
         delete_objects: DeleteObjectsInput => DeleteObjectsOutput,
         list_objects: ListObjectsInput => ListObjectsOutput,
         list_objects_v2: ListObjectsV2Input => ListObjectsV2Output,
-        create_multipart_upload: CreateMultipartUploadInput => CreateMultipartUploadOutput,
         list_parts: ListPartsInput => ListPartsOutput,
         complete_multipart_upload: CompleteMultipartUploadInput => CompleteMultipartUploadOutput,
         abort_multipart_upload: AbortMultipartUploadInput => AbortMultipartUploadOutput,
+    }
+
+    async fn head_object(
+        &self,
+        req: S3Request<s3s::dto::HeadObjectInput>,
+    ) -> S3Result<S3Response<s3s::dto::HeadObjectOutput>> {
+        self.check(&req.input.bucket, &req.input.key)?;
+        self.fs.head_object(req).await
+    }
+
+    async fn delete_object(
+        &self,
+        req: S3Request<s3s::dto::DeleteObjectInput>,
+    ) -> S3Result<S3Response<s3s::dto::DeleteObjectOutput>> {
+        self.check(&req.input.bucket, &req.input.key)?;
+        self.fs.delete_object(req).await
+    }
+
+    async fn create_multipart_upload(
+        &self,
+        req: S3Request<s3s::dto::CreateMultipartUploadInput>,
+    ) -> S3Result<S3Response<s3s::dto::CreateMultipartUploadOutput>> {
+        self.check(&req.input.bucket, &req.input.key)?;
+        self.fs.create_multipart_upload(req).await
     }
 
     async fn put_object(
         &self,
         mut req: S3Request<s3s::dto::PutObjectInput>,
     ) -> S3Result<S3Response<s3s::dto::PutObjectOutput>> {
+        self.check(&req.input.bucket, &req.input.key)?;
         req.input.body = req.input.body.take().map(coalesce);
         self.fs.put_object(req).await
     }
@@ -209,6 +252,7 @@ impl S3 for Store {
         &self,
         mut req: S3Request<s3s::dto::UploadPartInput>,
     ) -> S3Result<S3Response<s3s::dto::UploadPartOutput>> {
+        self.check(&req.input.bucket, &req.input.key)?;
         req.input.body = req.input.body.take().map(coalesce);
         self.fs.upload_part(req).await
     }
@@ -217,6 +261,7 @@ impl S3 for Store {
         &self,
         req: S3Request<s3s::dto::GetObjectInput>,
     ) -> S3Result<S3Response<s3s::dto::GetObjectOutput>> {
+        self.check(&req.input.bucket, &req.input.key)?;
         let path = self.root.join(&req.input.bucket).join(&req.input.key);
         // s3s-fs resolves the range, ETag and headers; only its body is replaced.
         let mut response = self.fs.get_object(req).await?;
@@ -397,6 +442,66 @@ mod tests {
             "every write but the last is at least {PUT_CHUNK} bytes: {sizes:?}"
         );
         assert_eq!(out.concat(), data, "the same bytes in the same order");
+    }
+
+    /// The AWS SDK against the store: a key that would leave its bucket's directory is
+    /// refused and writes nothing; a missing bucket is NoSuchBucket on GET and PUT, and a
+    /// PUT does not create it.
+    #[tokio::test]
+    async fn keys_stay_in_their_bucket_and_missing_buckets_are_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s3 = EmbeddedS3::start(
+            dir.path(),
+            "127.0.0.1:0".parse().expect("addr"),
+            "k",
+            "secret-key-1234",
+        )
+        .await
+        .expect("starts");
+        let client = s3.settings().client();
+        for bucket in ["alpha", "beta"] {
+            client
+                .create_bucket()
+                .bucket(bucket)
+                .send()
+                .await
+                .expect("bucket");
+        }
+        let put = |bucket: &'static str, key: &'static str| {
+            client
+                .put_object()
+                .bucket(bucket)
+                .key(key)
+                .body(bytes::Bytes::from_static(b"x").into())
+                .send()
+        };
+        let code = |e: &dyn aws_sdk_s3::error::ProvideErrorMetadata| e.code().map(str::to_owned);
+        let err = put("alpha", "x/../../beta/stolen")
+            .await
+            .expect_err("refused");
+        assert_eq!(code(&err).as_deref(), Some("InvalidArgument"), "{err:?}");
+        assert!(
+            !dir.path().join("beta/stolen").exists(),
+            "nothing written across buckets"
+        );
+        let err = put("missing", "k").await.expect_err("refused");
+        assert_eq!(code(&err).as_deref(), Some("NoSuchBucket"), "{err:?}");
+        assert!(
+            !dir.path().join("missing").exists(),
+            "the bucket was not created"
+        );
+        let err = client
+            .get_object()
+            .bucket("missing")
+            .key("k")
+            .send()
+            .await
+            .expect_err("refused");
+        assert_eq!(code(&err).as_deref(), Some("NoSuchBucket"), "{err:?}");
+        put("alpha", "fine/key")
+            .await
+            .expect("an ordinary key works");
+        s3.stop().await;
     }
 
     /// A failing upload body fails the gathered stream too; it does not end it early as if

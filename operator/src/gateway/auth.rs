@@ -158,6 +158,8 @@ impl Authority {
     /// `UNAUTHENTICATED` for an unknown or revoked token or a failed proof,
     /// `INVALID_ARGUMENT` naming the field for malformed input.
     pub fn enroll(&self, req: &EnrollRequest) -> Result<EnrollResponse, Status> {
+        // An empty token is a malformed request, not an unknown token.
+        required("bootstrap_token", &req.bootstrap_token).map_err(invalid)?;
         let token = self.match_token(&req.bootstrap_token)?;
         let device_id = required("device_id", &req.device_id).map_err(invalid)?;
         let public_key: [u8; 32] = req

@@ -364,6 +364,12 @@ impl Fleet for FleetService {
             .ok_or_else(|| Status::invalid_argument("hello.facts is required"))?;
         let facts = DeviceFacts::try_from(facts_wire)
             .map_err(|e| Status::invalid_argument(format!("hello.{e}")))?;
+        edgewise_core::version::Version::parse(&hello.agent_version).map_err(|e| {
+            Status::invalid_argument(format!(
+                "hello.agent_version {:?} is not a semantic version: {e}",
+                hello.agent_version
+            ))
+        })?;
         if hello.installed.len() > 256 {
             return Err(Status::invalid_argument(
                 "hello.installed has more than 256 entries",
