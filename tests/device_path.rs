@@ -421,6 +421,44 @@ async fn sync_with(
     Ok((tx, stream))
 }
 
+/// A Sync stream whose messages are `raw` bytes, whatever they are; how it ended.
+async fn sync_raw(h: &Harness, credential: &str, raw: Vec<Vec<u8>>) -> tonic::Status {
+    let channel = tonic::transport::Endpoint::from_shared(h.gateway_url())
+        .expect("url")
+        .connect()
+        .await
+        .expect("connects");
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.expect("ready");
+    let (tx, rx) = mpsc::channel(8);
+    for m in raw {
+        tx.send(bytes::Bytes::from(m)).await.expect("queue");
+    }
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {credential}").parse().expect("ascii"),
+    );
+    let response = grpc
+        .streaming(
+            request,
+            tonic::codegen::http::uri::PathAndQuery::from_static("/edgewise.v1.Fleet/Sync"),
+            edgewise_proto::codec::PreEncodedCodec::<GatewayMessage>::default(),
+        )
+        .await;
+    let mut stream = match response {
+        Ok(r) => r.into_inner(),
+        Err(status) => return status,
+    };
+    loop {
+        match stream.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => return tonic::Status::ok("the stream ended with OK"),
+            Err(status) => return status,
+        }
+    }
+}
+
 fn msg(kind: agent_message::Kind) -> AgentMessage {
     AgentMessage { kind: Some(kind) }
 }
@@ -630,6 +668,23 @@ async fn malformed_messages_get_errors_naming_the_problem_and_other_streams_carr
     };
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("ack.kind 7"), "{}", err.message());
+    // Bytes that are no message after Hello end the stream with tonic's decode error (as
+    // Enroll and UploadTelemetry answer the same bytes), never with a silent OK.
+    let err = sync_raw(
+        &h,
+        &enrolled.credential,
+        vec![
+            prost::Message::encode_to_vec(&msg(agent_message::Kind::Hello(hello(&device)))),
+            vec![0x1a, 0xff, 0xff, 0xff],
+        ],
+    )
+    .await;
+    assert_eq!(err.code(), Code::Internal, "{err:?}");
+    assert!(
+        err.message().contains("failed to decode Protobuf message"),
+        "{}",
+        err.message()
+    );
 
     // The healthy agent's stream was not affected: it still receives updates.
     let mut next = simple_policy();

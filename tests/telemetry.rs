@@ -474,6 +474,22 @@ async fn upload_raw(
     credential: &str,
     body: Vec<u8>,
 ) -> Result<edgewise_proto::fleet::TelemetryAck, tonic::Status> {
+    unary_raw(
+        url,
+        credential,
+        edgewise_proto::codec::UPLOAD_TELEMETRY_PATH,
+        body,
+    )
+    .await
+}
+
+/// A unary call to `path` with `body` as the request bytes, whatever they are.
+async fn unary_raw<U: prost::Message + Default + Send + 'static>(
+    url: &str,
+    credential: &str,
+    path: &'static str,
+    body: Vec<u8>,
+) -> Result<U, tonic::Status> {
     let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
         .expect("url")
         .connect()
@@ -488,10 +504,8 @@ async fn upload_raw(
     );
     grpc.unary(
         request,
-        tonic::codegen::http::uri::PathAndQuery::from_static(
-            edgewise_proto::codec::UPLOAD_TELEMETRY_PATH,
-        ),
-        edgewise_proto::codec::PreEncodedCodec::<edgewise_proto::fleet::TelemetryAck>::default(),
+        tonic::codegen::http::uri::PathAndQuery::from_static(path),
+        edgewise_proto::codec::PreEncodedCodec::<U>::default(),
     )
     .await
     .map(tonic::Response::into_inner)
@@ -643,8 +657,8 @@ async fn invalid_batches_are_rejected_naming_the_problem() {
         ),
         (
             vec![0x1a, 0xff, 0xff, 0xff],
-            Code::InvalidArgument,
-            "malformed TelemetryBatch",
+            Code::Internal,
+            "failed to decode Protobuf message",
         ),
     ];
     for (body, code, words) in cases.chain(raw) {
@@ -654,6 +668,21 @@ async fn invalid_batches_are_rejected_naming_the_problem() {
         assert_eq!(err.code(), code, "{words}: {err:?}");
         assert!(err.message().contains(words), "{words}: {}", err.message());
     }
+    // The same undecodable bytes get the same status from Enroll (tonic's own decoder).
+    let err = unary_raw::<edgewise_proto::fleet::EnrollResponse>(
+        &h.gateway_url(),
+        &enrolled.credential,
+        "/edgewise.v1.Fleet/Enroll",
+        vec![0x1a, 0xff, 0xff, 0xff],
+    )
+    .await
+    .expect_err("rejected");
+    assert_eq!(err.code(), Code::Internal, "{err:?}");
+    assert!(
+        err.message().contains("failed to decode Protobuf message"),
+        "{}",
+        err.message()
+    );
     // A good batch still goes through.
     upload(
         &h.gateway_url(),

@@ -15,7 +15,7 @@ use edgewise_proto::fleet::{
 };
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch};
-use tonic::{Status, Streaming};
+use tonic::{Code, Status, Streaming};
 use tracing::{debug, warn};
 
 use super::Inner;
@@ -158,6 +158,16 @@ impl Session {
                         }
                     }
                     Ok(None) => break,
+                    // A message that does not decode or is too large is the device's fault:
+                    // the stream ends with that status (not a silent OK), logged at warn.
+                    Err(status) if matches!(
+                        status.code(),
+                        Code::Internal | Code::InvalidArgument | Code::OutOfRange | Code::ResourceExhausted
+                    ) => {
+                        warn!(device = %self.device_id, code = ?status.code(), error = %status.message(), "ending a Sync stream on a bad message");
+                        let _ = self.out.send(Box::new(Err(status))).await;
+                        break;
+                    }
                     Err(status) => {
                         debug!(device = %self.device_id, error = %status, "Sync stream ended");
                         break;

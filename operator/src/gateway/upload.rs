@@ -23,10 +23,13 @@ use tonic::{Request, Response, Status};
 use super::{FleetService, Inner, MAX_MESSAGE_BYTES};
 use crate::telemetry::ingest::IngestError;
 
-/// The gRPC status a device sees for an ingest error: `INVALID_ARGUMENT` (do not retry),
-/// `PERMISSION_DENIED`, or `UNAVAILABLE` / `RESOURCE_EXHAUSTED` with the retry hint.
+/// The gRPC status a device sees for an ingest error: `INTERNAL` for a body that is not
+/// protobuf (what tonic answers Enroll and Sync for the same bytes, so one fault has one
+/// status), `INVALID_ARGUMENT` (do not retry), `PERMISSION_DENIED`, or `UNAVAILABLE` /
+/// `RESOURCE_EXHAUSTED` with the retry hint.
 pub fn status_of(e: &IngestError) -> Status {
     let status = match e {
+        IngestError::Undecodable(_) => Status::internal(e.to_string()),
         IngestError::Invalid(_) => Status::invalid_argument(e.to_string()),
         IngestError::WrongDevice(_) => Status::permission_denied(e.to_string()),
         IngestError::QueueFull { .. } => Status::resource_exhausted(e.to_string()),

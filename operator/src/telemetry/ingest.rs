@@ -135,6 +135,9 @@ fn now_ms() -> i64 {
 /// a retry hint for the ones a device should retry); nothing here knows about gRPC.
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum IngestError {
+    /// The body is not a protobuf `TelemetryBatch` at all. Retrying is useless.
+    #[error("failed to decode Protobuf message: {0}")]
+    Undecodable(String),
     /// The batch is malformed; the message names the field at fault. Retrying is useless.
     #[error("{0}")]
     Invalid(String),
@@ -163,7 +166,10 @@ impl IngestError {
     #[must_use]
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            IngestError::Invalid(_) | IngestError::WrongDevice(_) | IngestError::Stopped => None,
+            IngestError::Undecodable(_)
+            | IngestError::Invalid(_)
+            | IngestError::WrongDevice(_)
+            | IngestError::Stopped => None,
             IngestError::StoreUnavailable | IngestError::InsertFailed(_) => {
                 Some(Duration::from_secs(2))
             }
@@ -368,7 +374,7 @@ impl TelemetrySink {
         body: Bytes,
     ) -> Result<TelemetryAck, IngestError> {
         let checked = TelemetryBatchView::decode(body)
-            .map_err(|e| invalid(format!("malformed TelemetryBatch: {e}")))
+            .map_err(|e| IngestError::Undecodable(format!("TelemetryBatch: {e}")))
             .and_then(|batch| validate(device_id, &batch).map(|()| batch));
         let batch = match checked {
             Ok(batch) => batch,
