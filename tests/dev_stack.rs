@@ -707,3 +707,18 @@ async fn a_version_that_disagrees_with_the_cloud_is_rolled_back_on_executed_shad
     shutdown.cancel();
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dev_api_listens_beyond_loopback_only_when_told() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut opts = dev_options(dir.path(), 1, false, None);
+    opts.api_addr = "0.0.0.0:0".parse().expect("addr");
+    let err = DevStack::start(&opts, CancellationToken::new())
+        .await
+        .expect_err("refused");
+    assert!(err.to_string().contains("--allow-remote-api"), "{err}");
+    assert!(
+        std::fs::read_dir(dir.path()).expect("dir").next().is_none(),
+        "refused before anything started or was written"
+    );
+}

@@ -10,7 +10,7 @@ use edgewise_agent::simulate::{SimConfig, SimFleet};
 use edgewise_core::cohort::bucket;
 use edgewise_core::variant::Requirements;
 use edgewise_operator::gateway::desired::cohort_salt;
-use edgewise_operator::gateway::{Change, DeviceClaims};
+use edgewise_operator::gateway::{BootstrapToken, Change, DeviceClaims};
 use edgewise_proto::fleet::fleet_client::FleetClient;
 use edgewise_proto::fleet::{
     Ack, AgentMessage, EnrollResponse, GatewayMessage, Hello, ModelState, ResourceKind,
@@ -579,6 +579,22 @@ async fn forged_expired_and_revoked_credentials_are_refused() {
     assert_eq!(
         (err.code(), err.message()),
         (Code::InvalidArgument, "bootstrap_token is required")
+    );
+    // A configured token shorter than 16 bytes is guessable: it enrols nobody.
+    h.gateway.auth().set_bootstrap_tokens(vec![BootstrapToken {
+        name: "short".into(),
+        token: "hunter2".into(),
+        labels: BTreeMap::new(),
+    }]);
+    let req = thief.enroll_request(
+        "hunter2",
+        &facts("linux", "x86_64", 4096, &[]),
+        &BTreeMap::new(),
+    );
+    let err = c.enroll(req).await.expect_err("short token");
+    assert_eq!(
+        (err.code(), err.message()),
+        (Code::Unauthenticated, "unknown bootstrap token")
     );
 }
 

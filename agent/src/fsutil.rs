@@ -68,3 +68,37 @@ pub fn bind_unix(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
     Ok(listener)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// State files hold the device key and credential: only the agent's user reads them.
+    #[test]
+    fn state_files_are_private_to_the_agents_user() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("identity.json");
+        atomic_write(&path, b"{}", false).expect("writes");
+        let mode = std::fs::metadata(&path)
+            .expect("metadata")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    }
+
+    #[tokio::test]
+    async fn sockets_admit_the_owner_and_its_group() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("run/api.sock");
+        let _listener = bind_unix(&path).expect("binds");
+        let mode = std::fs::metadata(&path)
+            .expect("metadata")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o660, "{mode:o}");
+        // A socket left by an earlier run is replaced.
+        drop(_listener);
+        bind_unix(&path).expect("binds again");
+    }
+}

@@ -342,6 +342,7 @@ pub fn dev_options(
         data_dir: dir.to_owned(),
         exit_after_demo,
         api_addr: loopback(),
+        allow_remote_api: false,
         s3_addr: loopback(),
         gateway_addr: loopback(),
         cloud_addr: loopback(),

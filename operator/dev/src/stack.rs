@@ -37,9 +37,13 @@ pub struct DevOptions {
     /// Run the demo and exit 0 only if every step succeeded.
     #[arg(long)]
     pub exit_after_demo: bool,
-    /// Kubernetes-compatible API listen address.
+    /// Kubernetes-compatible API listen address (loopback unless `--allow-remote-api`).
     #[arg(long, default_value = "127.0.0.1:6443")]
     pub api_addr: SocketAddr,
+    /// Let `--api-addr` be a non-loopback address: the dev API has no authentication, so
+    /// anyone who reaches it can change every Edgewise resource.
+    #[arg(long)]
+    pub allow_remote_api: bool,
     /// Embedded S3 listen address.
     #[arg(long, default_value = "127.0.0.1:9000")]
     pub s3_addr: SocketAddr,
@@ -112,6 +116,11 @@ pub enum Error {
     /// A demo step failed.
     #[error("demo step failed: {0}")]
     Demo(#[from] DemoError),
+    /// The dev API was asked to listen beyond loopback without `--allow-remote-api`.
+    #[error(
+        "--api-addr {0} is not a loopback address: the dev API checks no credentials, so anyone who reaches it can change every resource. Use 127.0.0.1, or add --allow-remote-api if you mean it"
+    )]
+    RemoteApi(SocketAddr),
 }
 
 fn start<E: Into<Box<dyn std::error::Error + Send + Sync>>>(
@@ -161,6 +170,10 @@ impl DevStack {
     /// [`Error::Start`] naming the component that failed, with the fix where there is one.
     pub async fn start(opts: &DevOptions, shutdown: CancellationToken) -> Result<Self, Error> {
         let dir = &opts.data_dir;
+        if !opts.api_addr.ip().is_loopback() && !opts.allow_remote_api && opts.kubeconfig.is_none()
+        {
+            return Err(Error::RemoteApi(opts.api_addr));
+        }
         std::fs::create_dir_all(dir).map_err(start("data dir"))?;
         let (api, client) = match &opts.kubeconfig {
             Some(path) => {

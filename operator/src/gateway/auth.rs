@@ -23,6 +23,9 @@ use tonic::metadata::MetadataMap;
 const PROOF_WINDOW_MS: i64 = 10 * 60 * 1000;
 /// Most self-reported labels a device may send.
 const MAX_SELF_LABELS: usize = 32;
+/// Shortest bootstrap token accepted: 16 bytes. A shorter one (an empty Secret key, a
+/// typo'd password) is guessable, so it enrols nobody.
+pub const MIN_BOOTSTRAP_TOKEN_BYTES: usize = 16;
 /// Prefix that marks self-reported labels in selectors.
 pub const SELF_LABEL_PREFIX: &str = "self.";
 
@@ -115,6 +118,13 @@ impl Authority {
     pub fn set_bootstrap_tokens(&self, tokens: Vec<BootstrapToken>) {
         let hashed = tokens
             .into_iter()
+            .filter(|t| {
+                let long_enough = t.token.len() >= MIN_BOOTSTRAP_TOKEN_BYTES;
+                if !long_enough {
+                    tracing::warn!(token = %t.name, bytes = t.token.len(), "bootstrap token shorter than {MIN_BOOTSTRAP_TOKEN_BYTES} bytes; it enrols nobody");
+                }
+                long_enough
+            })
             .map(|t| (Sha256::digest(t.token.as_bytes()).into(), t))
             .collect();
         *self
