@@ -527,6 +527,10 @@ async fn the_data_plane_refines_shadows_keeps_budgets_and_reprocesses_offline_an
         || async { (ch.count(agreed).await == 3).then_some(()) },
     )
     .await;
+    // The data plane measured each request itself: time to first token within its latency.
+    let measured = "SELECT count() FROM edgewise.inference_events FINAL \
+        WHERE rule = 'default' AND first_token_ms > 0 AND first_token_ms <= latency_ms";
+    assert_eq!(ch.count(measured).await, 3, "time to first token recorded");
     // The refinements were measured as cloud requests of the draft rule, with their cost.
     let refined = "SELECT count() FROM edgewise.inference_events FINAL \
         WHERE rule = 'draft' AND target = 'other' AND NOT on_device AND cost_usd > 0";

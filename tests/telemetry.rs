@@ -867,6 +867,7 @@ async fn every_field_lands_in_its_column() {
         data_class: "internal".into(),
         rollout: "fleet/assistant".into(),
         router_version: "0.3.0".into(),
+        first_token_ms: 143.5,
     };
     let model = ModelEvent {
         event_id: "m-1".into(),
@@ -920,6 +921,7 @@ async fn every_field_lands_in_its_column() {
             data_class: "internal".into(),
             received_at,
             router_version: "0.3.0".into(),
+            first_token_ms: 143.5,
         }]
     );
     let rows = ch

@@ -26,6 +26,7 @@ pub mod installer;
 pub mod network;
 pub mod openai;
 pub mod policy;
+pub mod power;
 pub mod router;
 pub mod runtime;
 pub mod simulate;

@@ -457,6 +457,8 @@ async fn generate(
             task: request.task.clone().unwrap_or_default(),
             data_class: request.data_class.clone().unwrap_or_default(),
             router_version: String::new(),
+            // Synthetic: nothing was streamed, so nothing to measure.
+            first_token_ms: 0.0,
         };
         if let Err(e) = device.router.report(&outcome).await {
             tracing::warn!(error = %e, "buffering a synthetic outcome");

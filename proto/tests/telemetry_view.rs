@@ -32,6 +32,7 @@ fn full_batch() -> TelemetryBatch {
             data_class: "private".into(),
             rollout: "ns/ro".into(),
             router_version: "0.3.0".into(),
+            first_token_ms: 17.25,
         }],
         model_events: vec![ModelEvent {
             event_id: "e-2".into(),

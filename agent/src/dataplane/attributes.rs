@@ -62,14 +62,28 @@ pub fn gives_complexity(request: &Request, headers: &HeaderMap) -> bool {
     headers.contains_key("x-edgewise-complexity") || request.edgewise.contains_key("complexity")
 }
 
-/// The Decide request for `request`; `learned` is the learned router's complexity, used
-/// when the app gives none.
+/// What the agent knows of a request and its device, for what the app does not say.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Filled {
+    /// Prompt tokens (the device model's tokenizer, else an estimate).
+    pub input_tokens: u32,
+    /// The learned router's complexity, if one is loaded.
+    pub learned_complexity: Option<f32>,
+    /// The device's battery, 0–1, if it has one.
+    pub battery: Option<f32>,
+}
+
+/// The Decide request for `request`: the app's attributes, the rest from `filled`.
 pub fn from_request(
     request: &Request,
     headers: &HeaderMap,
-    input_tokens: u32,
-    learned: Option<f32>,
+    filled: Filled,
 ) -> Result<DecideRequest, ApiError> {
+    let Filled {
+        input_tokens,
+        learned_complexity: learned,
+        battery: device_battery,
+    } = filled;
     let get = |key: &str, suffix: &str| -> Option<String> {
         headers
             .get(format!("x-edgewise-{suffix}"))
@@ -141,7 +155,7 @@ pub fn from_request(
         input_tokens: Some(input_tokens),
         latency_budget_ms: latency.map(|v| v.max(0.0) as u32),
         network: network as i32,
-        battery: battery.map(|v| v as f32),
+        battery: battery.map(|v| v as f32).or(device_battery),
         complexity: Some(complexity.map_or_else(
             || learned.unwrap_or_else(|| heuristic_complexity(input_tokens)),
             |v| v as f32,
@@ -155,6 +169,14 @@ mod tests {
     use super::*;
     use crate::openai::{Endpoint, wire};
 
+    fn filled(learned_complexity: Option<f32>, battery: Option<f32>) -> Filled {
+        Filled {
+            input_tokens: 12,
+            learned_complexity,
+            battery,
+        }
+    }
+
     #[test]
     fn headers_win_over_the_body_and_unknown_keys_become_attributes() {
         let req = wire::parse(
@@ -166,7 +188,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("x-edgewise-data-class", "private".parse().expect("value"));
         h.insert("x-edgewise-region", "eu".parse().expect("value"));
-        let d = from_request(&req, &h, 12, None).expect("attributes");
+        let d = from_request(&req, &h, filled(None, None)).expect("attributes");
         assert_eq!(d.task.as_deref(), Some("chat"));
         assert_eq!(d.data_class.as_deref(), Some("private"));
         assert_eq!(d.attributes["tier"], "gold");
@@ -175,14 +197,24 @@ mod tests {
         assert_eq!(d.input_tokens, Some(12));
         assert!(d.complexity.is_some_and(|c| c < 0.01), "the heuristic");
         assert!(!gives_complexity(&req, &h));
-        let learned = from_request(&req, &h, 12, Some(0.9)).expect("attributes");
+        let learned = from_request(&req, &h, filled(Some(0.9), None)).expect("attributes");
         assert_eq!(learned.complexity, Some(0.9), "the learned router's score");
         h.insert("x-edgewise-complexity", "0.25".parse().expect("value"));
         assert!(gives_complexity(&req, &h));
-        let given = from_request(&req, &h, 12, Some(0.9)).expect("attributes");
+        let given = from_request(&req, &h, filled(Some(0.9), None)).expect("attributes");
         assert_eq!(given.complexity, Some(0.25), "the app's own value wins");
+        assert_eq!(given.battery, None, "no battery known");
+        let device = from_request(&req, &h, filled(None, Some(0.4))).expect("attributes");
+        assert_eq!(
+            device.battery,
+            Some(0.4),
+            "the device's battery when the app says none"
+        );
+        h.insert("x-edgewise-battery", "0.9".parse().expect("value"));
+        let app = from_request(&req, &h, filled(None, Some(0.4))).expect("attributes");
+        assert_eq!(app.battery, Some(0.9), "the app's own value wins");
         h.insert("x-edgewise-network", "sideways".parse().expect("value"));
-        let err = from_request(&req, &h, 12, None).expect_err("refused");
+        let err = from_request(&req, &h, filled(None, None)).expect_err("refused");
         assert!(err.message.contains("network"), "{}", err.message);
     }
 }

@@ -59,6 +59,7 @@ pub struct DataPlane {
     cooldown: Arc<Mutex<HashMap<String, Instant>>>,
     shadows: Arc<Semaphore>,
     reprocess: Arc<Queue>,
+    battery: Arc<crate::power::Battery>,
 }
 
 /// Why one target did not serve.
@@ -137,6 +138,7 @@ impl DataPlane {
             cooldown: Arc::default(),
             shadows: Arc::new(Semaphore::new(MAX_SHADOWS_IN_FLIGHT)),
             reprocess: Arc::new(Queue::new(data_dir.join("reprocess"))),
+            battery: Arc::default(),
         }
     }
 
@@ -314,7 +316,15 @@ impl DataPlane {
             .as_ref()
             .and_then(|c| c.complexity(&attributes::scored_text(&request.prompt)));
         let router_version = classifier.map(|c| c.version.clone()).unwrap_or_default();
-        let attrs = attributes::from_request(&request, headers, input_tokens, learned)?;
+        let attrs = attributes::from_request(
+            &request,
+            headers,
+            attributes::Filled {
+                input_tokens,
+                learned_complexity: learned,
+                battery: self.battery.level(),
+            },
+        )?;
         let decision = router
             .decide(&attrs)
             .map_err(|e| ApiError::invalid(e.to_string(), None))?;
@@ -454,6 +464,8 @@ impl DataPlane {
             task: attrs.task.clone().unwrap_or_default(),
             data_class: attrs.data_class.clone().unwrap_or_default(),
             router_version: router_version.to_owned(),
+            // The chain's target has produced its first piece by now.
+            first_token_ms: started.elapsed().as_secs_f64() * 1000.0,
             ..Default::default()
         };
         let refine = decision

@@ -385,6 +385,7 @@ impl LocalRouter {
                     .and_then(|m| models.rollouts.get(m).cloned())
                     .unwrap_or_default(),
                 router_version: outcome.router_version.clone(),
+                first_token_ms: outcome.first_token_ms,
             };
             buffer.append(vec![Event::Inference(event)]).await?;
         }

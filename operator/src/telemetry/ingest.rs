@@ -275,6 +275,12 @@ pub fn validate(device_id: &str, batch: &TelemetryBatchView) -> Result<(), Inges
                 at("latency_ms")
             )));
         }
+        if !(e.first_token_ms.is_finite() && e.first_token_ms >= 0.0) {
+            return Err(invalid(format!(
+                "{} must be finite and >= 0",
+                at("first_token_ms")
+            )));
+        }
         if !(e.cost_usd.is_finite() && e.cost_usd >= 0.0) {
             return Err(invalid(format!(
                 "{} must be finite and >= 0",

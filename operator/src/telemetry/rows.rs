@@ -41,8 +41,9 @@ pub struct InferenceRow {
     pub task: String,
     pub data_class: String,
     pub received_at: u32,
-    /// Added by migration 3, so it comes last.
+    /// Added by migration 3, so they come last.
     pub router_version: String,
+    pub first_token_ms: f64,
 }
 
 /// `edgewise.model_events`.
@@ -185,7 +186,8 @@ impl BatchOrigin<'_> {
             .str(&e.task)
             .str(&e.data_class)
             .u32(self.received_at)
-            .str(&e.router_version);
+            .str(&e.router_version)
+            .f64(e.first_token_ms);
     }
 
     /// Appends the `model_events` row of a validated event, columns as [`ModelRow`].

@@ -152,10 +152,11 @@ pub const MIGRATIONS: &[Migration] = &[
     },
     Migration {
         version: 3,
-        name: "the learned router's version on inference events",
+        name: "inference events: the learned router's version, time to first token",
         requires: Requires::Any,
         statements: &[
             "ALTER TABLE edgewise.inference_events ADD COLUMN router_version String DEFAULT ''",
+            "ALTER TABLE edgewise.inference_events ADD COLUMN first_token_ms Float64 DEFAULT 0",
         ],
     },
 ];
