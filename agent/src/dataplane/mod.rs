@@ -632,6 +632,9 @@ impl DataPlane {
             let wait = if pending.is_empty() {
                 None
             } else if self.device.router.network() == edgewise_core::policy::Network::Offline {
+                // Backs off while offline too: a device offline for days is not polled twice
+                // a second.
+                failures = failures.saturating_add(1);
                 Some(reprocess::retry_after(failures))
             } else {
                 match self.reprocess_all(pending).await {

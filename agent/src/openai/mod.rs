@@ -17,8 +17,6 @@ use axum::routing::{get, post};
 use futures_util::{Stream, StreamExt};
 use serde_json::{Value, json};
 
-use std::time::Instant;
-
 use tracing::Instrument;
 
 use crate::runtime::{Finish, Piece, RuntimeError, Usage};
@@ -73,10 +71,6 @@ pub struct Outcome {
     pub usage: Usage,
     /// Why it failed, if it did.
     pub error: Option<String>,
-    /// Time to the first piece of text.
-    pub first_token_ms: Option<u64>,
-    /// Time to the end.
-    pub total_ms: u64,
 }
 
 /// Who answers.
@@ -183,32 +177,24 @@ fn measure(
     text: &str,
     usage: Usage,
     error: Option<String>,
-    first: Option<u64>,
-    started: Instant,
 ) -> Option<Value> {
     on_end.and_then(|f| {
         f(Outcome {
             text: text.to_owned(),
             usage,
             error,
-            first_token_ms: first,
-            total_ms: ms(started),
         })
     })
 }
 
 /// Reads a phase to its end.
 async fn collect(mut pieces: Pieces, edgewise: Value, on_end: Option<OnEnd>) -> Ended {
-    let started = Instant::now();
-    let (mut text, mut first) = (String::new(), None);
+    let mut text = String::new();
     let mut end = Err(RuntimeError::Generation("the answer ended early".into()));
     let mut usage = Usage::default();
     while let Some(p) = pieces.next().await {
         match p {
-            Piece::Text(t) => {
-                first.get_or_insert_with(|| ms(started));
-                text.push_str(&t);
-            }
+            Piece::Text(t) => text.push_str(&t),
             Piece::Done(u, f) => {
                 (usage, end) = (u, Ok(f));
                 break;
@@ -220,7 +206,7 @@ async fn collect(mut pieces: Pieces, edgewise: Value, on_end: Option<OnEnd>) -> 
         }
     }
     let error = end.as_ref().err().map(ToString::to_string);
-    let patch = measure(on_end, &text, usage, error, first, started);
+    let patch = measure(on_end, &text, usage, error);
     Ended {
         text,
         usage,
@@ -350,10 +336,6 @@ fn merged(base: Value, patch: Option<Value>) -> Value {
     }
 }
 
-fn ms(since: Instant) -> u64 {
-    u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)
-}
-
 fn event(v: &Value) -> Bytes {
     Bytes::from(format!("data: {v}\n\n"))
 }
@@ -478,8 +460,7 @@ async fn stream_phase(
     edgewise: Value,
     on_end: Option<OnEnd>,
 ) -> Option<Ended> {
-    let started = Instant::now();
-    let (mut text, mut first) = (String::new(), None);
+    let mut text = String::new();
     let marker = (index > 0).then(|| json!({"phase": "refine"}));
     let end = loop {
         let next = tokio::select! {
@@ -490,14 +471,13 @@ async fn stream_phase(
             Some(p) => p,
             None if tx.is_closed() => {
                 let error = Some("the client disconnected".to_owned());
-                measure(on_end, &text, Usage::default(), error, first, started);
+                measure(on_end, &text, Usage::default(), error);
                 return None;
             }
             None => Piece::Failed(RuntimeError::Generation("the answer ended early".into())),
         };
         match piece {
             Piece::Text(t) => {
-                first.get_or_insert_with(|| ms(started));
                 let mut chunk = wire::chunk(endpoint, meta, index, Some(&t), None);
                 if let Some(m) = &marker {
                     chunk["edgewise"] = m.clone();
@@ -505,7 +485,7 @@ async fn stream_phase(
                 text.push_str(&t);
                 if tx.send(event(&chunk)).await.is_err() {
                     let error = Some("the client disconnected".to_owned());
-                    measure(on_end, &text, Usage::default(), error, first, started);
+                    measure(on_end, &text, Usage::default(), error);
                     return None;
                 }
             }
@@ -521,7 +501,7 @@ async fn stream_phase(
         }
     };
     let error = end.as_ref().err().map(ToString::to_string);
-    let patch = measure(on_end, &text, usage, error, first, started);
+    let patch = measure(on_end, &text, usage, error);
     Some(Ended {
         text,
         usage,
