@@ -13,12 +13,18 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+/// One dev stack (or operator process) at a time: each runs a fleet whose devices execute
+/// real models, and two or three at once on a 2-core machine starve each other's API
+/// servers and timers (a SIGTERM drain then outlived its bound).
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn options(dir: &Path, exit_after_demo: bool) -> DevOptions {
     dev_options(dir, 100, exit_after_demo, None)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dev_stack_demo_rolls_a_version_out_on_telemetry_and_succeeds() {
+    let _serial = SERIAL.lock().await;
     init_logging();
     // A data dir relative to the working directory, as in the README's `./scripts/dev
     // --data-dir edgewise-dev` (removed when the test ends).
@@ -48,6 +54,7 @@ fn running(stack: &DevStack, v: &str) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_breaching_canary_rolls_back_a_bad_digest_never_ships_and_pauses_wait_for_promotion() {
+    let _serial = SERIAL.lock().await;
     init_logging();
     let dir = tempfile::tempdir().expect("tempdir");
     let shutdown = CancellationToken::new();
@@ -258,6 +265,7 @@ async fn a_breaching_canary_rolls_back_a_bad_digest_never_ships_and_pauses_wait_
 /// standalone dev API standing in for kind), and its controllers work against it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dev_stack_installs_its_crds_into_an_existing_cluster_and_reconciles_there() {
+    let _serial = SERIAL.lock().await;
     use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
     init_logging();
     let dir = tempfile::tempdir().expect("tempdir");
@@ -360,6 +368,7 @@ async fn leadership_fails_over_within_the_lease_duration() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_run_command_serves_against_a_cluster_becomes_ready_and_stops_on_sigterm() {
+    let _serial = SERIAL.lock().await;
     init_logging();
     let dir = tempfile::tempdir().expect("tempdir");
     let api = edgewise_dev::devapi::DevApi::start(&dir.path().join("api"), loopback())
@@ -454,6 +463,7 @@ async fn the_run_command_serves_against_a_cluster_becomes_ready_and_stops_on_sig
 /// refused at once with the size it needs; every other size finishes within a minute.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_finishes_or_refuses_clearly_for_every_fleet_size() {
+    let _serial = SERIAL.lock().await;
     init_logging();
     for devices in [1, 5, 10, 30] {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -489,6 +499,7 @@ async fn the_demo_finishes_or_refuses_clearly_for_every_fleet_size() {
 /// bootstrap tokens). Then the data dir's credentials survive a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_examples_work_against_the_dev_stack_as_shipped() {
+    let _serial = SERIAL.lock().await;
     init_logging();
     let dir = tempfile::tempdir().expect("tempdir");
     let shutdown = CancellationToken::new();
@@ -609,6 +620,7 @@ async fn the_examples_work_against_the_dev_stack_as_shipped() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_version_that_disagrees_with_the_cloud_is_rolled_back_on_executed_shadows() {
+    let _serial = SERIAL.lock().await;
     use edgewise_agent::runtime::tiny::{self, GgmlDType, TinyModel};
     use edgewise_dev::cloud::{CLOUD_MODEL, DEMO_MODEL_SEED};
     init_logging();
