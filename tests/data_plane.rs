@@ -212,12 +212,19 @@ async fn the_agent_executes_the_policy_on_device_in_the_cloud_with_fallback_and_
     let mut huge = br#"{"model": "assistant", "messages": [{"role": "user", "content": ""#.to_vec();
     huge.extend(std::iter::repeat_n(b'a', 5 << 20));
     huge.extend_from_slice(br#""}]}"#);
-    let (status, body) = raw(huge).await;
-    assert_eq!(
-        (status, body["error"]["code"].clone()),
-        (413, json!("request_too_large")),
-        "{body}"
-    );
+    let r = reqwest::Client::new()
+        .post(format!("{base}/chat/completions"))
+        .header("content-type", "application/json")
+        .body(huge)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), 413);
+    // The unread rest of the body ends the connection, and the client is told so: a pooling
+    // client must not send its next request on it.
+    assert_eq!(r.headers()["connection"], "close");
+    let body: Value = r.json().await.expect("an error object");
+    assert_eq!(body["error"]["code"], "request_too_large", "{body}");
 
     // The reasoning rule goes to the cloud, which answers with its own model; cost counted.
     let (status, body) = post(&http, &base, chat(json!({"task": "reason"}))).await;

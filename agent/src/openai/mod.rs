@@ -132,7 +132,7 @@ async fn complete(
     let bytes = match axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES).await {
         Ok(b) => b,
         Err(_) => {
-            return ApiError {
+            let mut response = ApiError {
                 status: StatusCode::PAYLOAD_TOO_LARGE,
                 kind: "invalid_request_error",
                 message: format!("the request body is larger than {MAX_BODY_BYTES} bytes"),
@@ -140,6 +140,12 @@ async fn complete(
                 code: Some("request_too_large"),
             }
             .into_response();
+            // The rest of the body is never read, so the connection cannot carry another
+            // request: say so, or a pooling client reuses it and loses its next request.
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return response;
         }
     };
     let request = match wire::parse(endpoint, &bytes) {
