@@ -84,15 +84,27 @@ fn agent_config(h: &Harness, dir: &std::path::Path, addr: std::net::SocketAddr) 
     }
 }
 
-fn start_agent(
+/// An agent run in this process until `stop` is cancelled.
+type AgentTask = tokio::task::JoinHandle<Result<(), edgewise_agent::agent::StartError>>;
+
+/// Starts an agent on `config` and waits until its data plane serves `version`; the stop
+/// token, the task, the data plane's base URL and a client of it.
+async fn serving_agent(
     config: AgentConfig,
+    version: &str,
 ) -> (
     tokio_util::sync::CancellationToken,
-    tokio::task::JoinHandle<Result<(), edgewise_agent::agent::StartError>>,
+    AgentTask,
+    String,
+    reqwest::Client,
 ) {
+    let addr = config.data_plane.expect("a data plane");
     let stop = tokio_util::sync::CancellationToken::new();
     let agent = tokio::spawn(edgewise_agent::agent::run(config, stop.clone()));
-    (stop, agent)
+    let base = format!("http://{addr}/v1");
+    let http = reqwest::Client::new();
+    data_plane_serves(&http, &base, version).await;
+    (stop, agent, base, http)
 }
 
 async fn post(http: &reqwest::Client, base: &str, body: Value) -> (u16, Value) {
@@ -144,10 +156,7 @@ async fn the_agent_executes_the_policy_on_device_in_the_cloud_with_fallback_and_
 
     let dir = h.dir.path().join("agent");
     let addr = free_addr();
-    let (stop, agent) = start_agent(agent_config(&h, &dir, addr));
-    let base = format!("http://{addr}/v1");
-    let http = reqwest::Client::new();
-    data_plane_serves(&http, &base, "1.0.0").await;
+    let (stop, agent, base, http) = serving_agent(agent_config(&h, &dir, addr), "1.0.0").await;
 
     // The official SDK, default route: answered on the device by the rolled-out version.
     let said = openai_sdk(
@@ -458,10 +467,7 @@ async fn the_data_plane_refines_shadows_keeps_budgets_and_reprocesses_offline_an
     let socket = dir.join("openai.sock");
     let mut config = agent_config(&h, &dir, addr);
     config.data_plane_socket = Some(socket.clone());
-    let (stop, agent) = start_agent(config.clone());
-    let base = format!("http://{addr}/v1");
-    let http = reqwest::Client::new();
-    data_plane_serves(&http, &base, "1.0.0").await;
+    let (stop, agent, base, http) = serving_agent(config.clone(), "1.0.0").await;
     let device_text = same.answer(&http).await;
     let other_text = other.answer(&http).await;
     assert_ne!(device_text, other_text, "the two clouds must differ");
@@ -659,8 +665,7 @@ async fn the_data_plane_refines_shadows_keeps_budgets_and_reprocesses_offline_an
     assert_eq!(usage(&dir), spent + 2);
     stop.cancel();
     agent.await.expect("joins").expect("agent ran");
-    let (stop, agent) = start_agent(config);
-    data_plane_serves(&http, &base, "1.0.0").await;
+    let (stop, agent, _, _) = serving_agent(config, "1.0.0").await;
     let (_, body) = post(&http, &base, reason()).await;
     assert_eq!(
         body["edgewise"]["target"], "on-device",
@@ -741,10 +746,7 @@ async fn an_external_runtime_is_started_from_its_command_restarted_and_fallen_ba
         model: None,
         ready_timeout_secs: 30,
     }];
-    let (stop, agent) = start_agent(config);
-    let base = format!("http://{addr}/v1");
-    let http = reqwest::Client::new();
-    data_plane_serves(&http, &base, "1.0.0").await;
+    let (stop, agent, base, http) = serving_agent(config, "1.0.0").await;
     let serving = agent_status(&dir)["status"]["serving"][0].clone();
     assert!(
         serving["runtime"]
@@ -931,10 +933,7 @@ async fn a_new_learned_router_version_rolled_out_changes_which_requests_go_to_th
     ]);
     let dir = h.dir.path().join("agent");
     let addr = free_addr();
-    let (stop, agent) = start_agent(agent_config(&h, &dir, addr));
-    let base = format!("http://{addr}/v1");
-    let http = reqwest::Client::new();
-    data_plane_serves(&http, &base, "1.0.0").await;
+    let (stop, agent, base, http) = serving_agent(agent_config(&h, &dir, addr), "1.0.0").await;
     let router_serves = |version: &'static str| {
         let dir = dir.clone();
         async move {

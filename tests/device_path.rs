@@ -412,33 +412,19 @@ async fn sync_with(
     for m in first {
         tx.send(m).await.expect("queue");
     }
-    let mut request = tonic::Request::new(ReceiverStream::new(rx));
-    request.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {credential}").parse().expect("ascii"),
-    );
+    let request = with_credential(ReceiverStream::new(rx), credential);
     let stream = client(h).await.sync(request).await?.into_inner();
     Ok((tx, stream))
 }
 
 /// A Sync stream whose messages are `raw` bytes, whatever they are; how it ended.
 async fn sync_raw(h: &Harness, credential: &str, raw: Vec<Vec<u8>>) -> tonic::Status {
-    let channel = tonic::transport::Endpoint::from_shared(h.gateway_url())
-        .expect("url")
-        .connect()
-        .await
-        .expect("connects");
-    let mut grpc = tonic::client::Grpc::new(channel);
-    grpc.ready().await.expect("ready");
+    let mut grpc = raw_grpc(&h.gateway_url()).await;
     let (tx, rx) = mpsc::channel(8);
     for m in raw {
         tx.send(bytes::Bytes::from(m)).await.expect("queue");
     }
-    let mut request = tonic::Request::new(ReceiverStream::new(rx));
-    request.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {credential}").parse().expect("ascii"),
-    );
+    let request = with_credential(ReceiverStream::new(rx), credential);
     let response = grpc
         .streaming(
             request,

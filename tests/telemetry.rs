@@ -490,20 +490,9 @@ async fn unary_raw<U: prost::Message + Default + Send + 'static>(
     path: &'static str,
     body: Vec<u8>,
 ) -> Result<U, tonic::Status> {
-    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
-        .expect("url")
-        .connect()
-        .await
-        .expect("connects");
-    let mut grpc = tonic::client::Grpc::new(channel);
-    grpc.ready().await.expect("ready");
-    let mut request = tonic::Request::new(bytes::Bytes::from(body));
-    request.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {credential}").parse().expect("ascii"),
-    );
+    let mut grpc = raw_grpc(url).await;
     grpc.unary(
-        request,
+        with_credential(bytes::Bytes::from(body), credential),
         tonic::codegen::http::uri::PathAndQuery::from_static(path),
         edgewise_proto::codec::PreEncodedCodec::<U>::default(),
     )
@@ -519,13 +508,8 @@ async fn upload(
     let mut client = FleetClient::connect(url.to_owned())
         .await
         .expect("connects");
-    let mut request = tonic::Request::new(b);
-    request.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {credential}").parse().expect("ascii"),
-    );
     client
-        .upload_telemetry(request)
+        .upload_telemetry(with_credential(b, credential))
         .await
         .map(tonic::Response::into_inner)
 }

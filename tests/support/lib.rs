@@ -954,6 +954,29 @@ impl ClickHouse {
     }
 }
 
+/// A codec-agnostic gRPC client of the gateway at `url`, ready, for calls whose bytes the
+/// test writes itself (see `edgewise_proto::codec::PreEncodedCodec`).
+pub async fn raw_grpc(url: &str) -> tonic::client::Grpc<tonic::transport::Channel> {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
+        .expect("url")
+        .connect()
+        .await
+        .expect("connects");
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.expect("ready");
+    grpc
+}
+
+/// `message` as a request carrying the device credential.
+pub fn with_credential<T>(message: T, credential: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {credential}").parse().expect("ascii"),
+    );
+    request
+}
+
 /// A client of the agent's `edgewise.agent.v1.Router` over its Unix socket, as an app uses it.
 pub async fn router_client(
     socket: PathBuf,
