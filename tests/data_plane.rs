@@ -1034,3 +1034,90 @@ async fn a_new_learned_router_version_rolled_out_changes_which_requests_go_to_th
     stop.cancel();
     agent.await.expect("joins").expect("agent ran");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_switch_and_a_rollback_under_load_fail_no_request() {
+    let h = Harness::start().await;
+    h.publish_tiny("assistant", "1.0.0", 1).await;
+    h.publish_tiny("assistant", "2.0.0", 2).await;
+    h.apply([
+        Change::ApplyRollout(
+            rollout("assistant")
+                .named("assistant")
+                .stable("1.0.0")
+                .build(),
+        ),
+        Change::ApplyPolicy(routing_policy(
+            "p",
+            json!({"targets": [{"name": "on-device", "device": {"model": "assistant"}}],
+                   "default": {"route": "on-device"}}),
+        )),
+    ]);
+    let dir = h.dir.path().join("agent");
+    let (stop, agent, base, http) =
+        serving_agent(agent_config(&h, &dir, free_addr()), "1.0.0").await;
+    // Eight streams of requests for as long as the switch and the rollback take.
+    let load = tokio_util::sync::CancellationToken::new();
+    let mut streams = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let (http, base, load) = (http.clone(), base.clone(), load.clone());
+        streams.spawn(async move {
+            let mut served: Vec<(u16, String)> = Vec::new();
+            while !load.is_cancelled() {
+                let (status, body) = post(&http, &base, chat(json!({}))).await;
+                let version = body["edgewise"]["modelVersion"].as_str().unwrap_or("");
+                served.push((status, version.to_owned()));
+            }
+            served
+        });
+    }
+    let switched_to = |version: &'static str| {
+        let (http, base) = (http.clone(), base.clone());
+        async move {
+            eventually(
+                Duration::from_secs(30),
+                &format!("{version} answering"),
+                || async {
+                    let (_, body) = post(&http, &base, chat(json!({}))).await;
+                    (body["edgewise"]["modelVersion"] == version).then_some(())
+                },
+            )
+            .await;
+        }
+    };
+    h.apply([Change::ApplyRollout(
+        rollout("assistant")
+            .named("assistant")
+            .stable("2.0.0")
+            .build(),
+    )]);
+    switched_to("2.0.0").await;
+    // Back to the version kept on disk.
+    h.apply([Change::ApplyRollout(
+        rollout("assistant")
+            .named("assistant")
+            .stable("1.0.0")
+            .build(),
+    )]);
+    switched_to("1.0.0").await;
+    load.cancel();
+    let mut served = Vec::new();
+    while let Some(s) = streams.join_next().await {
+        served.extend(s.expect("a stream"));
+    }
+    let failed: Vec<&(u16, String)> = served.iter().filter(|(s, _)| *s != 200).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} failed: {failed:?}",
+        failed.len(),
+        served.len()
+    );
+    for v in ["1.0.0", "2.0.0"] {
+        assert!(
+            served.iter().any(|(_, s)| s == v),
+            "the load saw {v} answer"
+        );
+    }
+    stop.cancel();
+    agent.await.expect("joins").expect("agent ran");
+}

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use edgewise_proto::router::{DecideRequest, DecideResponse, Outcome};
 use prost::Message;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tonic::{Code, Status};
 
@@ -65,6 +65,10 @@ pub(crate) async fn serve(mut stream: UnixStream, router: Arc<LocalRouter>) -> s
             Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
                 respond(&mut out, &Err(Status::resource_exhausted(e.to_string())));
                 stream.write_all(&out).await?;
+                // The client may still be writing the frame: closing on its unread bytes
+                // would fail its write (EPIPE) before it reads the reason. Take what it
+                // sends for a moment, bounded, then close.
+                drain(&mut stream).await;
                 return Ok(());
             }
             Err(e) => return Err(e),
@@ -73,6 +77,24 @@ pub(crate) async fn serve(mut stream: UnixStream, router: Arc<LocalRouter>) -> s
         respond(&mut out, &answer);
         stream.write_all(&out).await?;
     }
+}
+
+/// Most a refused connection's remaining bytes are read (and dropped) for, and how long.
+const DRAIN_BYTES: usize = 1 << 20;
+const DRAIN_TIME: Duration = Duration::from_secs(1);
+
+async fn drain(stream: &mut UnixStream) {
+    let mut buf = vec![0u8; READ_ROOM];
+    let mut taken = 0;
+    let _ = tokio::time::timeout(DRAIN_TIME, async {
+        while taken < DRAIN_BYTES {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => taken += n,
+            }
+        }
+    })
+    .await;
 }
 
 /// Reads length-prefixed frames, polling the socket for a while before sleeping on it.
