@@ -7,6 +7,7 @@ use std::time::Duration;
 use edgewise_agent::config::AgentConfig;
 use edgewise_core::variant::{ModelFormat, Requirements, Variant};
 use edgewise_operator::gateway::Change;
+use edgewise_operator::telemetry::ingest::SinkConfig;
 use edgewise_tests::{
     Fault, FaultProxy, Harness, TOKEN, eventually, facts, model_version, quick_backoff, rollout,
     routing_policy,
@@ -434,11 +435,7 @@ fn phases_policy(same: &str, other: &str, shadow: &str, budget: Option<u64>) -> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_data_plane_refines_shadows_keeps_budgets_and_reprocesses_offline_answers() {
     let ch = edgewise_tests::ClickHouse::start().await;
-    let h = Harness::start_with_telemetry(
-        &ch.url(),
-        edgewise_operator::telemetry::ingest::SinkConfig::default(),
-    )
-    .await;
+    let h = Harness::start_with_telemetry(&ch.url(), SinkConfig::default()).await;
     let file = h.publish_tiny("assistant", "1.0.0", 1).await;
     // Two clouds: one serves the device's own model (so its answers agree), one another.
     let same = Cloud::start(&file, "same").await;
@@ -855,11 +852,7 @@ fn python_scores(model: &std::path::Path, texts: &[&str]) -> Vec<f64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_learned_router_version_rolled_out_changes_which_requests_go_to_the_cloud() {
     let ch = edgewise_tests::ClickHouse::start().await;
-    let h = Harness::start_with_telemetry(
-        &ch.url(),
-        edgewise_operator::telemetry::ingest::SinkConfig::default(),
-    )
-    .await;
+    let h = Harness::start_with_telemetry(&ch.url(), SinkConfig::default()).await;
     h.publish_tiny("assistant", "1.0.0", 1).await;
     let cloud = Cloud::start(
         &tiny_model(&h.dir.path().join("other.gguf"), 9, false),

@@ -42,6 +42,21 @@ async fn the_dev_stack_demo_rolls_a_version_out_on_telemetry_and_succeeds() {
     assert!(dir.path().join("kubeconfig").is_file());
 }
 
+/// The `assistant` rollout's status once it has rolled back, within `within`.
+async fn rolled_back(
+    mros: &Api<ModelRollout>,
+    within: Duration,
+) -> edgewise_operator::crd::ModelRolloutStatus {
+    eventually(within, "rollback", || async {
+        mros.get("assistant")
+            .await
+            .ok()?
+            .status
+            .filter(|s| s.state.phase == Some(Phase::RolledBack))
+    })
+    .await
+}
+
 fn running(stack: &DevStack, v: &str) -> usize {
     stack
         .fleet
@@ -180,14 +195,7 @@ async fn a_breaching_canary_rolls_back_a_bad_digest_never_ships_and_pauses_wait_
         .min_samples(20)
         .apply(&mros, "test")
         .await;
-    let status = eventually(Duration::from_secs(120), "rollback", || async {
-        mros.get("assistant")
-            .await
-            .ok()?
-            .status
-            .filter(|s| s.state.phase == Some(Phase::RolledBack))
-    })
-    .await;
+    let status = rolled_back(&mros, Duration::from_secs(120)).await;
     assert_latency_gate_breached(&status.state);
     eventually(
         Duration::from_secs(60),
@@ -685,14 +693,7 @@ async fn a_version_that_disagrees_with_the_cloud_is_rolled_back_on_executed_shad
         .min_samples(20)
         .apply(&mros, "test")
         .await;
-    let status = eventually(Duration::from_secs(150), "rollback", || async {
-        mros.get("assistant")
-            .await
-            .ok()?
-            .status
-            .filter(|s| s.state.phase == Some(Phase::RolledBack))
-    })
-    .await;
+    let status = rolled_back(&mros, Duration::from_secs(150)).await;
     let analysis = status
         .state
         .last_analysis
