@@ -148,7 +148,8 @@ async fn the_agent_executes_the_policy_on_device_in_the_cloud_with_fallback_and_
                 "rules": [
                     {"name": "secret", "match": [{"attribute": "dataClass", "eq": "secret"}], "route": "vault"},
                     {"name": "private", "match": [{"attribute": "dataClass", "eq": "private"}], "route": "on-device"},
-                    {"name": "reasoning", "match": [{"attribute": "task", "eq": "reason"}], "route": "cloud", "fallback": ["on-device"]}
+                    {"name": "reasoning", "match": [{"attribute": "task", "eq": "reason"}], "route": "cloud", "fallback": ["on-device"]},
+                    {"name": "long", "match": [{"attribute": "inputTokens", "gt": 80}], "route": "cloud", "fallback": ["on-device"]}
                 ],
                 "default": {"route": "on-device", "fallback": ["cloud"]}
             }),
@@ -249,6 +250,18 @@ async fn the_agent_executes_the_policy_on_device_in_the_cloud_with_fallback_and_
     assert_eq!(
         body["choices"][0]["message"]["content"], direct["choices"][0]["message"]["content"],
         "the cloud's answer is the cloud model's"
+    );
+
+    // Input tokens are the device model's count: 120 letters it has no word for are 120
+    // byte tokens (more than 80), though a 4-characters-a-token estimate says 34.
+    let mut long = chat(json!({}));
+    long["messages"][0]["content"] = json!("q".repeat(120));
+    let (status, body) = post(&http, &base, long).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["edgewise"]["rule"], "long", "{body}");
+    assert!(
+        body["usage"]["prompt_tokens"].as_u64().unwrap_or(0) > 80,
+        "the cloud read it as many tokens too: {body}"
     );
 
     // Each failure kind of the cloud falls back to the device, saying why.
@@ -659,7 +672,11 @@ async fn the_data_plane_refines_shadows_keeps_budgets_and_reprocesses_offline_an
         body["edgewise"]["target"], "on-device",
         "over budget: {body}"
     );
-    assert_eq!(usage(&dir), spent + 2);
+    // Written behind the requests, within the agent's write interval.
+    eventually(Duration::from_secs(5), "usage.json counts them", || async {
+        (usage(&dir) == spent + 2).then_some(())
+    })
+    .await;
     stop.cancel();
     agent.await.expect("joins").expect("agent ran");
     let (stop, agent, _, _) = serving_agent(config, "1.0.0").await;

@@ -263,6 +263,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             shutdown.clone(),
         ));
     }
+    tasks.spawn(device.router.clone().keep_usage(shutdown.clone()));
     tasks.spawn(crate::sync::run(device.clone(), channel, shutdown.clone()));
     tasks.spawn(write_status(
         device.clone(),

@@ -38,6 +38,33 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU time the process has used, all threads (ns resolution, unlike /proc/pid/stat).
+fn cpu_ns(pid: u32) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// CPU microseconds per request that `pids` spend on `SAMPLES` requests of `body`, one
+/// at a time: the work per request, apart from the wake-ups a latency figure includes.
+async fn cpu_per_request(
+    pids: &[u32],
+    http: &reqwest::Client,
+    base: &str,
+    body: &Value,
+) -> Vec<f64> {
+    let before: Vec<u64> = pids.iter().map(|p| cpu_ns(*p)).collect();
+    for _ in 0..SAMPLES {
+        once(http, base, body).await;
+    }
+    pids.iter()
+        .zip(before)
+        .map(|(p, b)| (cpu_ns(*p) - b) as f64 / SAMPLES as f64 / 1000.0)
+        .collect()
+}
+
 fn body(task: &str) -> Value {
     json!({"model": "assistant", "max_tokens": 1,
         "messages": [{"role": "user", "content": "is the device fast"}],
@@ -153,13 +180,35 @@ async fn run() {
         once(&http, &base, &device).await;
         once(&http, &base, &cloud).await;
     }
-    let (mut d, mut a, mut c) = (Vec::new(), Vec::new(), Vec::new());
+    // What the agent asks of a cloud: the same request, streamed (see dataplane/cloud.rs).
+    let mut streamed = device.clone();
+    streamed["stream"] = json!(true);
+    // The least a second hop can cost here: serve-model behind a TCP relay that parses
+    // nothing (the bound for any proxy on this machine, the agent's cloud leg included).
+    let relay = proxy::Proxy::start(
+        direct
+            .base_url
+            .trim_start_matches("http://")
+            .trim_end_matches("/v1")
+            .parse()
+            .unwrap(),
+        proxy::Behaviour::default(),
+    )
+    .await;
+    let relayed = format!("http://{}/v1", relay.addr);
+    for _ in 0..20 {
+        once(&http, &relayed, &device).await;
+    }
+    let (mut d, mut s, mut r, mut a, mut c) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..SAMPLES {
         d.push(once(&http, &direct.base_url, &device).await);
+        s.push(once(&http, &direct.base_url, &streamed).await);
+        r.push(once(&http, &relayed, &device).await);
         a.push(once(&http, &base, &device).await);
         c.push(once(&http, &base, &cloud).await);
     }
-    for v in [&mut d, &mut a, &mut c] {
+    for v in [&mut d, &mut s, &mut r, &mut a, &mut c] {
         v.sort();
     }
     println!("data plane, one stream, {SAMPLES} requests each (max_tokens 1), ms:");
@@ -170,6 +219,8 @@ async fn run() {
         pct(&d, 0.99)
     );
     for (name, v) in [
+        ("serve-model, streamed", &s),
+        ("serve-model via a TCP relay", &r),
         ("agent → on-device runtime", &a),
         ("agent → cloud (serve-model)", &c),
     ] {
@@ -181,6 +232,15 @@ async fn run() {
             pct(v, 0.99) - pct(&d, 0.99)
         );
     }
+
+    let server = direct.child.id().unwrap();
+    let direct_cpu = cpu_per_request(&[server], &http, &direct.base_url, &device).await;
+    let device_cpu = cpu_per_request(&[pid, server], &http, &base, &device).await;
+    let cloud_cpu = cpu_per_request(&[pid, server], &http, &base, &cloud).await;
+    println!(
+        "CPU per request, µs: serve-model alone {:.0}; agent → on-device: agent {:.0} (serve-model idle {:.0}); agent → cloud: agent {:.0}, serve-model {:.0}",
+        direct_cpu[0], device_cpu[0], device_cpu[1], cloud_cpu[0], cloud_cpu[1]
+    );
 
     let direct_rps = throughput(&http, &direct.base_url, &device).await;
     let rss_before = rss_kib(pid);

@@ -52,6 +52,22 @@ pub fn bench_main<F: Future<Output = ()>>(run: impl FnOnce(Vec<String>) -> F) {
         .skip(1)
         .filter(|a| a != "--bench")
         .collect();
+    // `cargo bench` builds this package, not the binaries it starts: without this, a
+    // bench measures whatever agent was last built in release (it once did, for hours).
+    if let Some(cargo) = std::env::var_os("CARGO") {
+        let built = std::process::Command::new(cargo)
+            .args([
+                "build",
+                "--release",
+                "-p",
+                "edgewise-agent",
+                "--bin",
+                "edgewise-agent",
+            ])
+            .status()
+            .expect("cargo runs");
+        assert!(built.success(), "building the agent for the bench failed");
+    }
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -3,12 +3,11 @@
 
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
 
-use crate::openai::Endpoint;
-use crate::runtime::Piece;
-use crate::runtime::remote::{relay, without_url};
+use crate::openai::{Endpoint, Pieces};
+use crate::runtime::remote::{pieces, without_url};
 
 /// Why a cloud target did not answer.
 #[derive(Debug)]
@@ -50,8 +49,8 @@ pub fn upstream_body(raw: &serde_json::Map<String, Value>, model: &str) -> Value
     Value::Object(body)
 }
 
-/// Sends the request and waits for the response head within `timeout`; the body then
-/// streams into the returned receiver. Dropping the receiver cancels the upstream request.
+/// Sends the request and waits for the response head within `timeout`; the body is then
+/// read as the returned pieces are. Dropping them cancels the upstream request.
 pub async fn call(
     http: &reqwest::Client,
     endpoint: &str,
@@ -59,7 +58,7 @@ pub async fn call(
     body: &Value,
     key: Option<String>,
     timeout: Duration,
-) -> Result<mpsc::Receiver<Piece>, CloudFailure> {
+) -> Result<Pieces, CloudFailure> {
     let path = match kind {
         Endpoint::Chat => "chat/completions",
         Endpoint::Completions => "completions",
@@ -98,7 +97,5 @@ pub async fn call(
             .unwrap_or(Value::Null);
         return Err(CloudFailure::Rejected(status, body));
     }
-    let (tx, rx) = mpsc::channel(64);
-    tokio::spawn(relay(resp, kind == Endpoint::Chat, "the cloud", tx));
-    Ok(rx)
+    Ok(pieces(resp, kind == Endpoint::Chat, "the cloud").boxed())
 }

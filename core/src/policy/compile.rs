@@ -148,6 +148,25 @@ impl CompiledPolicy {
     pub fn rule_count(&self) -> usize {
         self.rules.len()
     }
+
+    /// Whether any rule reads `inputTokens`: a caller can skip counting them otherwise.
+    #[must_use]
+    pub fn reads_input_tokens(&self) -> bool {
+        self.reads(&Attr::InputTokens)
+    }
+
+    /// Whether any rule reads `complexity`: a caller can skip estimating it otherwise.
+    #[must_use]
+    pub fn reads_complexity(&self) -> bool {
+        self.reads(&Attr::Complexity)
+    }
+
+    fn reads(&self, attr: &Attr) -> bool {
+        self.rules
+            .iter()
+            .flat_map(|r| r.conditions.iter())
+            .any(|c| c.attr == *attr)
+    }
 }
 
 /// One problem in a policy, with the path of the field at fault.

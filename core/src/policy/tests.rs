@@ -509,3 +509,21 @@ proptest! {
         prop_assert!(d.shadow.is_none());
     }
 }
+
+#[test]
+fn a_policy_says_which_costly_attributes_it_reads() {
+    let p = twenty();
+    assert!(p.reads_input_tokens(), "the fixture routes long prompts");
+    let only_task = compile(&spec(&format!(
+        "{TARGETS}rules:\n  - {{name: r, match: [{{attribute: task, eq: chat}}], route: cloud, fallback: [dev]}}\ndefault: {{route: dev, fallback: [cloud]}}\n"
+    )))
+    .expect("compiles");
+    assert!(!only_task.reads_input_tokens());
+    assert!(!only_task.reads_complexity());
+    let by_complexity = compile(&spec(&format!(
+        "{TARGETS}rules:\n  - {{name: r, match: [{{attribute: complexity, gte: 0.5}}], route: cloud, fallback: [dev]}}\ndefault: {{route: dev, fallback: [cloud]}}\n"
+    )))
+    .expect("compiles");
+    assert!(by_complexity.reads_complexity());
+    assert!(!by_complexity.reads_input_tokens());
+}
