@@ -48,7 +48,12 @@ fn the_chart_lints_and_renders_what_the_operator_needs() {
             "ServiceAccount"
         ]
     );
-    for d in docs.iter().filter(|d| d["kind"] == "Deployment") {
+    let with_tls = serde_json::json!({"name": "gateway with TLS", "args": report["tls_args"]});
+    for d in docs
+        .iter()
+        .filter(|d| d["kind"] == "Deployment")
+        .chain([&with_tls])
+    {
         let args: Vec<String> = d["args"]
             .as_array()
             .expect("args")
@@ -64,4 +69,13 @@ fn the_chart_lints_and_renders_what_the_operator_needs() {
             );
         }
     }
+    assert!(
+        with_tls["args"]
+            .as_array()
+            .is_some_and(|a| a.contains(&serde_json::json!(
+                "--tls-cert-file=/etc/edgewise/tls/tls.crt"
+            ))),
+        "{report}"
+    );
+    assert_eq!(report["tls_secret"], serde_json::json!(["gateway-tls"]));
 }

@@ -708,6 +708,7 @@ async fn an_agent_started_offline_serves_decide_from_its_persisted_policy() {
     let dir = h.dir.path().join("agent");
     let config = edgewise_agent::config::AgentConfig {
         gateway: h.gateway_url(),
+        gateway_tls: edgewise_agent::GatewayTls::insecure(),
         bootstrap_token: TOKEN.into(),
         data_dir: dir.clone(),
         router_socket: Some(dir.join("router.sock")),
@@ -913,7 +914,7 @@ async fn an_agent_started_offline_serves_decide_from_its_persisted_policy() {
     .expect("opens");
     // The uploader may hold the first event in a batch of its own (in flight, offline).
     let mut latencies = Vec::new();
-    while let Some(batch) = buffer.next_batch(100).expect("reads") {
+    while let Some(batch) = buffer.next_batch(100, usize::MAX).expect("reads") {
         for e in batch.events() {
             if let edgewise_agent::telemetry::Event::Inference(i) = e
                 && i.rule == "private"

@@ -256,17 +256,24 @@ async fn gate_metrics_are_exact_late_events_land_in_their_window_and_retries_cou
     )
     .await
     .expect("queries");
-    // 101 canary samples in the window: 1..=100 and the late 1000 ms one. quantileExact
-    // takes the element at floor(level × n) of the sorted values.
+    // 101 canary samples in the window from 11 devices: dev-d's ten at d·10+1..=d·10+10 ms
+    // and dev-late's one at 1000 ms. Devices are weighed, not samples: each device's own
+    // quantile (quantileExact takes the element at floor(level × n)), then the mean over
+    // devices without the lowest and the highest (docs/telemetry.md).
     assert_eq!(m.canary.samples, 101);
     assert_eq!(m.canary.devices, 11);
-    assert_eq!(m.canary.values[&Metric::LatencyP50Ms], 51.0);
-    assert_eq!(m.canary.values[&Metric::LatencyP95Ms], 96.0);
-    assert_eq!(m.canary.values[&Metric::LatencyP99Ms], 100.0);
-    assert_eq!(m.canary.values[&Metric::ErrorRate], 5.0 / 101.0);
-    assert_eq!(m.canary.values[&Metric::FallbackRate], 3.0 / 101.0);
-    assert_eq!(m.canary.values[&Metric::CloudAgreementRate], 18.0 / 20.0);
-    assert_eq!(m.canary.values[&Metric::InstallFailureRate], 2.0 / 10.0);
+    // p50s 6, 16, …, 96 and 1000: without 6 and 1000, the mean of 16..=96.
+    assert_eq!(m.canary.values[&Metric::LatencyP50Ms], 56.0);
+    // p95s and p99s 10, 20, …, 100 and 1000: the mean of 20..=100.
+    assert_eq!(m.canary.values[&Metric::LatencyP95Ms], 60.0);
+    assert_eq!(m.canary.values[&Metric::LatencyP99Ms], 60.0);
+    // All 5 errors and 3 fallbacks are dev-0's: one device, set aside as the highest.
+    assert_eq!(m.canary.values[&Metric::ErrorRate], 0.0);
+    assert_eq!(m.canary.values[&Metric::FallbackRate], 0.0);
+    // Shadows on two devices only (10/10 and 8/10 agree): nothing to set aside.
+    assert_eq!(m.canary.values[&Metric::CloudAgreementRate], 0.9);
+    // Two of ten devices failed their install: one is set aside, one of eight remains.
+    assert_eq!(m.canary.values[&Metric::InstallFailureRate], 1.0 / 8.0);
     assert_eq!(m.baseline.samples, 100);
     assert_eq!(m.baseline.values[&Metric::LatencyP50Ms], 151.0);
     assert_eq!(m.baseline.values[&Metric::ErrorRate], 0.0);
@@ -328,6 +335,76 @@ fn fleet(h: &Harness, devices: usize) -> SimFleet {
         runtime: false,
     })
     .expect("fleet starts")
+}
+
+/// Gates weigh devices, not samples: five honest devices and one hostile one that sends
+/// 5,000 samples saying the opposite, through the real sink into ClickHouse, judged by the
+/// rollout's own gate evaluation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_hostile_device_neither_rolls_back_a_healthy_canary_nor_passes_a_bad_one() {
+    use edgewise_core::rollout::{AnalysisSpec, Verdict, analysis};
+    let ch = ClickHouse::start().await;
+    let sink = TelemetrySink::start(ch.client.clone(), SinkConfig::default());
+    let now = now_ms();
+    let send = |device: String, version: &'static str, n: usize, latency: f64, errors: usize| {
+        let sink = &sink;
+        async move {
+            let events = (0..n)
+                .map(|i| {
+                    inference(
+                        format!("{device}-{version}-{i}"),
+                        version,
+                        now - 60_000,
+                        latency,
+                        i >= errors,
+                        false,
+                        0,
+                    )
+                })
+                .collect();
+            let id = format!("{device}-{version}");
+            sink.submit(&device, &batch(&device, &id, events, vec![]))
+                .await
+                .expect("stored");
+        }
+    };
+    for d in 0..5 {
+        // 3.0.0 is healthy: ~100 ms, no errors. 4.0.0 is bad: ~900 ms, a fifth failing.
+        send(format!("honest-{d}"), "3.0.0", 40, 100.0 + f64::from(d), 0).await;
+        send(format!("honest-{d}"), "4.0.0", 40, 900.0 + f64::from(d), 8).await;
+    }
+    send("hostile".into(), "3.0.0", 5_000, 10_000.0, 5_000).await;
+    send("hostile".into(), "4.0.0", 5_000, 1.0, 0).await;
+
+    let spec: AnalysisSpec = serde_json::from_value(serde_json::json!({
+        "minDevices": 3,
+        "minSamples": 50,
+        "gates": [
+            {"metric": "latency_p95_ms", "max": 500.0},
+            {"metric": "error_rate", "max": 0.05}
+        ]
+    }))
+    .expect("spec");
+    for (version, expected) in [("3.0.0", Verdict::Pass), ("4.0.0", Verdict::Fail)] {
+        let m = gates::gate_metrics(
+            &ch.client,
+            "fleet/assistant",
+            "assistant",
+            version,
+            "1.0.0",
+            Duration::from_secs(600),
+            SystemTime::now(),
+        )
+        .await
+        .expect("queries");
+        assert_eq!(m.canary.devices, 6);
+        assert_eq!(
+            m.canary.samples, 5_200,
+            "every sample is stored and counted"
+        );
+        let run = analysis::evaluate(&spec, &m, jiff::Timestamp::now());
+        assert_eq!(run.verdict, expected, "{version}: {run:?} from {m:?}");
+    }
 }
 
 async fn append(device: &Arc<Device>, from: usize, n: usize) {
@@ -570,74 +647,101 @@ async fn invalid_batches_are_rejected_naming_the_problem() {
     let h = Harness::start_with_telemetry(&ch.url(), SinkConfig::default()).await;
     let (id, enrolled) = enroll(&h.gateway_url()).await;
     let now = now_ms();
-    let good = || inference("ok".into(), "1.0.0", now, 5.0, true, false, 0);
-    let mut nan = good();
+    let good = |n: &str| inference(n.into(), "1.0.0", now, 5.0, true, false, 0);
+    let mut nan = good("nan");
     nan.latency_ms = f64::NAN;
-    let mut future = good();
+    let mut future = good("future");
     future.time_unix_ms = now + 86_400_000;
-    let mut no_id = good();
+    let mut no_id = good("");
     no_id.event_id.clear();
+    let mut long = good("long");
+    long.rule = "r".repeat(300);
+    let bad_kind = ModelEvent {
+        kind: 99,
+        ..model_event("m".into(), "1.0.0", now, ModelEventKind::Activated)
+    };
+
+    // A bad event is refused alone, with its index and reason; the rest of its batch is
+    // stored (3 good events here).
+    let mixed = batch(
+        id.device_id(),
+        "mixed",
+        vec![good("a"), nan, future, good("b"), no_id, long],
+        vec![
+            bad_kind,
+            model_event("m-ok".into(), "1.0.0", now, ModelEventKind::Activated),
+        ],
+    );
+    let mut body =
+        TelemetryBatchView::decode(bytes::Bytes::from(mixed.encode_to_vec())).expect("decodes");
+    // Text that is not UTF-8 (no `TelemetryBatch` value can hold it), in a seventh event.
+    let mut not_utf8 = TelemetryBatchView::decode(bytes::Bytes::from(
+        batch(id.device_id(), "x", vec![good("c")], vec![]).encode_to_vec(),
+    ))
+    .expect("decodes")
+    .inference
+    .remove(0);
+    not_utf8.model = bytes::Bytes::from_static(&[0x61, 0xff, 0xfe]);
+    body.inference.push(not_utf8);
+    let ack = upload_raw(&h.gateway_url(), &enrolled.credential, body.encode_to_vec())
+        .await
+        .expect("the batch is stored without its bad events");
+    let refused: Vec<(String, String)> = ack
+        .rejected
+        .iter()
+        .map(|r| (r.event.clone(), r.reason.clone()))
+        .collect();
+    let expected = [
+        (
+            "inference[1]",
+            "inference[1].latency_ms must be finite and >= 0",
+        ),
+        ("inference[2]", "inference[2].time_unix_ms"),
+        ("inference[4]", "inference[4].event_id is required"),
+        ("inference[5]", "inference[5].rule is longer than 256 bytes"),
+        ("inference[6]", "inference[6].model is not UTF-8"),
+        (
+            "model_events[0]",
+            "model_events[0].kind 99 is not a ModelEventKind",
+        ),
+    ];
+    assert_eq!(refused.len(), expected.len(), "{refused:?}");
+    for ((event, reason), (want_event, want_reason)) in refused.iter().zip(expected) {
+        assert_eq!(event, want_event);
+        assert!(reason.contains(want_reason), "{reason} lacks {want_reason}");
+    }
+    assert_eq!(ack.accepted, 3, "a, b and m-ok");
+    assert_eq!(
+        ch.count("SELECT count() FROM edgewise.inference_events FINAL")
+            .await,
+        2
+    );
+    assert_eq!(
+        ch.count("SELECT count() FROM edgewise.model_events FINAL")
+            .await,
+        1
+    );
+    assert_eq!(
+        h.gateway
+            .telemetry()
+            .expect("sink")
+            .stats()
+            .events_rejected
+            .load(Ordering::Relaxed),
+        6
+    );
+
+    // What is wrong with the batch itself refuses the batch.
     let cases = [
         (
-            batch(id.device_id(), "x", vec![good(), nan], vec![]),
-            Code::InvalidArgument,
-            "inference[1].latency_ms",
-        ),
-        (
-            batch(id.device_id(), "x", vec![future], vec![]),
-            Code::InvalidArgument,
-            "inference[0].time_unix_ms",
-        ),
-        (
-            batch(id.device_id(), "x", vec![no_id], vec![]),
-            Code::InvalidArgument,
-            "inference[0].event_id is required",
-        ),
-        (
-            batch(id.device_id(), "", vec![good()], vec![]),
+            batch(id.device_id(), "", vec![good("d")], vec![]).encode_to_vec(),
             Code::InvalidArgument,
             "batch_id is required",
         ),
         (
-            batch("dev-someone-else", "x", vec![good()], vec![]),
+            batch("dev-someone-else", "x", vec![good("d")], vec![]).encode_to_vec(),
             Code::PermissionDenied,
             "not the credential's device",
-        ),
-        (
-            batch(
-                id.device_id(),
-                "x",
-                vec![],
-                vec![ModelEvent {
-                    kind: 99,
-                    ..model_event("m".into(), "1.0.0", now, ModelEventKind::Activated)
-                }],
-            ),
-            Code::InvalidArgument,
-            "model_events[0].kind",
-        ),
-    ];
-    let mut long = good();
-    long.rule = "r".repeat(300);
-    let cases = cases
-        .into_iter()
-        .map(|(b, code, words)| (b.encode_to_vec(), code, words));
-    // Bodies no `TelemetryBatch` value can hold: text that is not UTF-8, and not protobuf.
-    let mut not_utf8 = TelemetryBatchView::decode(bytes::Bytes::from(
-        batch(id.device_id(), "x", vec![good()], vec![]).encode_to_vec(),
-    ))
-    .expect("decodes");
-    not_utf8.inference[0].model = bytes::Bytes::from_static(&[0x61, 0xff, 0xfe]);
-    let raw = [
-        (
-            batch(id.device_id(), "x", vec![long], vec![]).encode_to_vec(),
-            Code::InvalidArgument,
-            "inference[0].rule is longer than 256 bytes",
-        ),
-        (
-            not_utf8.encode_to_vec(),
-            Code::InvalidArgument,
-            "inference[0].model is not UTF-8",
         ),
         (
             vec![0x1a, 0xff, 0xff, 0xff],
@@ -645,7 +749,7 @@ async fn invalid_batches_are_rejected_naming_the_problem() {
             "failed to decode Protobuf message",
         ),
     ];
-    for (body, code, words) in cases.chain(raw) {
+    for (body, code, words) in cases {
         let err = upload_raw(&h.gateway_url(), &enrolled.credential, body)
             .await
             .expect_err("rejected");
@@ -671,15 +775,82 @@ async fn invalid_batches_are_rejected_naming_the_problem() {
     upload(
         &h.gateway_url(),
         &enrolled.credential,
-        batch(id.device_id(), "good", vec![good()], vec![]),
+        batch(id.device_id(), "good", vec![good("e")], vec![]),
     )
     .await
     .expect("stored");
     assert_eq!(
         ch.count("SELECT count() FROM edgewise.inference_events FINAL")
             .await,
-        1
+        3
     );
+}
+
+/// Uploads are bounded in bytes: 6,000 failures with 4 KiB error messages (24 MiB, six
+/// times the gateway's message limit) all arrive, including a 5,000-event batch an older
+/// agent had already cut by events alone, which the gateway refuses as too large and the
+/// agent splits rather than retrying as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_storm_of_4_kib_messages_uploads_completely() {
+    let ch = ClickHouse::start().await;
+    let h = Harness::start_with_telemetry(&ch.url(), SinkConfig::default()).await;
+    let dir = h.dir.path().join("device");
+    let buffer = TelemetryBuffer::open(
+        &dir.join("telemetry"),
+        BufferConfig {
+            max_bytes: 64 << 20,
+            segment_bytes: 8 << 20,
+            durable: false,
+        },
+    )
+    .expect("opens");
+    let now = now_ms();
+    let message = "e".repeat(4096);
+    for chunk in 0..6 {
+        let events = (chunk * 1000..(chunk + 1) * 1000)
+            .map(|i| {
+                let mut e = inference(
+                    format!("storm-{i}"),
+                    "1.0.0",
+                    now - 1000,
+                    5.0,
+                    false,
+                    false,
+                    0,
+                );
+                e.error.clone_from(&message);
+                Event::Inference(e)
+            })
+            .collect();
+        buffer.append(events).await.expect("appends");
+    }
+    let pinned = buffer
+        .next_batch(5_000, usize::MAX)
+        .expect("reads")
+        .expect("a batch");
+    assert!(
+        pinned.encoded_events.len() > 4 << 20,
+        "in flight: {} bytes, over the gateway's limit",
+        pinned.encoded_events.len()
+    );
+    let agent = TestAgentWithTelemetry::start(&dir, &h.gateway_url(), buffer);
+    eventually(Duration::from_secs(120), "the storm uploaded", || async {
+        agent.buffer.is_drained().then_some(())
+    })
+    .await;
+    assert_eq!(
+        ch.count("SELECT count() FROM edgewise.inference_events FINAL WHERE length(error) = 4096")
+            .await,
+        6_000,
+        "every event, with its whole message"
+    );
+    assert_eq!(
+        ch.count("SELECT sum(dropped_events) FROM edgewise.telemetry_batches FINAL")
+            .await,
+        0,
+        "nothing dropped"
+    );
+    agent.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -766,7 +937,9 @@ impl TestAgentWithTelemetry {
             runtime: None,
         });
         let stop = tokio_util::sync::CancellationToken::new();
-        let channel = edgewise_agent::gateway_channel(gateway).expect("channel");
+        let channel =
+            edgewise_agent::gateway_channel(gateway, &edgewise_agent::GatewayTls::insecure())
+                .expect("channel");
         let tasks = vec![
             tokio::spawn(edgewise_agent::sync::run(
                 device.clone(),

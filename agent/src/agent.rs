@@ -33,7 +33,7 @@ pub enum StartError {
     Identity(#[from] IdentityError),
     /// The gateway URL is invalid.
     #[error("gateway URL: {0}")]
-    Gateway(#[from] tonic::transport::Error),
+    Gateway(#[from] crate::ChannelError),
     /// The HTTP client could not be built.
     #[error("HTTP client: {0}")]
     Http(#[from] reqwest::Error),
@@ -171,7 +171,7 @@ pub fn open_device(config: &AgentConfig) -> Result<Arc<Device>, StartError> {
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), StartError> {
     let _lock = DataDirLock::acquire(&config.data_dir)?;
     let device = open_device(&config)?;
-    let channel = crate::gateway_channel(&config.gateway)?;
+    let channel = crate::gateway_channel(&config.gateway, &config.gateway_tls)?;
     let http = crate::artifact_client()?;
     info!(device = %device.device_id, gateway = %config.gateway, "agent starting");
     {

@@ -2,13 +2,18 @@
 //! (token read, hardware detected, keys decoded). Nothing binds a port or dials out here.
 //!
 //! ```toml
-//! gateway = "https://edgewise-gateway.example.com:7443"
+//! gateway = "https://edgewise-gateway.example.com:7443"   # http:// only with insecure = true
 //! bootstrap_token_file = "/etc/edgewise/bootstrap-token"
 //! data_dir = "/var/lib/edgewise"
 //! router_socket = "/run/edgewise/router.sock"      # optional; default <data_dir>/router.sock
 //! publisher_key = "base64 ed25519 public key"      # optional; then artifacts must be signed
 //! probe_network = true                             # default: offline when the routing table
 //!                                                  # has no default route (crate::network)
+//!
+//! insecure = false                                 # default; true accepts an http:// gateway
+//!
+//! [tls]                                            # how the gateway is verified
+//! ca_file = "/etc/edgewise/gateway-ca.pem"         # optional; default: the system's roots
 //!
 //! [labels]                                         # self-reported, seen as `self.<key>`
 //! channel = "beta"
@@ -84,8 +89,14 @@ pub enum ConfigError {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConfigFile {
-    /// Gateway URL (`http://` or `https://`).
+    /// Gateway URL: `https://`, or `http://` with `insecure`.
     pub gateway: String,
+    /// Accept a cleartext (`http://`) gateway: only on a network you trust.
+    #[serde(default)]
+    pub insecure: bool,
+    /// How the gateway's certificate is verified.
+    #[serde(default)]
+    pub tls: TlsConfig,
     /// File holding the bootstrap token.
     pub bootstrap_token_file: PathBuf,
     /// Where identity, models, policy and telemetry live.
@@ -299,11 +310,23 @@ impl TokenSource {
     }
 }
 
+/// `[tls]`: trust for an `https://` gateway.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM CA certificate(s) the gateway's chain must end in, instead of the system's
+    /// roots (a private CA, cert-manager's).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
 /// A built, validated configuration.
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
     /// Gateway URL.
     pub gateway: String,
+    /// How the gateway is trusted.
+    pub gateway_tls: crate::GatewayTls,
     /// Bootstrap token: the file, validated when the config was built and read again at
     /// every enrolment.
     pub bootstrap_token: TokenSource,
@@ -372,6 +395,13 @@ impl ConfigFile {
                 message: format!("{:?} is not an http(s) URL", self.gateway),
             });
         }
+        if self.gateway.starts_with("http://") && !self.insecure {
+            return Err(ConfigError::Invalid {
+                field: "gateway",
+                message: crate::ChannelError::Cleartext(self.gateway.clone()).to_string(),
+            });
+        }
+        let ca_pem = self.tls.ca_file.as_deref().map(read_ca).transpose()?;
         // Read now so a missing or empty file fails at start, naming the field; it is read
         // again at every enrolment.
         if let Err(e) = TokenSource::File(self.bootstrap_token_file.clone()).read() {
@@ -408,6 +438,10 @@ impl ConfigFile {
         );
         Ok(AgentConfig {
             gateway: self.gateway,
+            gateway_tls: crate::GatewayTls {
+                insecure: self.insecure,
+                ca_pem,
+            },
             bootstrap_token: TokenSource::File(self.bootstrap_token_file),
             facts: detect_facts(&self.hardware),
             router_socket,
@@ -427,6 +461,29 @@ impl ConfigFile {
             runtimes: self.runtime,
         })
     }
+}
+
+/// Reads a CA file, which must hold at least one PEM certificate.
+fn read_ca(path: &Path) -> Result<Vec<u8>, ConfigError> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let pem = std::fs::read(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ConfigError::Invalid {
+            field: "tls.ca_file",
+            message: format!("{}: not PEM certificates: {e}", path.display()),
+        })?;
+    if certs.is_empty() {
+        return Err(ConfigError::Invalid {
+            field: "tls.ca_file",
+            message: format!("{} holds no CERTIFICATE block", path.display()),
+        });
+    }
+    Ok(pem)
 }
 
 /// Decodes a base64 ed25519 public key.
@@ -486,7 +543,7 @@ mod tests {
             dir.path(),
             "agent.toml",
             &format!(
-                "gateway = \"http://127.0.0.1:7443\"\nbootstrap_token_file = \"{}/token\"\ndata_dir = \"{}/data\"\n[hardware]\naccelerators = [\"npu\"]\n",
+                "gateway = \"http://127.0.0.1:7443\"\ninsecure = true\nbootstrap_token_file = \"{}/token\"\ndata_dir = \"{}/data\"\n[hardware]\naccelerators = [\"npu\"]\n",
                 dir.path().display(),
                 dir.path().display()
             ),
@@ -511,7 +568,7 @@ mod tests {
         let cfg = write(
             dir.path(),
             "a.toml",
-            "gateway = \"x\"\nbootstrap_token_file = \"t\"\ndata_dir = \"d\"\ncolour = 1\n",
+            "gateway = \"x\"\ninsecure = true\nbootstrap_token_file = \"t\"\ndata_dir = \"d\"\ncolour = 1\n",
         );
         let err = ConfigFile::load(&cfg)
             .expect_err("unknown field")
@@ -521,7 +578,7 @@ mod tests {
         let cfg = write(
             dir.path(),
             "b.toml",
-            "gateway = \"ftp://x\"\nbootstrap_token_file = \"t\"\ndata_dir = \"d\"\n",
+            "gateway = \"ftp://x\"\ninsecure = true\nbootstrap_token_file = \"t\"\ndata_dir = \"d\"\n",
         );
         let err = ConfigFile::load(&cfg)
             .expect("parses")
@@ -536,5 +593,45 @@ mod tests {
                 .to_string()
                 .contains("3 bytes")
         );
+    }
+
+    #[test]
+    fn a_cleartext_gateway_needs_insecure_and_a_ca_file_must_hold_certificates() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write(
+            dir.path(),
+            "token",
+            "s3cret
+",
+        );
+        let build = |extra: &str| {
+            let text = format!(
+                "bootstrap_token_file = \"{0}/token\"\ndata_dir = \"{0}/data\"\n{extra}",
+                dir.path().display()
+            );
+            ConfigFile::load(&write(dir.path(), "agent.toml", &text))
+                .expect("parses")
+                .build()
+        };
+        let err = build("gateway = \"http://gw:7443\"\n")
+            .expect_err("cleartext refused")
+            .to_string();
+        assert!(
+            err.starts_with("gateway:") && err.contains("insecure = true"),
+            "{err}"
+        );
+        let ok = build("gateway = \"http://gw:7443\"\ninsecure = true\n").expect("allowed");
+        assert!(ok.gateway_tls.insecure);
+
+        write(dir.path(), "ca.pem", "not a certificate\n");
+        let err = build(&format!(
+            "gateway = \"https://gw:7443\"\n[tls]\nca_file = \"{}/ca.pem\"\n",
+            dir.path().display()
+        ))
+        .expect_err("no certificate")
+        .to_string();
+        assert!(err.starts_with("tls.ca_file:"), "{err}");
+        let https = build("gateway = \"https://gw:7443\"\n").expect("system roots");
+        assert!(!https.gateway_tls.insecure && https.gateway_tls.ca_pem.is_none());
     }
 }

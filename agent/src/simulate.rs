@@ -163,7 +163,10 @@ impl SimFleet {
         let mut channel = None;
         for i in 0..config.devices {
             if i % config.devices_per_connection.max(1) == 0 {
-                channel = Some(crate::gateway_channel(&config.gateway)?);
+                channel = Some(crate::gateway_channel(
+                    &config.gateway,
+                    &crate::GatewayTls::insecure(),
+                )?);
             }
             let Some(channel) = channel.clone() else {
                 continue;

@@ -88,7 +88,7 @@ fn a_writer_killed_mid_write_keeps_every_confirmed_event() {
         let ids = rt.block_on(async {
             let buffer = TelemetryBuffer::open(dir.path(), config()).expect("recovers");
             let mut ids = Vec::new();
-            while let Some(b) = buffer.next_batch(10_000).expect("reads") {
+            while let Some(b) = buffer.next_batch(10_000, usize::MAX).expect("reads") {
                 assert_eq!(b.dropped, 0, "round {round}: nothing lost to corruption");
                 ids.extend(b.events().iter().map(|e| match e {
                     Event::Inference(i) => i.event_id.clone(),

@@ -23,7 +23,7 @@ fn run_fails(cfg: &std::path::Path) -> String {
 fn a_bad_config_exits_with_a_clear_message() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = dir.path().join("agent.toml");
-    std::fs::write(&cfg, "gateway = \"http://127.0.0.1:1\"\nbootstrap_token_file = \"/nonexistent/token\"\ndata_dir = \"d\"\n")
+    std::fs::write(&cfg, "gateway = \"http://127.0.0.1:1\"\ninsecure = true\nbootstrap_token_file = \"/nonexistent/token\"\ndata_dir = \"d\"\n")
         .expect("write");
     let stderr = run_fails(&cfg);
     assert!(stderr.contains("reading /nonexistent/token"), "{stderr}");
@@ -59,7 +59,7 @@ fn lonely_config(dir: &std::path::Path) -> std::path::PathBuf {
     std::fs::write(
         &cfg,
         format!(
-            "gateway = \"http://127.0.0.1:9\"\nbootstrap_token_file = \"{0}/token\"\ndata_dir = \"{0}/data\"\nprobe_network = false\n[sync]\nbackoff_initial_ms = 50\nbackoff_max_ms = 200\n",
+            "gateway = \"http://127.0.0.1:9\"\ninsecure = true\nbootstrap_token_file = \"{0}/token\"\ndata_dir = \"{0}/data\"\nprobe_network = false\n[sync]\nbackoff_initial_ms = 50\nbackoff_max_ms = 200\n",
             dir.display()
         ),
     )

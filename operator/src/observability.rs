@@ -220,6 +220,12 @@ impl Instruments {
         );
         stat!(
             counter,
+            "edgewise.telemetry.events_rejected",
+            "Events refused alone, their batches stored without them",
+            events_rejected
+        );
+        stat!(
+            counter,
             "edgewise.telemetry.insert_failures",
             "INSERT rounds that failed",
             insert_failures

@@ -44,6 +44,16 @@ pub struct RunOptions {
     /// gRPC listen address for devices.
     #[arg(long, env = "EDGEWISE_GATEWAY_ADDR", default_value = "0.0.0.0:7443")]
     pub gateway_addr: SocketAddr,
+    /// PEM certificate chain the gateway serves TLS with (re-read when it changes, as a
+    /// cert-manager Secret mount does). Without it the gateway speaks cleartext.
+    #[arg(long, env = "EDGEWISE_TLS_CERT_FILE", requires = "tls_key_file")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of `--tls-cert-file`.
+    #[arg(long, env = "EDGEWISE_TLS_KEY_FILE", requires = "tls_cert_file")]
+    pub tls_key_file: Option<PathBuf>,
+    /// How often the certificate and key files are checked for a change.
+    #[arg(long, env = "EDGEWISE_TLS_RELOAD_SECS", default_value_t = 10)]
+    pub tls_reload_secs: u64,
     /// Health (`/healthz`, `/readyz`) listen address.
     #[arg(long, env = "EDGEWISE_HEALTH_ADDR", default_value = "0.0.0.0:8080")]
     pub health_addr: SocketAddr,
@@ -240,6 +250,15 @@ pub async fn run(role: Role, opts: RunOptions, shutdown: CancellationToken) -> R
             GatewayConfig {
                 signing_key: key,
                 name: opts.identity.clone(),
+                tls: opts
+                    .tls_cert_file
+                    .clone()
+                    .zip(opts.tls_key_file.clone())
+                    .map(|(cert, key)| crate::gateway::tls::TlsFiles {
+                        cert,
+                        key,
+                        reload_every: Duration::from_secs(opts.tls_reload_secs.max(1)),
+                    }),
                 ..GatewayConfig::default()
             },
             s3.clone(),

@@ -139,7 +139,7 @@ async fn run() {
     std::fs::write(
         dir.join("agent.toml"),
         format!(
-            "gateway = \"{}\"\nbootstrap_token_file = \"{}\"\ndata_dir = \"{}\"\nprobe_network = false\n[data_plane]\nlisten = \"{addr}\"\n",
+            "gateway = \"{}\"\ninsecure = true\nbootstrap_token_file = \"{}\"\ndata_dir = \"{}\"\nprobe_network = false\n[data_plane]\nlisten = \"{addr}\"\n",
             h.gateway_url(),
             dir.join("token").display(),
             dir.join("data").display()

@@ -171,7 +171,7 @@ async fn decide_uds() {
     std::fs::write(
         dir.path().join("agent.toml"),
         format!(
-            "gateway = \"http://127.0.0.1:9\"\nbootstrap_token_file = \"{}\"\ndata_dir = \"{}\"\nrouter_socket = \"{}\"\n",
+            "gateway = \"http://127.0.0.1:9\"\ninsecure = true\nbootstrap_token_file = \"{}\"\ndata_dir = \"{}\"\nrouter_socket = \"{}\"\n",
             dir.path().join("token").display(),
             data.display(),
             socket.display()
@@ -599,7 +599,7 @@ async fn agent_rss() {
     std::fs::write(
         dir.join("agent.toml"),
         format!(
-            "gateway = \"{}\"\nbootstrap_token_file = \"{}\"\ndata_dir = \"{}\"\n",
+            "gateway = \"{}\"\ninsecure = true\nbootstrap_token_file = \"{}\"\ndata_dir = \"{}\"\n",
             h.gateway_url(),
             dir.join("token").display(),
             dir.join("data").display()

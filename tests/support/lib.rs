@@ -687,6 +687,28 @@ impl TestAgent {
         publisher: Option<ed25519_dalek::VerifyingKey>,
         token: edgewise_agent::config::TokenSource,
     ) -> Self {
+        let tls = edgewise_agent::GatewayTls::insecure();
+        Self::launch(dir, gateway_url, &tls, facts, publisher, token)
+    }
+
+    /// As [`TestAgent::start`], trusting the gateway as `tls` says.
+    pub fn start_with_tls(
+        dir: &Path,
+        gateway_url: &str,
+        tls: &edgewise_agent::GatewayTls,
+        facts: DeviceFacts,
+    ) -> Self {
+        Self::launch(dir, gateway_url, tls, facts, None, TOKEN.into())
+    }
+
+    fn launch(
+        dir: &Path,
+        gateway_url: &str,
+        tls: &edgewise_agent::GatewayTls,
+        facts: DeviceFacts,
+        publisher: Option<ed25519_dalek::VerifyingKey>,
+        token: edgewise_agent::config::TokenSource,
+    ) -> Self {
         std::fs::create_dir_all(dir).expect("agent dir");
         let device = Device::new(DeviceParts {
             identity: Identity::load_or_create(dir, true).expect("identity"),
@@ -703,7 +725,7 @@ impl TestAgent {
             runtime: None,
         });
         let stop = CancellationToken::new();
-        let channel = edgewise_agent::gateway_channel(gateway_url).expect("channel");
+        let channel = edgewise_agent::gateway_channel(gateway_url, tls).expect("channel");
         let http = edgewise_agent::artifact_client().expect("http");
         let tasks = vec![
             tokio::spawn(edgewise_agent::installer::run(

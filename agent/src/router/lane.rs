@@ -29,7 +29,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tonic::{Code, Status};
 
-use super::{LocalRouter, not_stored};
+use super::LocalRouter;
 
 /// What a framed-lane client sends first.
 pub const MAGIC: [u8; 4] = *b"EWR1";
@@ -172,7 +172,7 @@ async fn call(router: &LocalRouter, method: u8, message: &[u8]) -> Result<Vec<u8
         m if m == Method::Report as u8 => {
             let outcome = Outcome::decode(message)
                 .map_err(|e| Status::invalid_argument(format!("malformed Outcome: {e}")))?;
-            router.report(&outcome).await.map_err(not_stored)?;
+            router.report(&outcome).await.map_err(Status::from)?;
             Ok(Vec::new())
         }
         m if m == Method::Status as u8 => router

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use edgewise_core::policy::{Network, Request, TargetKind};
-use edgewise_proto::convert::{InstalledModels, decide_response};
+use edgewise_proto::convert::{InstalledModels, MAX_FIELD_LEN, decide_response};
 use edgewise_proto::fleet::InferenceEvent;
 use edgewise_proto::router::{DecideRequest, DecideResponse, LocalModel, Outcome};
 use tokio::sync::watch;
@@ -95,9 +95,59 @@ impl From<RouterError> for Status {
     }
 }
 
-/// The status of a `Report` whose outcome could not be buffered.
-pub(crate) fn not_stored(e: BufferError) -> Status {
-    Status::unavailable(format!("outcome not stored: {e}"))
+/// Why a reported outcome was not recorded.
+#[derive(Debug, thiserror::Error)]
+pub enum ReportError {
+    /// A value no request can have; the message names the field.
+    #[error("{0}")]
+    Invalid(String),
+    /// The telemetry buffer could not store it.
+    #[error("outcome not stored: {0}")]
+    NotStored(#[from] BufferError),
+}
+
+impl From<ReportError> for Status {
+    fn from(e: ReportError) -> Self {
+        match e {
+            ReportError::Invalid(m) => Status::invalid_argument(m),
+            ReportError::NotStored(_) => Status::unavailable(e.to_string()),
+        }
+    }
+}
+
+/// Longest latency an outcome may report: a day.
+const MAX_REPORTED_MS: f64 = 86_400_000.0;
+/// Longest error message recorded; longer ones are cut (at a character boundary).
+pub const MAX_ERROR_BYTES: usize = 1024;
+
+/// Checks what an app reports: latencies are finite, not negative and under a day.
+///
+/// # Errors
+/// The field at fault and why.
+pub fn check_outcome(o: &Outcome) -> Result<(), String> {
+    for (field, v) in [
+        ("latency_ms", o.latency_ms),
+        ("first_token_ms", o.first_token_ms),
+    ] {
+        if !(v.is_finite() && (0.0..=MAX_REPORTED_MS).contains(&v)) {
+            return Err(format!(
+                "{field} {v} must be a number of milliseconds from 0 to {MAX_REPORTED_MS}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `s` cut to at most `max` bytes at a character boundary.
+fn clip(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_owned()
 }
 
 /// How often, at most, today's cloud use is written to disk.
@@ -360,14 +410,16 @@ impl LocalRouter {
         Ok(decide_response(&decision, &*models))
     }
 
-    /// Takes an outcome: counts cloud usage for budgets and buffers it as telemetry;
-    /// resolves once the event is on disk.
+    /// Takes an outcome an app reports: checks it, counts cloud usage for budgets and
+    /// buffers it as telemetry (text cut to what the gateway takes); resolves once the
+    /// event is on disk.
     ///
     /// # Errors
-    /// When the telemetry buffer cannot store the event.
-    pub async fn report(&self, outcome: &Outcome) -> Result<(), BufferError> {
+    /// [`ReportError::Invalid`] naming the field, or the buffer's error.
+    pub async fn report(&self, outcome: &Outcome) -> Result<(), ReportError> {
+        check_outcome(outcome).map_err(ReportError::Invalid)?;
         self.charge(outcome);
-        self.record(outcome).await
+        Ok(self.record(outcome).await?)
     }
 
     /// Counts a cloud outcome against today's budgets, at once: the next decision sees it.
@@ -406,25 +458,25 @@ impl LocalRouter {
                 model: family.clone().unwrap_or_default(),
                 version: local.map(|m| m.version.clone()).unwrap_or_default(),
                 variant: local.map(|m| m.variant.clone()).unwrap_or_default(),
-                target: outcome.target.clone(),
+                target: clip(&outcome.target, MAX_FIELD_LEN),
                 on_device: cost.is_none(),
-                rule: outcome.rule.clone(),
-                policy_version: outcome.policy_version.clone(),
+                rule: clip(&outcome.rule, MAX_FIELD_LEN),
+                policy_version: clip(&outcome.policy_version, MAX_FIELD_LEN),
                 latency_ms: outcome.latency_ms,
                 ok: outcome.ok,
                 fallback_used: outcome.fallback_used,
-                error: outcome.error.clone(),
+                error: clip(&outcome.error, MAX_ERROR_BYTES),
                 input_tokens: outcome.input_tokens,
                 output_tokens: outcome.output_tokens,
                 cost_usd: cost.map_or(0.0, |per_1k| per_1k * f64::from(tokens) / 1000.0),
                 shadow: i32::try_from(outcome.shadow_agreement).unwrap_or(0),
-                task: outcome.task.clone(),
-                data_class: outcome.data_class.clone(),
+                task: clip(&outcome.task, MAX_FIELD_LEN),
+                data_class: clip(&outcome.data_class, MAX_FIELD_LEN),
                 rollout: family
                     .as_deref()
                     .and_then(|m| models.rollouts.get(m).cloned())
                     .unwrap_or_default(),
-                router_version: outcome.router_version.clone(),
+                router_version: clip(&outcome.router_version, MAX_FIELD_LEN),
                 first_token_ms: outcome.first_token_ms,
             };
             buffer.append(vec![Event::Inference(event)]).await?;
@@ -439,6 +491,97 @@ mod tests {
 
     fn saved(path: &std::path::Path) -> Option<DailyUsage> {
         crate::fsutil::read_json(path).ok().flatten()
+    }
+
+    #[tokio::test]
+    async fn reported_outcomes_are_checked_and_their_text_cut_to_what_the_gateway_takes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let buffer = TelemetryBuffer::open(
+            dir.path(),
+            crate::telemetry::BufferConfig {
+                max_bytes: 1 << 20,
+                segment_bytes: 1 << 16,
+                durable: false,
+            },
+        )
+        .expect("opens");
+        let policy = PolicyStore::ephemeral();
+        let spec = serde_json::json!({
+            "targets": [{"name": "d", "device": {"model": "m"}}],
+            "default": {"route": "d"}
+        });
+        let parsed = serde_json::from_value(spec.clone()).expect("a spec");
+        policy
+            .apply(&edgewise_proto::fleet::PolicyUpdate {
+                nonce: "n".into(),
+                version: edgewise_core::policy::policy_version(&parsed),
+                source: "ns/p".into(),
+                spec_json: serde_json::to_vec(&spec).expect("json"),
+            })
+            .expect("applies");
+        let router = LocalRouter::new(Arc::new(policy), Some(buffer.clone()));
+        let ok = Outcome {
+            target: "d".into(),
+            latency_ms: 12.0,
+            ..Outcome::default()
+        };
+        for (field, bad) in [
+            (
+                "latency_ms",
+                Outcome {
+                    latency_ms: f64::NAN,
+                    ..ok.clone()
+                },
+            ),
+            (
+                "latency_ms",
+                Outcome {
+                    latency_ms: -1.0,
+                    ..ok.clone()
+                },
+            ),
+            (
+                "latency_ms",
+                Outcome {
+                    latency_ms: 1e300,
+                    ..ok.clone()
+                },
+            ),
+            (
+                "first_token_ms",
+                Outcome {
+                    first_token_ms: f64::INFINITY,
+                    ..ok.clone()
+                },
+            ),
+        ] {
+            let err = router.report(&bad).await.expect_err("refused");
+            assert!(
+                matches!(&err, ReportError::Invalid(m) if m.starts_with(field)),
+                "{err}"
+            );
+            assert_eq!(Status::from(err).code(), tonic::Code::InvalidArgument);
+        }
+        let loud = Outcome {
+            error: "é".repeat(3000),
+            task: "t".repeat(1000),
+            ..ok.clone()
+        };
+        router.report(&loud).await.expect("recorded");
+        let batch = buffer
+            .next_batch(10, usize::MAX)
+            .expect("reads")
+            .expect("one");
+        let events = batch.events();
+        let [Event::Inference(e)] = events.as_slice() else {
+            panic!("one inference event: {events:?}");
+        };
+        assert!(e.error.len() <= MAX_ERROR_BYTES && e.error.len() >= MAX_ERROR_BYTES - 1);
+        assert!(
+            e.error.chars().all(|c| c == 'é'),
+            "cut at a character boundary"
+        );
+        assert_eq!(e.task.len(), MAX_FIELD_LEN);
     }
 
     #[tokio::test(start_paused = true)]

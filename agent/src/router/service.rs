@@ -11,7 +11,7 @@ use futures_util::{Stream, StreamExt};
 use tokio_stream::wrappers::WatchStream;
 use tonic::{Status, async_trait};
 
-use super::{LocalRouter, not_stored};
+use super::LocalRouter;
 
 /// The gRPC face of a [`LocalRouter`].
 #[derive(Debug, Clone)]
@@ -48,7 +48,7 @@ impl Router for RouterService {
         self.router
             .report(request.get_ref())
             .await
-            .map_err(not_stored)?;
+            .map_err(Status::from)?;
         Ok(tonic::Response::new(ReportResponse {}))
     }
 

@@ -384,12 +384,18 @@ impl TelemetryBuffer {
         self.appended.notified().await;
     }
 
-    /// The next batch to upload (at most `max_events`), or `None` when all is acknowledged.
-    /// Until it is acknowledged the same batch, with the same id, is returned again.
+    /// The next batch to upload (at most `max_events` and about `max_bytes` encoded, one
+    /// event at least), or `None` when all is acknowledged. Until it is acknowledged or
+    /// [forgotten](TelemetryBuffer::forget_inflight) the same batch, with the same id, is
+    /// returned again.
     ///
     /// # Errors
     /// I/O errors reading segments.
-    pub fn next_batch(&self, max_events: usize) -> Result<Option<Batch>, BufferError> {
+    pub fn next_batch(
+        &self,
+        max_events: usize,
+        max_bytes: usize,
+    ) -> Result<Option<Batch>, BufferError> {
         let mut st = self
             .state
             .lock()
@@ -436,7 +442,12 @@ impl TelemetryBuffer {
                             segment: seq,
                             offset: pos + offset as u64,
                         };
-                        if limit.is_some_and(|l| here >= l) || events >= max_events {
+                        // Bytes bound the batch as well as events: one at least, so an
+                        // event larger than the bound still goes (and is refused alone).
+                        let full = events > 0 && wire.len() + record.len() + 16 > max_bytes;
+                        if limit.is_some_and(|l| here >= l)
+                            || (limit.is_none() && (events >= max_events || full))
+                        {
                             return false;
                         }
                         if push_wire(&mut wire, record) {
@@ -512,6 +523,29 @@ impl TelemetryBuffer {
             dropped: st.cursor.unreported_drops,
             end,
         }))
+    }
+
+    /// Gives up `batch` as it was cut (the gateway refused its size, not its events): the
+    /// next batch starts at the same event under a new id and the limits then given.
+    ///
+    /// # Errors
+    /// I/O errors persisting the cursor.
+    pub fn forget_inflight(&self, batch: &Batch) -> Result<(), BufferError> {
+        let mut st = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if st
+            .cursor
+            .inflight
+            .as_ref()
+            .is_some_and(|f| f.id == batch.id)
+        {
+            st.cursor.inflight = None;
+            let cursor = st.cursor.clone();
+            persist_cursor(&st.dir, &cursor, st.config.durable)?;
+        }
+        Ok(())
     }
 
     /// Marks a batch delivered: its events leave the buffer and its drops are reported.

@@ -53,29 +53,38 @@ async fn batches_survive_restarts_and_leave_only_when_acknowledged() {
     buf.append((0..100).map(event).collect())
         .await
         .expect("appends");
-    let first = buf.next_batch(40).expect("reads").expect("batch");
+    let first = buf
+        .next_batch(40, usize::MAX)
+        .expect("reads")
+        .expect("batch");
     assert_eq!(first.events().len(), 40);
     // Not acknowledged: the same batch, with the same id, comes back, also after a restart.
     assert_eq!(
-        buf.next_batch(40).expect("reads").expect("batch").id,
+        buf.next_batch(40, usize::MAX)
+            .expect("reads")
+            .expect("batch")
+            .id,
         first.id
     );
     buf.close();
     drop(buf);
     let buf = TelemetryBuffer::open(dir.path(), small(true)).expect("reopens");
-    let again = buf.next_batch(40).expect("reads").expect("batch");
+    let again = buf
+        .next_batch(40, usize::MAX)
+        .expect("reads")
+        .expect("batch");
     assert_eq!(
         (again.id.as_str(), ids(&again.events())),
         (first.id.as_str(), ids(&first.events()))
     );
     buf.ack(&again).expect("acks");
     let mut seen = ids(&again.events());
-    while let Some(b) = buf.next_batch(25).expect("reads") {
+    while let Some(b) = buf.next_batch(25, usize::MAX).expect("reads") {
         seen.extend(ids(&b.events()));
         buf.ack(&b).expect("acks");
     }
     assert_eq!(seen, (0..100).map(|i| format!("e-{i}")).collect::<Vec<_>>());
-    assert!(buf.next_batch(10).expect("reads").is_none());
+    assert!(buf.next_batch(10, usize::MAX).expect("reads").is_none());
 }
 
 #[tokio::test]
@@ -100,7 +109,10 @@ async fn a_torn_tail_is_cut_and_everything_before_it_kept() {
     buf.append(vec![event(10)])
         .await
         .expect("appends after recovery");
-    let b = buf.next_batch(100).expect("reads").expect("batch");
+    let b = buf
+        .next_batch(100, usize::MAX)
+        .expect("reads")
+        .expect("batch");
     assert_eq!(
         ids(&b.events()),
         (0..=10).map(|i| format!("e-{i}")).collect::<Vec<_>>()
@@ -119,7 +131,10 @@ async fn a_corrupted_segment_keeps_the_good_records_around_the_damage() {
     }
     std::fs::write(&seg, &bytes).expect("write");
     let buf = TelemetryBuffer::open(dir.path(), small(false)).expect("opens");
-    let b = buf.next_batch(100).expect("reads").expect("batch");
+    let b = buf
+        .next_batch(100, usize::MAX)
+        .expect("reads")
+        .expect("batch");
     let got = ids(&b.events());
     assert!(
         got.len() >= 27 && got.len() < 30,
@@ -160,7 +175,7 @@ async fn when_full_the_oldest_are_dropped_and_counted() {
     );
     let mut kept = Vec::new();
     let mut reported = 0;
-    while let Some(b) = buf.next_batch(5_000).expect("reads") {
+    while let Some(b) = buf.next_batch(5_000, usize::MAX).expect("reads") {
         kept.extend(ids(&b.events()));
         reported += b.dropped;
         buf.ack(&b).expect("acks");
@@ -197,7 +212,10 @@ async fn concurrent_appends_are_group_committed() {
     for t in tasks {
         t.await.expect("joins");
     }
-    let b = buf.next_batch(10_000).expect("reads").expect("batch");
+    let b = buf
+        .next_batch(10_000, usize::MAX)
+        .expect("reads")
+        .expect("batch");
     assert_eq!(b.events().len(), 400);
 }
 
@@ -234,7 +252,7 @@ async fn large_segments_read_across_windows_and_damage_at_a_boundary_is_skipped_
     let buf = TelemetryBuffer::open(dir.path(), config).expect("opens");
     let mut got = Vec::new();
     let mut dropped = 0;
-    while let Some(b) = buf.next_batch(7_000).expect("reads") {
+    while let Some(b) = buf.next_batch(7_000, usize::MAX).expect("reads") {
         got.extend(ids(&b.events()));
         dropped = dropped.max(b.dropped);
         buf.ack(&b).expect("acks");

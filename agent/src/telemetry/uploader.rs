@@ -20,6 +20,20 @@ use crate::device::Device;
 
 /// Events per batch.
 pub const MAX_BATCH_EVENTS: usize = 5_000;
+/// Encoded bytes per batch: well under the gateway's 4 MiB message limit, so a batch of
+/// long error messages is cut by size, not sent and refused as too large forever.
+pub const MAX_BATCH_BYTES: usize = 1 << 20;
+
+/// Whether the gateway refused a request for its size (tonic's `OUT_OF_RANGE` "message
+/// length too large", or an older gateway's batch-size `INVALID_ARGUMENT`): the batch is
+/// cut smaller and sent again, never retried as it is.
+fn too_large(status: &Status) -> bool {
+    match status.code() {
+        Code::OutOfRange | Code::ResourceExhausted => status.message().contains("too large"),
+        Code::InvalidArgument => status.message().contains("events; at most"),
+        _ => false,
+    }
+}
 
 /// The upload request body: the batch's header fields, then its events exactly as the buffer
 /// holds them (protobuf allows fields in any order).
@@ -62,8 +76,10 @@ pub async fn run(
 ) {
     let mut grpc = Grpc::new(channel);
     let mut backoff = crate::sync::delays(device.backoff);
+    // Halved each time the gateway refuses a batch's size, back to full after an ack.
+    let (mut max_events, mut max_bytes) = (MAX_BATCH_EVENTS, MAX_BATCH_BYTES);
     loop {
-        let batch = match buffer.next_batch(MAX_BATCH_EVENTS) {
+        let batch = match buffer.next_batch(max_events, max_bytes) {
             Ok(Some(b)) => b,
             Ok(None) => {
                 tokio::select! {
@@ -103,34 +119,48 @@ pub async fn run(
         }
         let delay = match upload(&mut grpc, request).await {
             Ok(ack) => {
-                debug!(batch = %batch.id, accepted = ack.get_ref().accepted, duplicate = ack.get_ref().duplicate, "telemetry batch acknowledged");
+                let ack = ack.into_inner();
+                debug!(batch = %batch.id, accepted = ack.accepted, duplicate = ack.duplicate, "telemetry batch acknowledged");
+                if let Some(first) = ack.rejected.first() {
+                    // Stored without them; retrying cannot help. The gateway counts them.
+                    warn!(batch = %batch.id, refused = ack.rejected.len(), first = %first.reason, "the gateway refused events of a telemetry batch");
+                }
                 if let Err(e) = buffer.ack(&batch) {
                     warn!(error = %e, "recording a telemetry ack");
                 }
                 backoff = crate::sync::delays(device.backoff);
+                (max_events, max_bytes) = (MAX_BATCH_EVENTS, MAX_BATCH_BYTES);
+                continue;
+            }
+            Err(status) if too_large(&status) && batch.len > 1 => {
+                // Cut in two by events and by bytes; the same events go again, smaller.
+                max_events = (batch.len / 2).max(1);
+                max_bytes = (batch.encoded_events.len() / 2).max(1);
+                warn!(batch = %batch.id, events = batch.len, bytes = batch.encoded_events.len(), reason = %status.message(), "telemetry batch too large for the gateway; splitting it");
+                if let Err(e) = buffer.forget_inflight(&batch) {
+                    warn!(error = %e, "splitting a telemetry batch");
+                }
+                continue;
+            }
+            Err(status) if status.code() == Code::InvalidArgument || too_large(&status) => {
+                // Refused as invalid, or one event alone too large to send: retrying cannot
+                // help. Record the loss (it is reported upstream) and move on.
+                warn!(batch = %batch.id, reason = %status.message(), "telemetry batch refused; dropping it");
+                if let Err(e) = buffer.reject(&batch) {
+                    warn!(error = %e, "dropping a rejected batch");
+                }
                 continue;
             }
             Err(status) => {
                 let hint = edgewise_proto::retry::retry_after(&status);
-                match status.code() {
-                    Code::InvalidArgument => {
-                        // Retrying cannot help: record the loss (it is reported upstream) and move on.
-                        warn!(batch = %batch.id, reason = %status.message(), "telemetry batch rejected as invalid; dropping it");
-                        if let Err(e) = buffer.reject(&batch) {
-                            warn!(error = %e, "dropping a rejected batch");
-                        }
-                        continue;
-                    }
-                    Code::Unauthenticated => {
-                        let mut id = device
-                            .identity
-                            .lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner);
-                        let _ = id.clear_credential();
-                    }
-                    _ => {
-                        debug!(code = ?status.code(), reason = %status.message(), "telemetry upload failed; keeping the batch")
-                    }
+                if status.code() == Code::Unauthenticated {
+                    let mut id = device
+                        .identity
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    let _ = id.clear_credential();
+                } else {
+                    debug!(code = ?status.code(), reason = %status.message(), "telemetry upload failed; keeping the batch");
                 }
                 let jittered = backoff.next().unwrap_or(device.backoff.max);
                 hint.map_or(jittered, |h| h.max(jittered))

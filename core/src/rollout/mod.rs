@@ -6,6 +6,7 @@
 
 pub mod analysis;
 pub mod command;
+pub mod fleet;
 pub mod machine;
 pub mod spec;
 

@@ -11,6 +11,7 @@ pub mod presign;
 pub mod registry;
 mod session;
 pub mod snapshot;
+pub mod tls;
 mod upload;
 
 pub use upload::FleetRoutes;
@@ -92,6 +93,17 @@ impl Inner {
 use presign::Presigner;
 use session::Session;
 
+/// Why the gateway stopped serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Its certificate or key.
+    #[error("gateway TLS: {0}")]
+    Tls(#[from] tls::TlsError),
+    /// The server.
+    #[error("gateway server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
 /// Gateway settings.
 #[derive(Clone, Debug)]
 pub struct GatewayConfig {
@@ -109,6 +121,9 @@ pub struct GatewayConfig {
     pub stream_queue: usize,
     /// This replica's name, recorded with telemetry and device status.
     pub name: String,
+    /// Serve TLS with this certificate and key (re-read when they change); `None` serves
+    /// cleartext, for loopback and tests only.
+    pub tls: Option<tls::TlsFiles>,
 }
 
 impl Default for GatewayConfig {
@@ -121,6 +136,7 @@ impl Default for GatewayConfig {
             hello_timeout: Duration::from_secs(10),
             stream_queue: 4,
             name: "gateway".into(),
+            tls: None,
         }
     }
 }
@@ -220,47 +236,92 @@ impl Gateway {
         }
     }
 
-    /// Serves on `listener` until `shutdown`; open streams end at once so agents reconnect
-    /// elsewhere.
+    /// Serves on `listener` until `shutdown`, over TLS when the config names a certificate;
+    /// open streams end at once so agents reconnect elsewhere.
     ///
     /// # Errors
-    /// When the server fails.
+    /// When the certificate cannot be loaded, or the server fails.
     pub async fn serve(
         &self,
         listener: TcpListener,
         shutdown: CancellationToken,
-    ) -> Result<(), tonic::transport::Error> {
+    ) -> Result<(), ServeError> {
+        let cert = self.certificate()?;
+        self.serve_with(listener, cert, shutdown).await
+    }
+
+    /// The certificate the config names, loaded.
+    fn certificate(&self) -> Result<Option<Arc<tls::ReloadingCert>>, tls::TlsError> {
+        self.inner
+            .config
+            .tls
+            .clone()
+            .map(tls::ReloadingCert::load)
+            .transpose()
+    }
+
+    async fn serve_with(
+        &self,
+        listener: TcpListener,
+        cert: Option<Arc<tls::ReloadingCert>>,
+        shutdown: CancellationToken,
+    ) -> Result<(), ServeError> {
         let addr = listener.local_addr().ok();
-        info!(?addr, "gateway serving edgewise.v1.Fleet");
-        tonic::transport::Server::builder()
+        let server = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .max_concurrent_streams(Some(u32::MAX))
-            .add_service(self.service(shutdown.clone()))
+            .add_service(self.service(shutdown.clone()));
+        let Some(cert) = cert else {
+            if addr.is_some_and(|a| !a.ip().is_loopback()) {
+                warn!(
+                    ?addr,
+                    "gateway serving cleartext beyond loopback: credentials and policy travel unencrypted (--tls-cert-file)"
+                );
+            } else {
+                info!(?addr, "gateway serving edgewise.v1.Fleet (cleartext)");
+            }
             // `Server::tcp_nodelay` applies only to listeners tonic binds itself; a listener
             // we bind must carry it, or Nagle meets delayed ACKs: ~40 ms on every unary reply.
+            return server
+                .serve_with_incoming_shutdown(
+                    TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    shutdown.cancelled_owned(),
+                )
+                .instrument(info_span!("gateway", ?addr))
+                .await
+                .map_err(ServeError::Transport);
+        };
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cert.server_config()?));
+        tokio::spawn(cert.watch(shutdown.clone()));
+        info!(?addr, "gateway serving edgewise.v1.Fleet over TLS");
+        server
             .serve_with_incoming_shutdown(
-                TcpIncoming::from(listener).with_nodelay(Some(true)),
+                tls::incoming(listener, acceptor, shutdown.clone()),
                 shutdown.cancelled_owned(),
             )
             .instrument(info_span!("gateway", ?addr))
             .await
+            .map_err(ServeError::Transport)
     }
 
     /// Binds `addr` and serves in a task; returns the bound address.
     ///
     /// # Errors
-    /// When the address cannot be bound.
+    /// When the certificate cannot be loaded or the address cannot be bound.
     pub async fn spawn(
         &self,
         addr: SocketAddr,
         shutdown: CancellationToken,
     ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+        let cert = self
+            .certificate()
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
         let listener = TcpListener::bind(addr).await?;
         let bound = listener.local_addr()?;
         let gw = self.clone();
         let task = tokio::spawn(async move {
-            if let Err(e) = gw.serve(listener, shutdown).await {
+            if let Err(e) = gw.serve_with(listener, cert, shutdown).await {
                 tracing::error!(error = %e, "gateway stopped");
             }
         });

@@ -8,13 +8,15 @@ use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clickhouse::{Client, Row};
+use edgewise_core::rollout::fleet::{self, DeviceInference, DeviceInstalls};
 use edgewise_core::rollout::{GateMetrics, Metric, MetricSet};
 use serde::Deserialize;
 
-/// On-device inference metrics of one version of one rollout over `[from, to)`.
+/// On-device inference of one version of one rollout over `[from, to)`, per device: gates
+/// weigh devices, not samples (`edgewise_core::rollout::fleet`).
 pub const INFERENCE_METRICS_SQL: &str = "SELECT
+    device_id,
     count() AS samples,
-    uniqExact(device_id) AS devices,
     quantileExact(0.5)(latency_ms) AS p50,
     quantileExact(0.95)(latency_ms) AS p95,
     quantileExact(0.99)(latency_ms) AS p99,
@@ -24,16 +26,18 @@ pub const INFERENCE_METRICS_SQL: &str = "SELECT
     countIf(shadow != 'none') AS shadows
 FROM edgewise.inference_events FINAL
 WHERE rollout = ? AND model = ? AND version = ? AND on_device = 1
-  AND time >= toDateTime(?) AND time < toDateTime(?)";
+  AND time >= toDateTime(?) AND time < toDateTime(?)
+GROUP BY device_id";
 
-/// Install outcomes of one version of one rollout over `[from, to)`.
+/// Install outcomes of one version of one rollout over `[from, to)`, per device.
 pub const INSTALL_METRICS_SQL: &str = "SELECT
+    device_id,
     countIf(kind = 'install_failed') AS failed,
-    countIf(kind IN ('activated', 'install_failed')) AS attempts,
-    uniqExact(device_id) AS devices
+    countIf(kind IN ('activated', 'install_failed')) AS attempts
 FROM edgewise.model_events FINAL
 WHERE rollout = ? AND model = ? AND version = ?
-  AND time >= toDateTime(?) AND time < toDateTime(?)";
+  AND time >= toDateTime(?) AND time < toDateTime(?)
+GROUP BY device_id";
 
 /// Version skew of a model: devices per installed version, from the latest device status.
 pub const VERSION_SKEW_SQL: &str = "SELECT
@@ -58,9 +62,9 @@ pub const POLICY_ACKS_SQL: &str =
     "SELECT count() FROM edgewise.device_status FINAL WHERE policy_version = ?";
 
 #[derive(Debug, Row, Deserialize)]
-struct InferenceAgg {
+struct InferenceRow {
+    device_id: String,
     samples: u64,
-    devices: u64,
     p50: f64,
     p95: f64,
     p99: f64,
@@ -71,10 +75,10 @@ struct InferenceAgg {
 }
 
 #[derive(Debug, Row, Deserialize)]
-struct InstallAgg {
+struct InstallRow {
+    device_id: String,
     failed: u64,
     attempts: u64,
-    devices: u64,
 }
 
 #[derive(Debug, Row, Deserialize)]
@@ -118,10 +122,6 @@ fn unix(t: SystemTime) -> u32 {
         .map_or(0, |d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX))
 }
 
-fn ratio(n: u64, d: u64) -> Option<f64> {
-    (d > 0).then(|| n as f64 / d as f64)
-}
-
 /// The metrics of one slice over `[from, to)`. A metric with no data is absent.
 ///
 /// # Errors
@@ -142,28 +142,41 @@ pub async fn metric_set(
             .bind(unix(from))
             .bind(unix(to))
     };
-    let i: InferenceAgg = query(INFERENCE_METRICS_SQL).fetch_one().await?;
-    let m: InstallAgg = query(INSTALL_METRICS_SQL).fetch_one().await?;
-    let mut values = BTreeMap::new();
-    if i.samples > 0 {
-        values.insert(Metric::LatencyP50Ms, i.p50);
-        values.insert(Metric::LatencyP95Ms, i.p95);
-        values.insert(Metric::LatencyP99Ms, i.p99);
+    let inference: Vec<InferenceRow> = query(INFERENCE_METRICS_SQL).fetch_all().await?;
+    let installs: Vec<InstallRow> = query(INSTALL_METRICS_SQL).fetch_all().await?;
+    let per_device: Vec<DeviceInference> = inference
+        .iter()
+        .map(|r| DeviceInference {
+            samples: r.samples,
+            p50: r.p50,
+            p95: r.p95,
+            p99: r.p99,
+            errors: r.errors,
+            fallbacks: r.fallbacks,
+            agreements: r.agreements,
+            shadows: r.shadows,
+        })
+        .collect();
+    let mut values = fleet::inference_values(&per_device);
+    let install: Vec<DeviceInstalls> = installs
+        .iter()
+        .map(|r| DeviceInstalls {
+            failed: r.failed,
+            attempts: r.attempts,
+        })
+        .collect();
+    if let Some(v) = fleet::install_failure_rate(&install) {
+        values.insert(Metric::InstallFailureRate, v);
     }
-    for (metric, value) in [
-        (Metric::ErrorRate, ratio(i.errors, i.samples)),
-        (Metric::FallbackRate, ratio(i.fallbacks, i.samples)),
-        (Metric::CloudAgreementRate, ratio(i.agreements, i.shadows)),
-        (Metric::InstallFailureRate, ratio(m.failed, m.attempts)),
-    ] {
-        if let Some(v) = value {
-            values.insert(metric, v);
-        }
-    }
+    let devices: std::collections::BTreeSet<&str> = inference
+        .iter()
+        .map(|r| r.device_id.as_str())
+        .chain(installs.iter().map(|r| r.device_id.as_str()))
+        .collect();
     Ok(MetricSet {
         values,
-        samples: i.samples,
-        devices: i.devices.max(m.devices),
+        samples: inference.iter().map(|r| r.samples).sum(),
+        devices: devices.len() as u64,
     })
 }
 

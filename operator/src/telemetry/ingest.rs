@@ -7,7 +7,7 @@
 //! `retry-after-ms` hint, and the events stay on the devices' disks. Memory stays bounded
 //! by the queue, whatever ClickHouse does.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -15,8 +15,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use clickhouse::Client;
 use edgewise_proto::convert::MAX_FIELD_LEN;
-use edgewise_proto::fleet::{ModelEventKind, ShadowAgreement, TelemetryAck, TelemetryBatch};
-use edgewise_proto::view::TelemetryBatchView;
+use edgewise_proto::fleet::{
+    ModelEventKind, RejectedEvent, ShadowAgreement, TelemetryAck, TelemetryBatch,
+};
+use edgewise_proto::view::{InferenceEventView, ModelEventView, TelemetryBatchView};
 use prost::Message;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
@@ -72,6 +74,8 @@ pub struct SinkStats {
     pub insert_failures: AtomicU64,
     /// Batches refused as invalid.
     pub batches_rejected: AtomicU64,
+    /// Events refused alone (their batches stored without them).
+    pub events_rejected: AtomicU64,
     /// Uploads pushed back (queue full or ClickHouse down).
     pub pushed_back: AtomicU64,
     /// Milliseconds spent in the last INSERT round.
@@ -223,11 +227,52 @@ fn check_event(
     Ok(())
 }
 
-/// Checks a batch from `device_id`; the error names the field at fault.
+/// The events of a batch refused alone: by list, their indexes and reasons.
+#[derive(Debug, Default)]
+pub struct Refused {
+    /// `inference[i]`.
+    pub inference: BTreeMap<usize, String>,
+    /// `model_events[i]`.
+    pub model_events: BTreeMap<usize, String>,
+}
+
+impl Refused {
+    /// How many.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.inference.len() + self.model_events.len()
+    }
+
+    /// None refused.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// As the ack lists them.
+    #[must_use]
+    pub fn to_wire(&self) -> Vec<RejectedEvent> {
+        let list = |name: &str, m: &BTreeMap<usize, String>| {
+            m.iter()
+                .map(|(i, reason)| RejectedEvent {
+                    event: format!("{name}[{i}]"),
+                    reason: reason.clone(),
+                })
+                .collect::<Vec<_>>()
+        };
+        let mut out = list("inference", &self.inference);
+        out.extend(list("model_events", &self.model_events));
+        out
+    }
+}
+
+/// Checks a batch from `device_id`: the batch itself (its id, its device, its size) or
+/// else each event on its own, so one bad event is refused alone, named with its reason.
 ///
 /// # Errors
-/// [`IngestError::Invalid`], or [`IngestError::WrongDevice`] for another device's id.
-pub fn validate(device_id: &str, batch: &TelemetryBatchView) -> Result<(), IngestError> {
+/// [`IngestError::Invalid`] for the batch, or [`IngestError::WrongDevice`] for another
+/// device's id.
+pub fn validate(device_id: &str, batch: &TelemetryBatchView) -> Result<Refused, IngestError> {
     let top = |field: &str| field.to_owned();
     if batch.batch_id.is_empty() {
         return Err(invalid("batch_id is required".into()));
@@ -246,79 +291,102 @@ pub fn validate(device_id: &str, batch: &TelemetryBatchView) -> Result<(), Inges
     }
     let now = now_ms();
     let time_ok = |t: i64| (EARLIEST_MS..=now + FUTURE_SKEW_MS).contains(&t);
+    let mut refused = Refused::default();
     for (i, e) in batch.inference.iter().enumerate() {
-        let at = |field: &str| format!("inference[{i}].{field}");
-        check_event(
-            &at,
-            &[
-                ("event_id", &e.event_id),
-                ("model", &e.model),
-                ("target", &e.target),
-            ],
-            &[
-                ("version", &e.version),
-                ("variant", &e.variant),
-                ("rule", &e.rule),
-                ("policy_version", &e.policy_version),
-                ("task", &e.task),
-                ("data_class", &e.data_class),
-                ("rollout", &e.rollout),
-                ("router_version", &e.router_version),
-            ],
-            &e.error,
-            e.time_unix_ms,
-            &time_ok,
-        )?;
-        if !(e.latency_ms.is_finite() && e.latency_ms >= 0.0) {
-            return Err(invalid(format!(
-                "{} must be finite and >= 0",
-                at("latency_ms")
-            )));
-        }
-        if !(e.first_token_ms.is_finite() && e.first_token_ms >= 0.0) {
-            return Err(invalid(format!(
-                "{} must be finite and >= 0",
-                at("first_token_ms")
-            )));
-        }
-        if !(e.cost_usd.is_finite() && e.cost_usd >= 0.0) {
-            return Err(invalid(format!(
-                "{} must be finite and >= 0",
-                at("cost_usd")
-            )));
-        }
-        if ShadowAgreement::try_from(e.shadow).is_err() {
-            return Err(invalid(format!(
-                "{} {} is not a ShadowAgreement",
-                at("shadow"),
-                e.shadow
-            )));
+        if let Err(e) = check_inference(i, e, &time_ok) {
+            refused.inference.insert(i, e.to_string());
         }
     }
     for (i, e) in batch.model_events.iter().enumerate() {
-        let at = |field: &str| format!("model_events[{i}].{field}");
-        check_event(
-            &at,
-            &[("event_id", &e.event_id), ("model", &e.model)],
-            &[
-                ("version", &e.version),
-                ("variant", &e.variant),
-                ("rollout", &e.rollout),
-            ],
-            &e.error,
-            e.time_unix_ms,
-            &time_ok,
-        )?;
-        match ModelEventKind::try_from(e.kind) {
-            Ok(ModelEventKind::Unspecified) | Err(_) => {
-                return Err(invalid(format!(
-                    "{} {} is not a ModelEventKind",
-                    at("kind"),
-                    e.kind
-                )));
-            }
-            Ok(_) => {}
+        if let Err(e) = check_model_event(i, e, &time_ok) {
+            refused.model_events.insert(i, e.to_string());
         }
+    }
+    Ok(refused)
+}
+
+fn check_inference(
+    i: usize,
+    e: &InferenceEventView,
+    time_ok: &impl Fn(i64) -> bool,
+) -> Result<(), IngestError> {
+    let at = |field: &str| format!("inference[{i}].{field}");
+    check_event(
+        &at,
+        &[
+            ("event_id", &e.event_id),
+            ("model", &e.model),
+            ("target", &e.target),
+        ],
+        &[
+            ("version", &e.version),
+            ("variant", &e.variant),
+            ("rule", &e.rule),
+            ("policy_version", &e.policy_version),
+            ("task", &e.task),
+            ("data_class", &e.data_class),
+            ("rollout", &e.rollout),
+            ("router_version", &e.router_version),
+        ],
+        &e.error,
+        e.time_unix_ms,
+        time_ok,
+    )?;
+    if !(e.latency_ms.is_finite() && e.latency_ms >= 0.0) {
+        return Err(invalid(format!(
+            "{} must be finite and >= 0",
+            at("latency_ms")
+        )));
+    }
+    if !(e.first_token_ms.is_finite() && e.first_token_ms >= 0.0) {
+        return Err(invalid(format!(
+            "{} must be finite and >= 0",
+            at("first_token_ms")
+        )));
+    }
+    if !(e.cost_usd.is_finite() && e.cost_usd >= 0.0) {
+        return Err(invalid(format!(
+            "{} must be finite and >= 0",
+            at("cost_usd")
+        )));
+    }
+    if ShadowAgreement::try_from(e.shadow).is_err() {
+        return Err(invalid(format!(
+            "{} {} is not a ShadowAgreement",
+            at("shadow"),
+            e.shadow
+        )));
+    }
+    Ok(())
+}
+
+fn check_model_event(
+    i: usize,
+    e: &ModelEventView,
+    time_ok: &impl Fn(i64) -> bool,
+) -> Result<(), IngestError> {
+    let at = |field: &str| format!("model_events[{i}].{field}");
+    check_event(
+        &at,
+        &[("event_id", &e.event_id), ("model", &e.model)],
+        &[
+            ("version", &e.version),
+            ("variant", &e.variant),
+            ("rollout", &e.rollout),
+        ],
+        &e.error,
+        e.time_unix_ms,
+        time_ok,
+    )?;
+    match ModelEventKind::try_from(e.kind) {
+        Ok(ModelEventKind::Unspecified) | Err(_) => {
+            return Err(invalid(format!(
+                "{} {} is not a ModelEventKind",
+                at("kind"),
+                e.kind
+            )));
+        }
+        Ok(_) => {}
     }
     Ok(())
 }
@@ -381,9 +449,9 @@ impl TelemetrySink {
     ) -> Result<TelemetryAck, IngestError> {
         let checked = TelemetryBatchView::decode(body)
             .map_err(|e| IngestError::Undecodable(format!("TelemetryBatch: {e}")))
-            .and_then(|batch| validate(device_id, &batch).map(|()| batch));
-        let batch = match checked {
-            Ok(batch) => batch,
+            .and_then(|batch| validate(device_id, &batch).map(|refused| (batch, refused)));
+        let (batch, refused) = match checked {
+            Ok(checked) => checked,
             Err(e) => {
                 self.stats.batches_rejected.fetch_add(1, Ordering::Relaxed);
                 return Err(e);
@@ -396,8 +464,10 @@ impl TelemetrySink {
             return Err(IngestError::StoreUnavailable);
         }
         let received = u32::try_from(now_ms() / 1000).unwrap_or(0);
-        let (inference, model) = encode_rows(device_id, &batch, received);
-        let rows = batch.inference.len() + batch.model_events.len() + 1;
+        let (inference, model) = encode_rows(device_id, &batch, &refused, received);
+        let stored_inference = batch.inference.len() - refused.inference.len();
+        let stored_model = batch.model_events.len() - refused.model_events.len();
+        let rows = stored_inference + stored_model + 1;
         let bytes = inference.len() + model.len();
         let queued = self.stats.queued_bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
         if queued > self.config.max_queued_bytes {
@@ -421,14 +491,13 @@ impl TelemetrySink {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .set
             .contains(&key);
-        let accepted =
-            u32::try_from(batch.inference.len() + batch.model_events.len()).unwrap_or(u32::MAX);
+        let accepted = u32::try_from(stored_inference + stored_model).unwrap_or(u32::MAX);
         let batch_row = BatchRow {
             device_id: device_id.to_owned(),
             batch_id: key.1.clone(),
             received_at: received,
-            inference_events: u32::try_from(batch.inference.len()).unwrap_or(u32::MAX),
-            model_events: u32::try_from(batch.model_events.len()).unwrap_or(u32::MAX),
+            inference_events: u32::try_from(stored_inference).unwrap_or(u32::MAX),
+            model_events: u32::try_from(stored_model).unwrap_or(u32::MAX),
             dropped_events: batch.dropped_events,
             gateway: self.config.gateway.clone(),
         };
@@ -460,10 +529,16 @@ impl TelemetrySink {
                     }
                 }
                 self.stats.batches_acked.fetch_add(1, Ordering::Relaxed);
+                if !refused.is_empty() && !duplicate {
+                    self.stats
+                        .events_rejected
+                        .fetch_add(refused.len() as u64, Ordering::Relaxed);
+                }
                 Ok(TelemetryAck {
                     batch_id,
                     accepted,
                     duplicate,
+                    rejected: refused.to_wire(),
                 })
             }
             Ok(Err(e)) => Err(IngestError::InsertFailed(e)),
@@ -481,7 +556,12 @@ impl TelemetrySink {
 }
 
 /// The batch's event rows in RowBinary: `(inference_events, model_events)`.
-fn encode_rows(device_id: &str, batch: &TelemetryBatchView, received: u32) -> (Bytes, Bytes) {
+fn encode_rows(
+    device_id: &str,
+    batch: &TelemetryBatchView,
+    refused: &Refused,
+    received: u32,
+) -> (Bytes, Bytes) {
     // Rows are about the size of the wire events plus the ids repeated on each.
     let per_row = device_id.len() + batch.batch_id.len() + 64;
     let origin = BatchOrigin {
@@ -490,12 +570,16 @@ fn encode_rows(device_id: &str, batch: &TelemetryBatchView, received: u32) -> (B
         received_at: received,
     };
     let mut inference = Vec::with_capacity(batch.inference.len() * (per_row + 96));
-    for e in &batch.inference {
-        origin.write_inference_row(&mut inference, e);
+    for (i, e) in batch.inference.iter().enumerate() {
+        if !refused.inference.contains_key(&i) {
+            origin.write_inference_row(&mut inference, e);
+        }
     }
     let mut model = Vec::with_capacity(batch.model_events.len() * (per_row + 48));
-    for e in &batch.model_events {
-        origin.write_model_row(&mut model, e);
+    for (i, e) in batch.model_events.iter().enumerate() {
+        if !refused.model_events.contains_key(&i) {
+            origin.write_model_row(&mut model, e);
+        }
     }
     (inference.into(), model.into())
 }
