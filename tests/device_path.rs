@@ -560,6 +560,37 @@ async fn forged_expired_and_revoked_credentials_are_refused() {
         (err.code(), err.message()),
         (Code::Unauthenticated, "unknown bootstrap token")
     );
+    // A proof is good once: the same request replayed (by someone who saw it) is refused;
+    // a proof signed 11 minutes ago, or at the dawn of time, is stale.
+    let honest = Identity::ephemeral();
+    let req = honest.enroll_request(
+        TOKEN,
+        &facts("linux", "x86_64", 4096, &[]),
+        &BTreeMap::new(),
+    );
+    c.enroll(req.clone()).await.expect("first use");
+    let err = c.enroll(req).await.expect_err("replayed");
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert!(err.message().contains("already used"), "{}", err.message());
+    for (when, stale) in [
+        ("11 minutes ago", -11 * 60_000),
+        ("i64::MIN", i64::MIN),
+        ("i64::MAX", i64::MAX),
+    ] {
+        let mut req = honest.enroll_request(
+            TOKEN,
+            &facts("linux", "x86_64", 4096, &[]),
+            &BTreeMap::new(),
+        );
+        req.proof_time_unix_ms = req.proof_time_unix_ms.saturating_add(stale);
+        let err = c.enroll(req).await.expect_err("stale");
+        assert_eq!(err.code(), Code::Unauthenticated, "{when}");
+        assert!(
+            err.message().contains("10 minutes"),
+            "{when}: {}",
+            err.message()
+        );
+    }
     let req = thief.enroll_request("", &facts("linux", "x86_64", 4096, &[]), &BTreeMap::new());
     let err = c.enroll(req).await.expect_err("no token");
     assert_eq!(
@@ -582,6 +613,95 @@ async fn forged_expired_and_revoked_credentials_are_refused() {
         (err.code(), err.message()),
         (Code::Unauthenticated, "unknown bootstrap token")
     );
+}
+
+/// What a device says of itself is `self.`-prefixed, facts included: a server-side label
+/// of the same name (from the bootstrap token) is never overridden.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reported_facts_never_override_server_side_labels() {
+    let h = Harness::start().await;
+    h.gateway.auth().set_bootstrap_tokens(vec![BootstrapToken {
+        name: "fleet".into(),
+        token: TOKEN.into(),
+        labels: BTreeMap::from([("edgewise.dev/os".to_owned(), "managed".to_owned())]),
+    }]);
+    let agent = TestAgent::start(
+        &h.dir.path().join("agent"),
+        &h.gateway_url(),
+        facts("linux", "arm64", 4096, &[]),
+        None,
+    );
+    let labels = eventually(Duration::from_secs(20), "the device connected", || async {
+        h.gateway
+            .registry()
+            .devices()
+            .into_iter()
+            .find(|d| d.connected)
+            .map(|d| d.labels)
+    })
+    .await;
+    assert_eq!(labels["edgewise.dev/os"], "managed", "{labels:?}");
+    assert_eq!(labels["self.edgewise.dev/os"], "linux", "{labels:?}");
+    assert_eq!(labels["self.edgewise.dev/arch"], "arm64", "{labels:?}");
+    agent.stop().await;
+}
+
+/// Enrolment is rate-limited per peer address before any work, with a retry hint; an
+/// agent that meets the limit waits and enrols.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrolments_beyond_the_per_peer_limit_wait_with_a_retry_hint() {
+    use edgewise_operator::gateway::limits::{EnrolRates, Rate};
+    let h = Harness::start_with(edgewise_operator::gateway::GatewayConfig {
+        enroll_limits: Some(EnrolRates {
+            per_peer: Rate {
+                per_minute: 120,
+                burst: 3,
+            },
+            ..EnrolRates::default()
+        }),
+        ..Default::default()
+    })
+    .await;
+    let mut c = client(&h).await;
+    // Failed enrolments count too: guessing tokens is what the limit is for.
+    for _ in 0..3 {
+        let req = Identity::ephemeral().enroll_request(
+            "a-guessed-token-of-16-bytes",
+            &facts("linux", "x86_64", 4096, &[]),
+            &BTreeMap::new(),
+        );
+        assert_eq!(
+            c.enroll(req).await.expect_err("unknown").code(),
+            Code::Unauthenticated
+        );
+    }
+    let req = Identity::ephemeral().enroll_request(
+        TOKEN,
+        &facts("linux", "x86_64", 4096, &[]),
+        &BTreeMap::new(),
+    );
+    let err = c.enroll(req).await.expect_err("limited");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    let hint = edgewise_proto::retry::retry_after(&err).expect("a retry hint");
+    assert!(hint <= Duration::from_secs(1), "{hint:?}");
+    // An agent meeting the limit honours the hint and enrols (one token every 0.5 s).
+    let agent = TestAgent::start(
+        &h.dir.path().join("agent"),
+        &h.gateway_url(),
+        facts("linux", "x86_64", 4096, &[]),
+        None,
+    );
+    eventually(Duration::from_secs(20), "the agent enrolled", || async {
+        agent
+            .device
+            .identity
+            .lock()
+            .expect("identity")
+            .credential()
+            .map(|_| ())
+    })
+    .await;
+    agent.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

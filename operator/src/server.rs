@@ -259,6 +259,7 @@ pub async fn run(role: Role, opts: RunOptions, shutdown: CancellationToken) -> R
                         key,
                         reload_every: Duration::from_secs(opts.tls_reload_secs.max(1)),
                     }),
+                enroll_limits: Some(crate::gateway::limits::EnrolRates::default()),
                 ..GatewayConfig::default()
             },
             s3.clone(),

@@ -29,10 +29,12 @@ pub mod condition {
 
 /// Label keys Edgewise sets or selects on.
 pub mod label {
-    /// A device's operating system, set by the gateway from what the device reports.
-    pub const OS: &str = "edgewise.dev/os";
-    /// A device's CPU architecture, set by the gateway from what the device reports.
-    pub const ARCH: &str = "edgewise.dev/arch";
+    /// A device's operating system as the device reports it. Under `self.`, as every
+    /// self-reported label, so it never overrides a server-side label and a selector must
+    /// name it as what it is.
+    pub const OS: &str = "self.edgewise.dev/os";
+    /// A device's CPU architecture as the device reports it (`self.`, like [`OS`]).
+    pub const ARCH: &str = "self.edgewise.dev/arch";
     /// Marks a Secret holding a bootstrap token (`edgewise.dev/bootstrap-token=true`).
     pub const BOOTSTRAP_TOKEN: &str = "edgewise.dev/bootstrap-token";
 }

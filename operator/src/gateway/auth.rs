@@ -5,7 +5,7 @@
 //! from the device's public key) and carries the server-side labels from the bootstrap
 //! token's binding; self-reported labels travel separately under the `self.` prefix.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::RwLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -23,6 +23,9 @@ use tonic::metadata::MetadataMap;
 const PROOF_WINDOW_MS: i64 = 10 * 60 * 1000;
 /// Most self-reported labels a device may send.
 const MAX_SELF_LABELS: usize = 32;
+/// Enrolment proofs remembered at once (64 bytes and a time each: ~10 MiB at most); past
+/// it, enrolments wait for the window to pass.
+const MAX_REMEMBERED_PROOFS: usize = 100_000;
 /// Shortest bootstrap token accepted: 16 bytes. A shorter one (an empty Secret key, a
 /// typo'd password) is guessable, so it enrols nobody.
 pub const MIN_BOOTSTRAP_TOKEN_BYTES: usize = 16;
@@ -79,6 +82,8 @@ pub struct Authority {
     tokens: RwLock<Vec<([u8; 32], BootstrapToken)>>,
     revoked_devices: RwLock<HashSet<String>>,
     revoked_tokens: RwLock<HashSet<String>>,
+    /// Enrolment proofs seen within their window, with their times.
+    seen_proofs: std::sync::Mutex<HashMap<[u8; 64], i64>>,
 }
 
 impl std::fmt::Debug for Authority {
@@ -111,6 +116,7 @@ impl Authority {
             tokens: RwLock::new(Vec::new()),
             revoked_devices: RwLock::new(HashSet::new()),
             revoked_tokens: RwLock::new(HashSet::new()),
+            seen_proofs: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
@@ -182,7 +188,8 @@ impl Authority {
                 "device_id must be derived from public_key (dev- + hex of the first 16 bytes of its SHA-256)",
             ));
         }
-        if (now_ms() - req.proof_time_unix_ms).abs() > PROOF_WINDOW_MS {
+        // abs_diff: a proof time near i64::MIN must not overflow a subtraction.
+        if now_ms().abs_diff(req.proof_time_unix_ms) > PROOF_WINDOW_MS.unsigned_abs() {
             return Err(Status::unauthenticated(
                 "proof_time_unix_ms is more than 10 minutes from the gateway's clock",
             ));
@@ -194,6 +201,10 @@ impl Authority {
         let message = enroll_proof_message(device_id, req.proof_time_unix_ms, &req.bootstrap_token);
         key.verify_strict(&message, &proof)
             .map_err(|_| Status::unauthenticated("proof of key possession failed"))?;
+        // A proof is good once: replayed within its window (by whoever saw it), it is
+        // refused, so a captured request cannot mint a second credential. Remembered by
+        // this replica for the window; an agent's retry signs a new time.
+        self.first_use(&proof.to_bytes(), req.proof_time_unix_ms)?;
         let facts = req
             .facts
             .as_ref()
@@ -234,6 +245,28 @@ impl Authority {
                 .saturating_mul(1000),
             labels: claims.lbl.into_iter().collect(),
         })
+    }
+
+    fn first_use(&self, proof: &[u8; 64], proof_time_ms: i64) -> Result<(), Status> {
+        let now = now_ms();
+        let mut seen = self
+            .seen_proofs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if seen.len() >= MAX_REMEMBERED_PROOFS {
+            seen.retain(|_, t| now.abs_diff(*t) <= PROOF_WINDOW_MS.unsigned_abs());
+        }
+        if seen.len() >= MAX_REMEMBERED_PROOFS {
+            return Err(Status::resource_exhausted(
+                "too many enrolments in the proof window; retry later",
+            ));
+        }
+        if seen.insert(*proof, proof_time_ms).is_some() {
+            return Err(Status::unauthenticated(
+                "this enrolment proof was already used: sign a new one",
+            ));
+        }
+        Ok(())
     }
 
     fn match_token(&self, presented: &str) -> Result<BootstrapToken, Status> {

@@ -7,6 +7,7 @@
 
 pub mod auth;
 pub mod desired;
+pub mod limits;
 pub mod presign;
 pub mod registry;
 mod session;
@@ -124,6 +125,9 @@ pub struct GatewayConfig {
     /// Serve TLS with this certificate and key (re-read when they change); `None` serves
     /// cleartext, for loopback and tests only.
     pub tls: Option<tls::TlsFiles>,
+    /// Enrolment rate limits; `None` admits every enrolment (tests, the dev stack's
+    /// simulated fleet). `edgewise-operator gateway` sets [`limits::EnrolRates::default`].
+    pub enroll_limits: Option<limits::EnrolRates>,
 }
 
 impl Default for GatewayConfig {
@@ -137,6 +141,7 @@ impl Default for GatewayConfig {
             stream_queue: 4,
             name: "gateway".into(),
             tls: None,
+            enroll_limits: None,
         }
     }
 }
@@ -148,6 +153,7 @@ struct Inner {
     snapshots: Snapshots,
     registry: Registry,
     presigner: Presigner,
+    enroll_limits: Option<limits::EnrolLimits>,
     sessions: AtomicUsize,
 }
 
@@ -170,6 +176,7 @@ impl Gateway {
     #[must_use]
     pub fn new(config: GatewayConfig, s3: aws_sdk_s3::Client) -> Self {
         let auth = Authority::new(&config.signing_key, config.credential_ttl);
+        let enroll_limits = config.enroll_limits.map(limits::EnrolLimits::new);
         let presigner = Presigner::new(s3, config.presign_ttl);
         Gateway {
             inner: Arc::new(Inner {
@@ -179,6 +186,7 @@ impl Gateway {
                 snapshots: Snapshots::default(),
                 registry: Registry::default(),
                 presigner,
+                enroll_limits,
                 sessions: AtomicUsize::new(0),
             }),
         }
@@ -357,6 +365,22 @@ impl Fleet for FleetService {
     ) -> Result<Response<EnrollResponse>, Status> {
         let peer = request.remote_addr();
         let req = request.into_inner();
+        let token_digest: [u8; 32] =
+            <sha2::Sha256 as sha2::Digest>::digest(req.bootstrap_token.as_bytes()).into();
+        let admitted = self
+            .inner
+            .enroll_limits
+            .as_ref()
+            .map_or(Ok(()), |l| l.admit(peer.map(|p| p.ip()), &token_digest));
+        if let Err(wait) = admitted {
+            debug!(peer = ?peer, wait_ms = wait.as_millis(), "enrolment rate-limited");
+            return Err(edgewise_proto::retry::with_retry_after(
+                Status::resource_exhausted(
+                    "too many enrolments from this address or with this token; retry later",
+                ),
+                wait.max(Duration::from_millis(100)),
+            ));
+        }
         let response = self.inner.auth.enroll(&req).inspect_err(|refused| {
             warn!(
                 device = %req.device_id,
