@@ -341,6 +341,7 @@ async fn leadership_fails_over_within_the_lease_duration() {
         identity: id.into(),
         duration: Duration::from_secs(3),
         renew: Duration::from_millis(300),
+        wall_clock: jiff::Timestamp::now,
     };
     let (a_stop, b_stop) = (CancellationToken::new(), CancellationToken::new());
     let a = campaign(client.clone(), config("a"), a_stop.clone());
@@ -371,6 +372,55 @@ async fn leadership_fails_over_within_the_lease_duration() {
         started.elapsed()
     );
     b_stop.cancel();
+    api.stop().await;
+}
+
+/// Candidates whose wall clocks are an hour ahead and an hour behind never take a Lease that
+/// is being renewed: expiry is judged by what each observes on its own monotonic clock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skewed_clocks_never_make_two_leaders() {
+    init_logging();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let api = edgewise_dev::devapi::DevApi::start(dir.path(), loopback())
+        .await
+        .expect("starts");
+    let client =
+        kube::Client::try_from(kube::Config::new(api.url().parse().expect("url"))).expect("client");
+    fn ahead() -> jiff::Timestamp {
+        jiff::Timestamp::now() + jiff::SignedDuration::from_hours(1)
+    }
+    fn behind() -> jiff::Timestamp {
+        jiff::Timestamp::now() - jiff::SignedDuration::from_hours(1)
+    }
+    let config = |id: &str, wall_clock: fn() -> jiff::Timestamp| LeaseConfig {
+        namespace: "default".into(),
+        name: "skewed".into(),
+        identity: id.into(),
+        duration: Duration::from_secs(2),
+        renew: Duration::from_millis(200),
+        wall_clock,
+    };
+    let stop = CancellationToken::new();
+    // The holder's clock is an hour behind: its renew times look stale to everyone else.
+    let a = campaign(client.clone(), config("a", behind), stop.clone());
+    eventually(Duration::from_secs(5), "a to lead", || async {
+        (*a.borrow()).then_some(())
+    })
+    .await;
+    let b = campaign(client.clone(), config("b", ahead), stop.clone());
+    let c = campaign(
+        client.clone(),
+        config("c", jiff::Timestamp::now),
+        stop.clone(),
+    );
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    while std::time::Instant::now() < until {
+        let leaders = [&a, &b, &c].iter().filter(|l| *l.borrow()).count();
+        assert!(leaders <= 1, "{leaders} leaders at once");
+        assert!(*a.borrow(), "the renewing holder lost its lease");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.cancel();
     api.stop().await;
 }
 

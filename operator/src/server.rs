@@ -299,6 +299,7 @@ pub async fn run(role: Role, opts: RunOptions, shutdown: CancellationToken) -> R
                 identity: opts.identity.clone(),
                 duration: Duration::from_secs(15),
                 renew: Duration::from_secs(5),
+                wall_clock: jiff::Timestamp::now,
             },
             shutdown.clone(),
         );
