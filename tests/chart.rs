@@ -1,6 +1,7 @@
 //! The Helm chart lints cleanly (strict) and renders, with the Helm v4 SDK: CRDs, both
-//! Deployments with arguments the binary accepts, RBAC, the Service, the signing-key Secret,
-//! the schema migration Job and one dashboard ConfigMap per dashboard.
+//! Deployments with arguments the binary accepts (also with a TLS Secret), RBAC, the Service,
+//! the signing-key Secret, the schema migration Job, a PodDisruptionBudget and an ingress
+//! NetworkPolicy for each Deployment, and one dashboard ConfigMap per dashboard.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -41,6 +42,10 @@ fn the_chart_lints_and_renders_what_the_operator_needs() {
             "Deployment",
             "Deployment",
             "Job",
+            "NetworkPolicy",
+            "NetworkPolicy",
+            "PodDisruptionBudget",
+            "PodDisruptionBudget",
             "Role",
             "RoleBinding",
             "Secret",

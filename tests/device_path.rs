@@ -602,6 +602,7 @@ async fn forged_expired_and_revoked_credentials_are_refused() {
         name: "short".into(),
         token: "hunter2".into(),
         labels: BTreeMap::new(),
+        expires_at: None,
     }]);
     let req = thief.enroll_request(
         "hunter2",
@@ -613,6 +614,32 @@ async fn forged_expired_and_revoked_credentials_are_refused() {
         (err.code(), err.message()),
         (Code::Unauthenticated, "unknown bootstrap token")
     );
+    // A token past its expiry enrols nobody; one before it does.
+    let minute = jiff::SignedDuration::from_mins(1);
+    for (expires_at, enrols) in [
+        (jiff::Timestamp::now() - minute, false),
+        (jiff::Timestamp::now() + minute, true),
+    ] {
+        h.gateway.auth().set_bootstrap_tokens(vec![BootstrapToken {
+            name: "dated".into(),
+            token: TOKEN.into(),
+            labels: BTreeMap::new(),
+            expires_at: Some(expires_at),
+        }]);
+        let req = Identity::ephemeral().enroll_request(
+            TOKEN,
+            &facts("linux", "x86_64", 4096, &[]),
+            &BTreeMap::new(),
+        );
+        match c.enroll(req).await {
+            Ok(_) => assert!(enrols, "an expired token enrolled a device"),
+            Err(err) => {
+                assert!(!enrols, "{err:?}");
+                assert_eq!(err.code(), Code::Unauthenticated);
+                assert!(err.message().contains("expired at"), "{}", err.message());
+            }
+        }
+    }
 }
 
 /// What a device says of itself is `self.`-prefixed, facts included: a server-side label
@@ -624,6 +651,7 @@ async fn reported_facts_never_override_server_side_labels() {
         name: "fleet".into(),
         token: TOKEN.into(),
         labels: BTreeMap::from([("edgewise.dev/os".to_owned(), "managed".to_owned())]),
+        expires_at: None,
     }]);
     let agent = TestAgent::start(
         &h.dir.path().join("agent"),

@@ -168,6 +168,7 @@ fn authority() -> Authority {
         name: "t".into(),
         token: TOKEN.into(),
         labels: Default::default(),
+        expires_at: None,
     }]);
     auth
 }

@@ -212,6 +212,7 @@ async fn agents_recover_from_a_new_control_plane_key_and_a_rotated_token_without
             name: "rotated".into(),
             token: rotated.into(),
             labels: Default::default(),
+            expires_at: None,
         }],
     )
     .await;

@@ -128,10 +128,24 @@ fn tokens_from(secrets: &[Secret]) -> Vec<BootstrapToken> {
                 .get("labels")
                 .and_then(|l| serde_yaml_ng::from_slice(&l.0).ok())
                 .unwrap_or_default();
+            let name = s.metadata.name.clone().unwrap_or_default();
+            // `expiresAt` (RFC 3339): unreadable, the token enrols nobody rather than
+            // forever.
+            let expires_at = match data.get("expiresAt") {
+                None => None,
+                Some(v) => match std::str::from_utf8(&v.0).ok().and_then(|t| t.trim().parse().ok()) {
+                    Some(at) => Some(at),
+                    None => {
+                        warn!(token = %name, "bootstrap token expiresAt is not an RFC 3339 time; it enrols nobody");
+                        Some(jiff::Timestamp::UNIX_EPOCH)
+                    }
+                },
+            };
             Some(BootstrapToken {
-                name: s.metadata.name.clone().unwrap_or_default(),
+                name,
                 token: token.trim().to_owned(),
                 labels,
+                expires_at,
             })
         })
         .collect()
@@ -356,5 +370,61 @@ async fn lead(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use k8s_openapi::ByteString;
+
+    use super::*;
+
+    fn secret(name: &str, data: &[(&str, &str)]) -> Secret {
+        Secret {
+            metadata: kube::api::ObjectMeta {
+                name: Some(name.into()),
+                ..Default::default()
+            },
+            data: Some(
+                data.iter()
+                    .map(|(k, v)| ((*k).to_owned(), ByteString(v.as_bytes().to_vec())))
+                    .collect::<BTreeMap<_, _>>(),
+            ),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn bootstrap_token_secrets_read_labels_and_expiry_and_a_bad_expiry_enrols_nobody() {
+        let tokens = tokens_from(&[
+            secret(
+                "eu",
+                &[
+                    ("token", "0123456789abcdef\n"),
+                    ("labels", "{region: eu}"),
+                    ("expiresAt", "2027-06-30T00:00:00Z"),
+                ],
+            ),
+            secret("forever", &[("token", "fedcba9876543210")]),
+            secret("typo", &[("token", "x"), ("expiresAt", "next tuesday")]),
+            secret("empty", &[("labels", "{a: b}")]),
+        ]);
+        let by_name: BTreeMap<&str, &BootstrapToken> =
+            tokens.iter().map(|t| (t.name.as_str(), t)).collect();
+        assert_eq!(by_name["eu"].token, "0123456789abcdef");
+        assert_eq!(by_name["eu"].labels["region"], "eu");
+        assert_eq!(
+            by_name["eu"].expires_at,
+            Some("2027-06-30T00:00:00Z".parse().expect("time"))
+        );
+        assert_eq!(by_name["forever"].expires_at, None);
+        assert_eq!(
+            by_name["typo"].expires_at,
+            Some(jiff::Timestamp::UNIX_EPOCH),
+            "an unreadable expiry is already past"
+        );
+        assert!(!by_name.contains_key("empty"), "no token key, no token");
     }
 }

@@ -61,6 +61,7 @@ async fn gateway_child() {
         name: "bench".into(),
         token: TOKEN.into(),
         labels: BTreeMap::new(),
+        expires_at: None,
     }]);
     gateway
         .snapshots()

@@ -194,6 +194,7 @@ impl Harness {
             name: "test".into(),
             token: TOKEN.into(),
             labels: BTreeMap::from([("tier".to_owned(), "test".to_owned())]),
+            expires_at: None,
         }]);
         let stop = CancellationToken::new();
         let (addr, task) = gateway
@@ -939,6 +940,7 @@ impl Harness {
             name: "test".into(),
             token: TOKEN.into(),
             labels: BTreeMap::new(),
+            expires_at: None,
         }]);
         let stop = CancellationToken::new();
         let (addr, _task) = gateway

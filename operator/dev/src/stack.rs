@@ -261,6 +261,7 @@ impl DevStack {
             name: "dev".into(),
             token: token.clone(),
             labels: dev_labels().collect(),
+            expires_at: None,
         }];
         for (segment, labels) in examples::SEGMENTS {
             tokens.push(BootstrapToken {
@@ -273,6 +274,7 @@ impl DevStack {
                             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
                     )
                     .collect(),
+                expires_at: None,
             });
         }
         let fleet_tokens: Vec<String> = tokens.iter().skip(1).map(|t| t.token.clone()).collect();

@@ -42,6 +42,10 @@ pub struct BootstrapToken {
     /// Labels every device enrolled with this token gets.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// After this moment the token enrols nobody (devices it enrolled keep their
+    /// credentials). `None`: no expiry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<jiff::Timestamp>,
 }
 
 /// What a verified credential says.
@@ -288,6 +292,12 @@ impl Authority {
             .contains(&token.name)
         {
             return Err(Status::unauthenticated("bootstrap token is revoked"));
+        }
+        if let Some(at) = token.expires_at.filter(|at| *at <= jiff::Timestamp::now()) {
+            return Err(Status::unauthenticated(format!(
+                "bootstrap token {} expired at {at}",
+                token.name
+            )));
         }
         Ok(token)
     }
