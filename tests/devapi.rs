@@ -769,9 +769,15 @@ async fn the_plugin_publishes_files_and_creates_a_model_version_that_verifies() 
             .decode(v.artifact.signature.as_deref().expect("signed"))
             .expect("base64");
         let signature = ed25519_dalek::Signature::from_slice(&signature).expect("signature");
+        let signed = edgewise_proto::identity::artifact_signing_message(
+            "chat",
+            "1.4.0",
+            &v.name,
+            &v.artifact.sha256,
+        );
         verifying
-            .verify_strict(&digest, &signature)
-            .expect("the signature covers the digest");
+            .verify_strict(&signed, &signature)
+            .expect("the signature covers model, version, variant and digest");
     }
     assert_eq!(variants[0].requires.min_memory_mib, Some(4096));
     assert_eq!(

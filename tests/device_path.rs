@@ -225,7 +225,7 @@ async fn corrupt_and_badly_signed_artifacts_are_never_activated() {
     let mut good = h
         .put_artifact("m/1.0.0/model.onnx", artifact_bytes(200_000, 1))
         .await;
-    sign_artifact(&publisher, &mut good);
+    sign_artifact(&publisher, ("m", "1.0.0", "cpu"), &mut good);
     // The digest in the spec is of other bytes than the object holds.
     let mut corrupt = h
         .put_artifact("m/2.0.0/model.onnx", artifact_bytes(200_000, 2))
@@ -234,11 +234,17 @@ async fn corrupt_and_badly_signed_artifacts_are_never_activated() {
         .put_artifact("m/unused", artifact_bytes(200_000, 3))
         .await
         .sha256;
-    sign_artifact(&publisher, &mut corrupt);
+    sign_artifact(&publisher, ("m", "2.0.0", "cpu"), &mut corrupt);
     let mut forged = h
         .put_artifact("m/3.0.0/model.onnx", artifact_bytes(200_000, 4))
         .await;
-    sign_artifact(&impostor, &mut forged);
+    sign_artifact(&impostor, ("m", "3.0.0", "cpu"), &mut forged);
+    // An old build the publisher signed as 0.9.0, presented as 4.0.0: signed, but not as
+    // this version.
+    let mut replayed = h
+        .put_artifact("m/0.9.0/model.onnx", artifact_bytes(200_000, 5))
+        .await;
+    sign_artifact(&publisher, ("m", "0.9.0", "cpu"), &mut replayed);
     let any = Requirements::default();
     h.apply([
         Change::ApplyVersion(model_version(
@@ -254,7 +260,12 @@ async fn corrupt_and_badly_signed_artifacts_are_never_activated() {
         Change::ApplyVersion(model_version(
             "m",
             "3.0.0",
-            vec![variant("cpu", forged.clone(), any)],
+            vec![variant("cpu", forged.clone(), any.clone())],
+        )),
+        Change::ApplyVersion(model_version(
+            "m",
+            "4.0.0",
+            vec![variant("cpu", replayed.clone(), any)],
         )),
         Change::ApplyRollout(rollout("m").build()),
     ]);
@@ -273,6 +284,7 @@ async fn corrupt_and_badly_signed_artifacts_are_never_activated() {
     for (version, artifact, words) in [
         ("2.0.0", &corrupt, "SHA-256 mismatch"),
         ("3.0.0", &forged, "signature"),
+        ("4.0.0", &replayed, "as this model, version and variant"),
     ] {
         h.apply([Change::ApplyRollout(rollout("m").stable(version).build())]);
         let status = eventually(Duration::from_secs(30), "install failure", || async {

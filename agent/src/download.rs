@@ -30,8 +30,12 @@ pub struct Fetch<'a> {
     pub sha256: &'a str,
     /// Expected size.
     pub size: u64,
-    /// Base64 ed25519 signature over the raw digest, if the publisher signed it.
+    /// Base64 ed25519 signature over
+    /// [`artifact_signing_message`](edgewise_proto::identity::artifact_signing_message) of
+    /// this model, version, variant and digest, if the publisher signed it.
     pub signature: Option<&'a str>,
+    /// Model, version and variant the artifact is installed as: what the signature covers.
+    pub signed_as: (&'a str, &'a str, &'a str),
     /// Publisher key; when set, a missing or bad signature is refused.
     pub publisher: Option<&'a VerifyingKey>,
 }
@@ -263,12 +267,18 @@ pub async fn fetch(
             .filter(|s| !s.is_empty())
             .and_then(|s| base64::engine::general_purpose::STANDARD.decode(s).ok())
             .and_then(|b| Signature::from_slice(&b).ok())
-            .is_some_and(|sig| key.verify_strict(&digest, &sig).is_ok());
+            .is_some_and(|sig| {
+                let (model, version, variant) = f.signed_as;
+                let message = edgewise_proto::identity::artifact_signing_message(
+                    model, version, variant, &actual,
+                );
+                key.verify_strict(&message, &sig).is_ok()
+            });
         if !verified {
             drop(file);
             std::fs::remove_file(&partial_path)?;
             return Err(FetchError::Corrupt(
-                "publisher signature missing or invalid for this artifact".into(),
+                "publisher signature missing or invalid for this artifact as this model, version and variant".into(),
             ));
         }
     }

@@ -108,6 +108,7 @@ async fn install(device: &Device, http: &reqwest::Client, model: &str, a: &Model
         sha256: &a.sha256,
         size: a.size_bytes,
         signature: Some(a.signature.as_str()),
+        signed_as: (model, &a.version, &a.variant),
         publisher: device.publisher.as_ref(),
     };
     device

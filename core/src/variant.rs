@@ -40,7 +40,8 @@ pub struct Artifact {
     /// Object size in bytes.
     #[schemars(range(min = 1))]
     pub size_bytes: u64,
-    /// Base64 ed25519 signature by the publisher over the raw SHA-256 digest, if signed.
+    /// Base64 ed25519 signature by the publisher over
+    /// `edgewise-artifact-v1\n<model>\n<version>\n<variant>\n<sha256 hex>`, if signed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signature: Option<String>,
 }

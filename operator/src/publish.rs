@@ -333,11 +333,12 @@ pub async fn publish(
             .map_or_else(|| v.name.clone(), |f| f.to_string_lossy().into_owned());
         let key = format!("{}/{file_name}", prefix.trim_end_matches('/'));
         let (sha256, size) = upload(s3, &p.bucket, &key, &v.name, &v.path, progress).await?;
-        // What the agent verifies: ed25519 over the raw 32-byte digest.
-        let signature = p.signing_key.as_ref().and_then(|k| {
-            hex::decode(&sha256).ok().map(|digest| {
-                base64::engine::general_purpose::STANDARD.encode(k.sign(&digest).to_bytes())
-            })
+        // What the agent verifies: ed25519 over this model, version, variant and digest.
+        let signature = p.signing_key.as_ref().map(|k| {
+            let message = edgewise_proto::identity::artifact_signing_message(
+                &p.model, &p.version, &v.name, &sha256,
+            );
+            base64::engine::general_purpose::STANDARD.encode(k.sign(&message).to_bytes())
         });
         variants.push(Variant {
             name: v.name.clone(),

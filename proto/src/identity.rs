@@ -28,6 +28,25 @@ pub fn enroll_proof_message(
     format!("edgewise-enroll-v1\n{device_id}\n{proof_time_unix_ms}\n{token_hash}").into_bytes()
 }
 
+/// The bytes a publisher signs for one artifact:
+/// `edgewise-artifact-v1\n<model>\n<version>\n<variant>\n<lowercase hex SHA-256>`.
+///
+/// Binding the model, version and variant means a signed artifact cannot be replayed as
+/// another version (an old, vulnerable build presented as the new one) or another model.
+#[must_use]
+pub fn artifact_signing_message(
+    model: &str,
+    version: &str,
+    variant: &str,
+    sha256: &str,
+) -> Vec<u8> {
+    format!(
+        "edgewise-artifact-v1\n{model}\n{version}\n{variant}\n{}",
+        sha256.to_ascii_lowercase()
+    )
+    .into_bytes()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -378,6 +378,7 @@ async fn agent_fetch(
             sha256: &artifact.sha256,
             size: artifact.size_bytes,
             signature: None,
+            signed_as: ("bench", "1.0.0", "cpu"),
             publisher: None,
         },
         |_, _| {},

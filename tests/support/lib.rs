@@ -415,11 +415,21 @@ pub async fn publish_cpu_version(
     .expect("applies");
 }
 
-/// Signs an artifact's digest with a publisher key, as the publishing pipeline would.
-pub fn sign_artifact(key: &SigningKey, artifact: &mut Artifact) {
-    let digest = hex::decode(&artifact.sha256).expect("hex");
+/// Signs an artifact as `model` `version` `variant` with a publisher key, as the publishing
+/// pipeline would.
+pub fn sign_artifact(
+    key: &SigningKey,
+    (model, version, variant): (&str, &str, &str),
+    artifact: &mut Artifact,
+) {
+    let message = edgewise_proto::identity::artifact_signing_message(
+        model,
+        version,
+        variant,
+        &artifact.sha256,
+    );
     artifact.signature =
-        Some(base64::engine::general_purpose::STANDARD.encode(key.sign(&digest).to_bytes()));
+        Some(base64::engine::general_purpose::STANDARD.encode(key.sign(&message).to_bytes()));
 }
 
 fn meta(name: &str) -> ObjectMeta {
