@@ -34,6 +34,8 @@ fn the_chart_lints_and_renders_what_the_operator_needs() {
         kinds,
         [
             "ClusterRole",
+            "ClusterRole",
+            "ClusterRoleBinding",
             "ClusterRoleBinding",
             "ConfigMap",
             "ConfigMap",
@@ -47,12 +49,39 @@ fn the_chart_lints_and_renders_what_the_operator_needs() {
             "PodDisruptionBudget",
             "PodDisruptionBudget",
             "Role",
+            "Role",
+            "RoleBinding",
             "RoleBinding",
             "Secret",
             "Service",
+            "ServiceAccount",
             "ServiceAccount"
         ]
     );
+    // The gateway's identity only reads; the controller's writes.
+    for d in docs
+        .iter()
+        .filter(|d| d["kind"] == "ClusterRole" || d["kind"] == "Role")
+    {
+        let name = d["name"].as_str().expect("name");
+        let verbs = &d["verbs"];
+        if name.ends_with("-gateway") {
+            assert_eq!(
+                verbs,
+                &serde_json::json!(["get", "list", "watch"]),
+                "{name}"
+            );
+        } else {
+            assert!(name.ends_with("-controller"), "{name}");
+            assert!(
+                verbs
+                    .as_array()
+                    .expect("verbs")
+                    .contains(&serde_json::json!("patch")),
+                "{name}"
+            );
+        }
+    }
     let with_tls = serde_json::json!({"name": "gateway with TLS", "args": report["tls_args"]});
     for d in docs
         .iter()
