@@ -786,6 +786,81 @@ async fn invalid_batches_are_rejected_naming_the_problem() {
     );
 }
 
+/// The canary speaks only through its cohort: a device the gateway did not put in a
+/// rollout's canary cohort has its canary-version events refused (each alone, counted),
+/// while its stable-version events and a cohort device's canary events are stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_canary_cohort_reports_for_the_canary() {
+    let ch = ClickHouse::start().await;
+    let h = Harness::start_with_telemetry(&ch.url(), SinkConfig::default()).await;
+    h.apply([edgewise_operator::gateway::Change::ApplyRollout(
+        rollout("assistant")
+            .named("assistant")
+            .stable("1.0.0")
+            .canary("2.0.0", 30)
+            .build(),
+    )]);
+    let in_cohort = |id: &str| {
+        edgewise_core::cohort::bucket_in_cohort(
+            edgewise_core::cohort::bucket("fleet/assistant", id),
+            30,
+        )
+    };
+    let (mut inside, mut outside) = (None, None);
+    while inside.is_none() || outside.is_none() {
+        let (id, enrolled) = enroll(&h.gateway_url()).await;
+        let slot = if in_cohort(id.device_id()) {
+            &mut inside
+        } else {
+            &mut outside
+        };
+        slot.get_or_insert((id, enrolled));
+    }
+    let now = now_ms();
+    let event = |n: &str, version: &str| inference(n.into(), version, now, 5.0, true, false, 0);
+    let (id, enrolled) = outside.expect("a device outside the cohort");
+    let ack = upload(
+        &h.gateway_url(),
+        &enrolled.credential,
+        batch(
+            id.device_id(),
+            "outside",
+            vec![event("o-canary", "2.0.0"), event("o-stable", "1.0.0")],
+            vec![],
+        ),
+    )
+    .await
+    .expect("stored without the forged event");
+    assert_eq!(ack.accepted, 1);
+    assert_eq!(ack.rejected.len(), 1, "{ack:?}");
+    assert_eq!(ack.rejected[0].event, "inference[0]");
+    assert!(
+        ack.rejected[0].reason.contains("not in its cohort"),
+        "{}",
+        ack.rejected[0].reason
+    );
+    let (id, enrolled) = inside.expect("a device in the cohort");
+    let ack = upload(
+        &h.gateway_url(),
+        &enrolled.credential,
+        batch(
+            id.device_id(),
+            "inside",
+            vec![event("i-canary", "2.0.0")],
+            vec![],
+        ),
+    )
+    .await
+    .expect("stored");
+    assert_eq!((ack.accepted, ack.rejected.len()), (1, 0), "{ack:?}");
+    assert_eq!(
+        ch.count("SELECT count() FROM edgewise.inference_events FINAL WHERE version = '2.0.0'")
+            .await,
+        1,
+        "only the cohort's canary event"
+    );
+}
+
 /// Uploads are bounded in bytes: 6,000 failures with 4 KiB error messages (24 MiB, six
 /// times the gateway's message limit) all arrive, including a 5,000-event batch an older
 /// agent had already cut by events alone, which the gateway refuses as too large and the

@@ -75,6 +75,47 @@ pub fn cohort_salt(rollout: &ModelRollout) -> String {
     )
 }
 
+/// Whether `device_id` may report telemetry of `version` of `model` under `rollout`
+/// (`namespace/name`): a rollout's canary version speaks only for the devices of its canary
+/// cohort (by the same bucket the gateway assigned them), so a device outside it cannot
+/// move the canary's gates. Other versions, and rollouts this snapshot does not know (late
+/// events of a deleted one), pass. `Err` says why not.
+///
+/// # Errors
+/// The reason the event is refused.
+pub fn may_report(
+    snapshot: &FleetSnapshot,
+    device_id: &str,
+    rollout: &str,
+    model: &str,
+    version: &str,
+) -> Result<(), String> {
+    let Some(r) = snapshot
+        .rollouts
+        .values()
+        .find(|r| cohort_salt(r) == rollout)
+    else {
+        return Ok(());
+    };
+    if r.spec.model != model {
+        return Err(format!(
+            "rollout {rollout} rolls out model {}, not {model}",
+            r.spec.model
+        ));
+    }
+    let Some(state) = r.status.as_ref().map(|s| &s.state) else {
+        return Ok(());
+    };
+    let is_canary = state.canary_version.as_deref() == Some(version)
+        && state.stable_version.as_deref() != Some(version);
+    if is_canary && state.version_for(bucket(rollout, device_id)) != Some(version) {
+        return Err(format!(
+            "version {version} is the canary of {rollout} and this device is not in its cohort"
+        ));
+    }
+    Ok(())
+}
+
 /// Computes what a device should run.
 #[must_use]
 pub fn desired_for(snapshot: &FleetSnapshot, device: DeviceContext<'_>) -> Desired {

@@ -108,8 +108,13 @@ pub(super) async fn upload(
             Duration::from_secs(30),
         ));
     };
+    let snapshot = inner.snapshots.current();
+    let device = claims.sub.clone();
+    let assigned = move |rollout: &str, model: &str, version: &str| {
+        super::desired::may_report(&snapshot, &device, rollout, model, version)
+    };
     let ack = sink
-        .submit_encoded(&claims.sub, request.into_inner())
+        .submit_checked(&claims.sub, request.into_inner(), &assigned)
         .await
         .map_err(|e| status_of(&e))?;
     Ok(Response::new(ack))

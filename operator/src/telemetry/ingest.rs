@@ -273,6 +273,22 @@ impl Refused {
 /// [`IngestError::Invalid`] for the batch, or [`IngestError::WrongDevice`] for another
 /// device's id.
 pub fn validate(device_id: &str, batch: &TelemetryBatchView) -> Result<Refused, IngestError> {
+    validate_assigned(device_id, batch, &|_, _, _| Ok(()))
+}
+
+/// Whether the device may report an event of (rollout, model, version): the gateway's check
+/// against what it assigned (`gateway::desired::may_report`).
+pub type AssignedCheck<'a> = &'a (dyn Fn(&str, &str, &str) -> Result<(), String> + Sync);
+
+/// [`validate`], also refusing the events `assigned` refuses.
+///
+/// # Errors
+/// As [`validate`].
+pub fn validate_assigned(
+    device_id: &str,
+    batch: &TelemetryBatchView,
+    assigned: AssignedCheck<'_>,
+) -> Result<Refused, IngestError> {
     let top = |field: &str| field.to_owned();
     if batch.batch_id.is_empty() {
         return Err(invalid("batch_id is required".into()));
@@ -292,13 +308,26 @@ pub fn validate(device_id: &str, batch: &TelemetryBatchView) -> Result<Refused, 
     let now = now_ms();
     let time_ok = |t: i64| (EARLIEST_MS..=now + FUTURE_SKEW_MS).contains(&t);
     let mut refused = Refused::default();
+    // Text is checked as UTF-8 first; the assignment check reads it after.
+    let text = |b: &Bytes| std::str::from_utf8(b).unwrap_or_default().to_owned();
+    let check = |list: &str, i: usize, rollout: &Bytes, model: &Bytes, version: &Bytes| {
+        if rollout.is_empty() {
+            return Ok(());
+        }
+        assigned(&text(rollout), &text(model), &text(version))
+            .map_err(|why| invalid(format!("{list}[{i}]: {why}")))
+    };
     for (i, e) in batch.inference.iter().enumerate() {
-        if let Err(e) = check_inference(i, e, &time_ok) {
+        let checked = check_inference(i, e, &time_ok)
+            .and_then(|()| check("inference", i, &e.rollout, &e.model, &e.version));
+        if let Err(e) = checked {
             refused.inference.insert(i, e.to_string());
         }
     }
     for (i, e) in batch.model_events.iter().enumerate() {
-        if let Err(e) = check_model_event(i, e, &time_ok) {
+        let checked = check_model_event(i, e, &time_ok)
+            .and_then(|()| check("model_events", i, &e.rollout, &e.model, &e.version));
+        if let Err(e) = checked {
             refused.model_events.insert(i, e.to_string());
         }
     }
@@ -447,9 +476,26 @@ impl TelemetrySink {
         device_id: &str,
         body: Bytes,
     ) -> Result<TelemetryAck, IngestError> {
+        self.submit_checked(device_id, body, &|_, _, _| Ok(()))
+            .await
+    }
+
+    /// [`TelemetrySink::submit_encoded`], refusing the events `assigned` refuses (the
+    /// gateway's check against what it assigned the device).
+    ///
+    /// # Errors
+    /// As [`TelemetrySink::submit_encoded`].
+    pub async fn submit_checked(
+        &self,
+        device_id: &str,
+        body: Bytes,
+        assigned: AssignedCheck<'_>,
+    ) -> Result<TelemetryAck, IngestError> {
         let checked = TelemetryBatchView::decode(body)
             .map_err(|e| IngestError::Undecodable(format!("TelemetryBatch: {e}")))
-            .and_then(|batch| validate(device_id, &batch).map(|refused| (batch, refused)));
+            .and_then(|batch| {
+                validate_assigned(device_id, &batch, assigned).map(|refused| (batch, refused))
+            });
         let (batch, refused) = match checked {
             Ok(checked) => checked,
             Err(e) => {
