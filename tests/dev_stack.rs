@@ -326,8 +326,12 @@ async fn the_dev_stack_installs_its_crds_into_an_existing_cluster_and_reconciles
     cluster.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn leadership_fails_over_within_the_lease_duration() {
+/// A dev API endpoint for Lease tests, its directory and a client of it.
+async fn lease_api() -> (
+    tempfile::TempDir,
+    edgewise_dev::devapi::DevApi,
+    kube::Client,
+) {
     init_logging();
     let dir = tempfile::tempdir().expect("tempdir");
     let api = edgewise_dev::devapi::DevApi::start(dir.path(), loopback())
@@ -335,6 +339,12 @@ async fn leadership_fails_over_within_the_lease_duration() {
         .expect("starts");
     let client =
         kube::Client::try_from(kube::Config::new(api.url().parse().expect("url"))).expect("client");
+    (dir, api, client)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leadership_fails_over_within_the_lease_duration() {
+    let (_dir, api, client) = lease_api().await;
     let config = |id: &str| LeaseConfig {
         namespace: "default".into(),
         name: "edgewise-controller".into(),
@@ -379,13 +389,7 @@ async fn leadership_fails_over_within_the_lease_duration() {
 /// is being renewed: expiry is judged by what each observes on its own monotonic clock.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn skewed_clocks_never_make_two_leaders() {
-    init_logging();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let api = edgewise_dev::devapi::DevApi::start(dir.path(), loopback())
-        .await
-        .expect("starts");
-    let client =
-        kube::Client::try_from(kube::Config::new(api.url().parse().expect("url"))).expect("client");
+    let (_dir, api, client) = lease_api().await;
     fn ahead() -> jiff::Timestamp {
         jiff::Timestamp::now() + jiff::SignedDuration::from_hours(1)
     }
