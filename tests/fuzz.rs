@@ -230,7 +230,7 @@ async fn arbitrary_sync_frames_end_their_stream_with_an_error_and_the_gateway_se
         "p",
         serde_json::json!({"targets": [{"name": "d", "device": {"model": "m"}}], "default": {"route": "d"}}),
     ))]);
-    let (id, credential) = {
+    let credential = {
         let id = edgewise_agent::identity::Identity::ephemeral();
         let req = id.enroll_request(
             TOKEN,
@@ -240,8 +240,7 @@ async fn arbitrary_sync_frames_end_their_stream_with_an_error_and_the_gateway_se
         let mut c = edgewise_proto::fleet::fleet_client::FleetClient::connect(h.gateway_url())
             .await
             .expect("connects");
-        let r = c.enroll(req).await.expect("enrols").into_inner();
-        (id, r.credential)
+        c.enroll(req).await.expect("enrols").into_inner().credential
     };
     let mut runner = TestRunner::deterministic();
     let frames = prop::collection::vec(prop::collection::vec(any::<u8>(), 0..256), 1..4);
@@ -293,7 +292,6 @@ async fn arbitrary_sync_frames_end_their_stream_with_an_error_and_the_gateway_se
     )
     .await;
     agent.stop().await;
-    drop(id);
 }
 
 /// Request bodies of arbitrary bytes on the dev API endpoint: a 4xx naming the problem,

@@ -299,11 +299,12 @@ impl DataPlane {
             return Err(ApiError::unknown_model(&request.model));
         }
         let runtime = self.device.runtime.clone();
+        let app_complexity = attributes::gives_complexity(&request, headers);
         // The learned router scores what the app did not: its version goes with the request.
         let classifier = runtime
             .as_ref()
             .and_then(|r| r.classifier())
-            .filter(|_| !attributes::gives_complexity(&request, headers));
+            .filter(|_| !app_complexity);
         let learned = classifier
             .as_ref()
             .and_then(|c| c.complexity(&attributes::scored_text(&request.prompt)));
@@ -313,9 +314,7 @@ impl DataPlane {
         // count: a rule on inputTokens, or complexity from the heuristic. Otherwise the
         // estimate does (~10 % of the agent's CPU on a cloud request); what is recorded of a
         // served request is the serving target's own count.
-        let heuristic = policy.compiled.reads_complexity()
-            && learned.is_none()
-            && !attributes::gives_complexity(&request, headers);
+        let heuristic = policy.compiled.reads_complexity() && learned.is_none() && !app_complexity;
         let input_tokens = (policy.compiled.reads_input_tokens() || heuristic)
             .then_some(runtime.as_ref())
             .flatten()

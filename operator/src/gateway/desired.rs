@@ -90,10 +90,10 @@ pub fn may_report(
     model: &str,
     version: &str,
 ) -> Result<(), String> {
-    let Some(r) = snapshot
-        .rollouts
-        .values()
-        .find(|r| cohort_salt(r) == rollout)
+    // `rollout` is `namespace/name`: the snapshot's key, and the cohort salt.
+    let Some(r) = rollout
+        .split_once('/')
+        .and_then(|(ns, name)| snapshot.rollouts.get(&(ns.to_owned(), name.to_owned())))
     else {
         return Ok(());
     };

@@ -309,12 +309,11 @@ pub fn validate_assigned(
     let time_ok = |t: i64| (EARLIEST_MS..=now + FUTURE_SKEW_MS).contains(&t);
     let mut refused = Refused::default();
     // Text is checked as UTF-8 first; the assignment check reads it after.
-    let text = |b: &Bytes| std::str::from_utf8(b).unwrap_or_default().to_owned();
     let check = |list: &str, i: usize, rollout: &Bytes, model: &Bytes, version: &Bytes| {
         if rollout.is_empty() {
             return Ok(());
         }
-        assigned(&text(rollout), &text(model), &text(version))
+        assigned(utf8(rollout), utf8(model), utf8(version))
             .map_err(|why| invalid(format!("{list}[{i}]: {why}")))
     };
     for (i, e) in batch.inference.iter().enumerate() {
@@ -332,6 +331,11 @@ pub fn validate_assigned(
         }
     }
     Ok(refused)
+}
+
+/// Text already checked as UTF-8.
+fn utf8(b: &Bytes) -> &str {
+    std::str::from_utf8(b).unwrap_or_default()
 }
 
 fn check_inference(
