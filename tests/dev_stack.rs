@@ -446,7 +446,14 @@ async fn the_run_command_serves_against_a_cluster_becomes_ready_and_stops_on_sig
     )
     .await
     .expect("s3");
-    std::fs::write(dir.path().join("key"), [7u8; 32]).expect("key");
+    // The credential keys as a mounted Secret holds them: one `<name>.key` file.
+    let keys = dir.path().join("keys");
+    std::fs::create_dir_all(&keys).expect("keys dir");
+    std::fs::write(
+        keys.join("2026-12-07.key"),
+        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [7u8; 32]),
+    )
+    .expect("key");
     let free = || {
         std::net::TcpListener::bind("127.0.0.1:0")
             .expect("bind")
@@ -475,8 +482,9 @@ async fn the_run_command_serves_against_a_cluster_becomes_ready_and_stops_on_sig
             "--s3-secret-access-key",
             "secret-key-1",
         ])
-        .arg("--signing-key-file")
-        .arg(dir.path().join("key"))
+        .arg("--credential-keys-dir")
+        .arg(&keys)
+        .args(["--credential-keys-secret", "edgewise-credential-keys"])
         .env("KUBECONFIG", dir.path().join("kubeconfig"))
         .env("RUST_LOG", "warn")
         .spawn()
@@ -507,6 +515,30 @@ async fn the_run_command_serves_against_a_cluster_becomes_ready_and_stops_on_sig
             .and_then(|l| l.spec?.holder_identity)
     })
     .await;
+    // The controller made the key Secret; the health port publishes the gateway's keys.
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(
+        kube::Client::try_from(kube::Config::new(api.url().parse().expect("url"))).expect("client"),
+        "default",
+    );
+    assert!(
+        secrets
+            .get_opt("edgewise-credential-keys")
+            .await
+            .expect("get")
+            .is_some(),
+        "the controller creates the credential key Secret"
+    );
+    let jwks: serde_json::Value = reqwest::get(format!("http://{health}/.well-known/jwks.json"))
+        .await
+        .expect("GET jwks")
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(
+        jwks["keys"][0]["kid"],
+        edgewise_operator::gateway::keys::KeyRing::new(&[7u8; 32], &[]).signing_kid(),
+        "{jwks}"
+    );
     std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()

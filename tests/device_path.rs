@@ -481,11 +481,23 @@ async fn forged_expired_and_revoked_credentials_are_refused() {
         .auth()
         .verify_credential(&enrolled.credential)
         .expect("valid");
+    // Signed by a key the gateway does not hold, and a credential whose claims were
+    // changed under a genuine signature (labels widened).
     let forger = edgewise_operator::gateway::Authority::new(
-        b"another-key-another-key-another-k",
+        edgewise_operator::gateway::keys::KeyRing::new(&[3; 32], &[]),
         Duration::from_secs(60),
     );
-    let forged = forger.sign(&claims).expect("signs");
+    let foreign = forger.sign(&claims).expect("signs");
+    let tampered = {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let parts: Vec<&str> = enrolled.credential.split('.').collect();
+        let mut payload: serde_json::Value =
+            serde_json::from_slice(&b64.decode(parts[1]).expect("base64url")).expect("JSON");
+        payload["lbl"]["tier"] = "gold".into();
+        let forged_payload = b64.encode(serde_json::to_vec(&payload).expect("JSON"));
+        format!("{}.{forged_payload}.{}", parts[0], parts[2])
+    };
     let expired = h
         .gateway
         .auth()
@@ -496,7 +508,8 @@ async fn forged_expired_and_revoked_credentials_are_refused() {
         })
         .expect("signs");
     for (credential, words) in [
-        (forged, "signature"),
+        (foreign, "a key this gateway does not hold"),
+        (tampered, "signature"),
         (expired, "expired"),
         ("garbage".to_owned(), "credential rejected"),
     ] {

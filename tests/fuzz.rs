@@ -163,7 +163,7 @@ proptest! {
 }
 
 fn authority() -> Authority {
-    let auth = Authority::new(SIGNING_KEY, Duration::from_secs(3600));
+    let auth = Authority::new(credential_keys(), Duration::from_secs(3600));
     auth.set_bootstrap_tokens(vec![BootstrapToken {
         name: "t".into(),
         token: TOKEN.into(),

@@ -207,7 +207,7 @@ async fn agents_recover_from_a_new_control_plane_key_and_a_rotated_token_without
     // token file holds the new one.
     let rotated = "rotated-bootstrap-token-0123456789";
     h.replace_gateway(
-        b"a-different-signing-key-of-32-bytes!!",
+        edgewise_operator::gateway::keys::KeyRing::new(&[9; 32], &[]),
         vec![edgewise_operator::gateway::BootstrapToken {
             name: "rotated".into(),
             token: rotated.into(),

@@ -190,7 +190,7 @@ async fn a_gateway_whose_certificate_cannot_load_does_not_start() {
     let gateway = edgewise_operator::gateway::Gateway::new(
         GatewayConfig {
             tls: Some(files),
-            signing_key: SIGNING_KEY.to_vec(),
+            credential_keys: credential_keys(),
             ..GatewayConfig::default()
         },
         aws_sdk_s3::Client::from_conf(

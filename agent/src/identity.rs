@@ -26,6 +26,19 @@ pub struct Credential {
     /// Server-side labels it carries.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// When it was received, Unix ms (0 in files written before this was kept).
+    #[serde(default)]
+    pub received_at_unix_ms: i64,
+}
+
+impl Credential {
+    /// Whether it is still good for a call made now: not within a minute (a tenth of its
+    /// lifetime, for short-lived ones) of its expiry, so no call fails at the edge.
+    fn usable(&self, now_unix_ms: i64) -> bool {
+        let lifetime = self.expires_at_unix_ms - self.received_at_unix_ms;
+        let margin = (lifetime / 10).clamp(0, 60_000);
+        self.expires_at_unix_ms - now_unix_ms > margin
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -146,10 +159,7 @@ impl Identity {
     /// The credential, if one is held and not about to expire.
     #[must_use]
     pub fn credential(&self) -> Option<&Credential> {
-        // Re-enroll a minute early rather than fail a call at the edge.
-        self.credential
-            .as_ref()
-            .filter(|c| c.expires_at_unix_ms - now_unix_ms() > 60_000)
+        self.credential.as_ref().filter(|c| c.usable(now_unix_ms()))
     }
 
     /// Forgets the credential (after the gateway refused it).
@@ -194,6 +204,31 @@ impl Identity {
             token: response.credential,
             expires_at_unix_ms: response.expires_at_unix_ms,
             labels: response.labels.into_iter().collect(),
+            received_at_unix_ms: now_unix_ms(),
+        });
+        self.save()
+    }
+
+    /// Replaces the credential with the fresh one the gateway sent over Sync (same device,
+    /// same labels).
+    ///
+    /// # Errors
+    /// When the identity file cannot be written.
+    pub fn refresh_credential(
+        &mut self,
+        token: String,
+        expires_at_unix_ms: i64,
+    ) -> std::io::Result<()> {
+        let labels = self
+            .credential
+            .as_ref()
+            .map(|c| c.labels.clone())
+            .unwrap_or_default();
+        self.credential = Some(Credential {
+            token,
+            expires_at_unix_ms,
+            labels,
+            received_at_unix_ms: now_unix_ms(),
         });
         self.save()
     }
@@ -202,6 +237,25 @@ impl Identity {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_credential_is_given_up_a_tenth_of_its_life_early_at_most_a_minute() {
+        let c = |received, expires| Credential {
+            token: String::new(),
+            expires_at_unix_ms: expires,
+            labels: BTreeMap::new(),
+            received_at_unix_ms: received,
+        };
+        // Seven days: a minute early.
+        let week = 7 * 24 * 3_600_000;
+        assert!(c(0, week).usable(week - 60_001));
+        assert!(!c(0, week).usable(week - 60_000));
+        // Six seconds: 0.6 s early, not a minute (it would never be used).
+        assert!(c(0, 6_000).usable(5_399));
+        assert!(!c(0, 6_000).usable(5_400));
+        // Written before `received_at` was kept: a minute.
+        assert!(!c(0, 6_000_000).usable(6_000_000 - 59_000));
+    }
 
     #[test]
     fn identity_survives_a_restart() {

@@ -193,10 +193,11 @@ async fn session(
             }
             msg = inbound.message() => match msg? {
                 Some(GatewayMessage { kind: Some(kind) }) => {
-                    let ack = handle(device, kind);
                     let now = crate::telemetry::clock::now_unix_ms();
                     device.activity.send_modify(|a| a.last_sync_unix_ms = Some(now));
-                    send(&tx, agent_message::Kind::Ack(ack)).await?;
+                    if let Some(ack) = handle(device, kind) {
+                        send(&tx, agent_message::Kind::Ack(ack)).await?;
+                    }
                 }
                 Some(GatewayMessage { kind: None }) => {}
                 None => return Ok(End::Closed),
@@ -211,10 +212,27 @@ async fn send(tx: &mpsc::Sender<AgentMessage>, kind: agent_message::Kind) -> Res
         .map_err(|_| Status::unavailable("Sync stream closed"))
 }
 
-fn handle(device: &Device, kind: gateway_message::Kind) -> Ack {
+/// Applies a gateway message; what is applied is acknowledged (a credential is not).
+fn handle(device: &Device, kind: gateway_message::Kind) -> Option<Ack> {
     match kind {
-        gateway_message::Kind::Assignment(a) => assignment(device, a),
-        gateway_message::Kind::Policy(p) => policy(device, &p),
+        gateway_message::Kind::Assignment(a) => Some(assignment(device, a)),
+        gateway_message::Kind::Policy(p) => Some(policy(device, &p)),
+        gateway_message::Kind::Credential(fresh) => {
+            // Used from the next call on; a failed write keeps the old one on disk (the
+            // gateway sends another before it runs out).
+            let mut id = device
+                .identity
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match id.refresh_credential(fresh.credential, fresh.expires_at_unix_ms) {
+                Ok(()) => debug!(
+                    expires_at_unix_ms = fresh.expires_at_unix_ms,
+                    "credential refreshed"
+                ),
+                Err(e) => warn!(error = %e, "storing the refreshed credential"),
+            }
+            None
+        }
     }
 }
 

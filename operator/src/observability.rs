@@ -263,7 +263,6 @@ mod tests {
         sink.stats().batches_rejected.store(3, Ordering::Relaxed);
         let gateway = Gateway::new(
             crate::gateway::GatewayConfig {
-                signing_key: vec![7; 32],
                 ..crate::gateway::GatewayConfig::default()
             },
             crate::s3::S3Settings::with_endpoint("http://127.0.0.1:9", "a", "b").client(),

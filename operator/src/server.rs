@@ -11,15 +11,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
-use kube::runtime::watcher;
 use kube::{Api, Client};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, info_span, warn};
+use tracing::{info, info_span};
 
 use crate::controller::leader::{LeaseConfig, campaign};
-use crate::gateway::{BootstrapToken, Gateway, GatewayConfig};
+use crate::gateway::{Gateway, GatewayConfig};
 use crate::s3::S3Settings;
 use crate::shutdown::Tasks;
 use crate::telemetry::ingest::{SinkConfig, TelemetrySink};
@@ -57,9 +55,20 @@ pub struct RunOptions {
     /// Health (`/healthz`, `/readyz`) listen address.
     #[arg(long, env = "EDGEWISE_HEALTH_ADDR", default_value = "0.0.0.0:8080")]
     pub health_addr: SocketAddr,
-    /// File with the credential signing key (≥ 32 bytes; the same on every gateway replica).
-    #[arg(long, env = "EDGEWISE_SIGNING_KEY_FILE")]
-    pub signing_key_file: Option<PathBuf>,
+    /// Directory of the keys that sign device credentials (a mounted Secret: `<name>.key`
+    /// files, base64 Ed25519 seeds, and `active` naming the signer when there are several);
+    /// re-read every 10 s, so a rotation needs no restart. The same on every replica.
+    #[arg(long, env = "EDGEWISE_CREDENTIAL_KEYS_DIR")]
+    pub credential_keys_dir: Option<PathBuf>,
+    /// Secret the controller creates, with one fresh key, when it does not exist: the
+    /// gateways' `--credential-keys-dir` (made in the cluster, so no install tool has to
+    /// generate or keep it).
+    #[arg(long, env = "EDGEWISE_CREDENTIAL_KEYS_SECRET")]
+    pub credential_keys_secret: Option<String>,
+    /// How long a device credential is valid; devices connected over Sync get a fresh one
+    /// when less than half is left.
+    #[arg(long, env = "EDGEWISE_CREDENTIAL_TTL", default_value = "7d", value_parser = humantime::parse_duration)]
+    pub credential_ttl: Duration,
     /// ClickHouse HTTP URL.
     #[arg(
         long,
@@ -95,14 +104,9 @@ pub enum Error {
     /// Kubernetes configuration.
     #[error("Kubernetes client: {0}")]
     Kube(#[from] kube::Error),
-    /// The signing key.
-    #[error("signing key {path}: {message}")]
-    SigningKey {
-        /// The file.
-        path: String,
-        /// What is wrong.
-        message: String,
-    },
+    /// The credential keys.
+    #[error("credential keys: {0}")]
+    CredentialKeys(String),
     /// Binding a port.
     #[error("binding {0}: {1}")]
     Bind(SocketAddr, std::io::Error),
@@ -111,82 +115,32 @@ pub enum Error {
     Migrate(#[from] crate::telemetry::schema::Error),
 }
 
-/// Bootstrap tokens are Secrets labelled `edgewise.dev/bootstrap-token=true` with a `token`
-/// key and, optionally, `labels` (YAML map) for the devices enrolled with it.
-/// Label selector of the Secrets holding bootstrap tokens.
-fn bootstrap_selector() -> String {
-    format!("{}=true", crate::crd::names::label::BOOTSTRAP_TOKEN)
-}
-
-fn tokens_from(secrets: &[Secret]) -> Vec<BootstrapToken> {
-    secrets
-        .iter()
-        .filter_map(|s| {
-            let data = s.data.as_ref()?;
-            let token = String::from_utf8(data.get("token")?.0.clone()).ok()?;
-            let labels = data
-                .get("labels")
-                .and_then(|l| serde_yaml_ng::from_slice(&l.0).ok())
-                .unwrap_or_default();
-            let name = s.metadata.name.clone().unwrap_or_default();
-            // `expiresAt` (RFC 3339): unreadable, the token enrols nobody rather than
-            // forever.
-            let expires_at = match data.get("expiresAt") {
-                None => None,
-                Some(v) => match std::str::from_utf8(&v.0).ok().and_then(|t| t.trim().parse().ok()) {
-                    Some(at) => Some(at),
-                    None => {
-                        warn!(token = %name, "bootstrap token expiresAt is not an RFC 3339 time; it enrols nobody");
-                        Some(jiff::Timestamp::UNIX_EPOCH)
-                    }
-                },
-            };
-            Some(BootstrapToken {
-                name,
-                token: token.trim().to_owned(),
-                labels,
-                expires_at,
-            })
-        })
-        .collect()
-}
-
-async fn watch_tokens(
-    client: Client,
-    namespace: String,
-    gateway: Gateway,
-    shutdown: CancellationToken,
-) {
-    let api: Api<Secret> = Api::namespaced(client, &namespace);
-    let stream = watcher::watcher(
-        api.clone(),
-        watcher::Config::default().labels(&bootstrap_selector()),
-    );
-    let mut stream = Box::pin(stream);
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            e = stream.next() => match e {
-                None => return,
-                Some(Err(e)) => warn!(error = %e, "watching bootstrap tokens"),
-                // Any change: re-read the set (tokens are few).
-                Some(Ok(_)) => match api.list(&kube::api::ListParams::default().labels(&bootstrap_selector())).await {
-                    Ok(list) => gateway.auth().set_bootstrap_tokens(tokens_from(&list.items)),
-                    Err(e) => warn!(error = %e, "listing bootstrap tokens"),
-                },
-            }
-        }
-    }
-}
-
+/// Health, and the gateway's public credential keys (`/.well-known/jwks.json`, once the
+/// gateway runs) for whoever verifies devices: other services, a company's cloud gateway.
 async fn health(
     addr: SocketAddr,
     ready: Arc<AtomicBool>,
+    gateway: Arc<std::sync::OnceLock<Gateway>>,
     shutdown: CancellationToken,
     tasks: &Tasks,
 ) -> Result<(), Error> {
     let app = axum::Router::new()
         .route("/healthz", axum::routing::get(|| async { "ok" }))
+        .route(
+            "/.well-known/jwks.json",
+            axum::routing::get(move || {
+                let gateway = gateway.clone();
+                async move {
+                    use axum::response::IntoResponse;
+                    match gateway.get() {
+                        Some(g) => axum::Json(g.auth().keys().jwks()).into_response(),
+                        None => {
+                            (StatusCode::NOT_FOUND, "no gateway in this process").into_response()
+                        }
+                    }
+                }
+            }),
+        )
         .route(
             "/readyz",
             axum::routing::get(move || {
@@ -211,6 +165,60 @@ async fn health(
     Ok(())
 }
 
+/// Creates the credential key Secret `name`, with one fresh key named by today's date,
+/// unless it exists (any replica may; the loser of a race finds it made).
+///
+/// # Errors
+/// The API refused to read or create it.
+pub async fn ensure_credential_keys(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+) -> Result<(), Error> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    if api.get_opt(name).await?.is_some() {
+        return Ok(());
+    }
+    let seed: [u8; 32] = rand::random();
+    let entry = format!(
+        "{}{}",
+        jiff::Timestamp::now().strftime("%Y-%m-%d"),
+        crate::gateway::keys::KEY_SUFFIX
+    );
+    let secret = Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.to_owned()),
+            labels: Some(
+                [(
+                    "app.kubernetes.io/managed-by".to_owned(),
+                    "edgewise".to_owned(),
+                )]
+                .into(),
+            ),
+            ..Default::default()
+        },
+        data: Some(
+            [(
+                entry,
+                k8s_openapi::ByteString(
+                    base64::Engine::encode(&base64::engine::general_purpose::STANDARD, seed)
+                        .into_bytes(),
+                ),
+            )]
+            .into(),
+        ),
+        ..Default::default()
+    };
+    match api.create(&kube::api::PostParams::default(), &secret).await {
+        Ok(_) => {
+            info!(secret = %name, "created the credential key Secret");
+            Ok(())
+        }
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Runs `role` until `shutdown`.
 ///
 /// # Errors
@@ -219,7 +227,15 @@ pub async fn run(role: Role, opts: RunOptions, shutdown: CancellationToken) -> R
     let client = Client::try_default().await?;
     let ready = Arc::new(AtomicBool::new(false));
     let tasks = Tasks::new();
-    health(opts.health_addr, ready.clone(), shutdown.clone(), &tasks).await?;
+    let published = Arc::new(std::sync::OnceLock::new());
+    health(
+        opts.health_addr,
+        ready.clone(),
+        published.clone(),
+        shutdown.clone(),
+        &tasks,
+    )
+    .await?;
     let ch = crate::telemetry::client(&opts.clickhouse_url)
         .with_user(opts.clickhouse_user.clone())
         .with_password(opts.clickhouse_password.clone());
@@ -230,28 +246,12 @@ pub async fn run(role: Role, opts: RunOptions, shutdown: CancellationToken) -> R
     let mut instruments = crate::observability::Instruments::default();
 
     let gateway = if role != Role::Controller {
-        let key = match &opts.signing_key_file {
-            Some(path) => std::fs::read(path).map_err(|e| Error::SigningKey {
-                path: path.display().to_string(),
-                message: e.to_string(),
-            })?,
-            None => {
-                return Err(Error::SigningKey {
-                    path: "(none)".into(),
-                    message: "--signing-key-file is required for the gateway: every replica must share it".into(),
-                });
-            }
-        };
-        if key.len() < 32 {
-            return Err(Error::SigningKey {
-                path: opts
-                    .signing_key_file
-                    .as_ref()
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default(),
-                message: format!("{} bytes; at least 32 are needed", key.len()),
-            });
-        }
+        let keys_dir = opts.credential_keys_dir.clone().ok_or_else(|| {
+            Error::CredentialKeys(
+                "--credential-keys-dir is required for the gateway: every replica must share its keys".into(),
+            )
+        })?;
+        let keys = crate::gateway::keys::load_dir(&keys_dir).map_err(Error::CredentialKeys)?;
         let sink = TelemetrySink::start(
             ch.clone(),
             SinkConfig {
@@ -262,7 +262,8 @@ pub async fn run(role: Role, opts: RunOptions, shutdown: CancellationToken) -> R
         instruments.telemetry(&meter, &sink);
         let gateway = Gateway::new(
             GatewayConfig {
-                signing_key: key,
+                credential_keys: keys,
+                credential_ttl: opts.credential_ttl,
                 name: opts.identity.clone(),
                 tls: opts
                     .tls_cert_file
@@ -284,9 +285,28 @@ pub async fn run(role: Role, opts: RunOptions, shutdown: CancellationToken) -> R
             info_span!("feed_gateway"),
             crate::controller::feed_gateway(client.clone(), gateway.clone(), shutdown.clone()),
         );
+        let auth = gateway.clone();
+        tasks.spawn(
+            info_span!("credential_keys", dir = %keys_dir.display()),
+            crate::gateway::keys::watch_dir(
+                keys_dir,
+                Duration::from_secs(10),
+                move |ring| auth.auth().set_keys(ring),
+                shutdown.clone(),
+            ),
+        );
         tasks.spawn(
             info_span!("bootstrap_tokens", namespace = %opts.namespace),
-            watch_tokens(
+            crate::gateway::trust::follow_tokens(
+                client.clone(),
+                opts.namespace.clone(),
+                gateway.clone(),
+                shutdown.clone(),
+            ),
+        );
+        tasks.spawn(
+            info_span!("revocations", namespace = %opts.namespace),
+            crate::gateway::trust::follow_revocations(
                 client.clone(),
                 opts.namespace.clone(),
                 gateway.clone(),
@@ -299,12 +319,16 @@ pub async fn run(role: Role, opts: RunOptions, shutdown: CancellationToken) -> R
             .map_err(|e| Error::Bind(opts.gateway_addr, e))?;
         info!(%addr, "gateway listening");
         tasks.track(task);
+        let _ = published.set(gateway.clone());
         Some(gateway)
     } else {
         None
     };
 
     if role != Role::Gateway {
+        if let Some(name) = &opts.credential_keys_secret {
+            ensure_credential_keys(&client, &opts.namespace, name).await?;
+        }
         let leading = campaign(
             client.clone(),
             LeaseConfig {
@@ -370,61 +394,5 @@ async fn lead(
                 }
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::collections::BTreeMap;
-
-    use k8s_openapi::ByteString;
-
-    use super::*;
-
-    fn secret(name: &str, data: &[(&str, &str)]) -> Secret {
-        Secret {
-            metadata: kube::api::ObjectMeta {
-                name: Some(name.into()),
-                ..Default::default()
-            },
-            data: Some(
-                data.iter()
-                    .map(|(k, v)| ((*k).to_owned(), ByteString(v.as_bytes().to_vec())))
-                    .collect::<BTreeMap<_, _>>(),
-            ),
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn bootstrap_token_secrets_read_labels_and_expiry_and_a_bad_expiry_enrols_nobody() {
-        let tokens = tokens_from(&[
-            secret(
-                "eu",
-                &[
-                    ("token", "0123456789abcdef\n"),
-                    ("labels", "{region: eu}"),
-                    ("expiresAt", "2027-06-30T00:00:00Z"),
-                ],
-            ),
-            secret("forever", &[("token", "fedcba9876543210")]),
-            secret("typo", &[("token", "x"), ("expiresAt", "next tuesday")]),
-            secret("empty", &[("labels", "{a: b}")]),
-        ]);
-        let by_name: BTreeMap<&str, &BootstrapToken> =
-            tokens.iter().map(|t| (t.name.as_str(), t)).collect();
-        assert_eq!(by_name["eu"].token, "0123456789abcdef");
-        assert_eq!(by_name["eu"].labels["region"], "eu");
-        assert_eq!(
-            by_name["eu"].expires_at,
-            Some("2027-06-30T00:00:00Z".parse().expect("time"))
-        );
-        assert_eq!(by_name["forever"].expires_at, None);
-        assert_eq!(
-            by_name["typo"].expires_at,
-            Some(jiff::Timestamp::UNIX_EPOCH),
-            "an unreadable expiry is already past"
-        );
-        assert!(!by_name.contains_key("empty"), "no token key, no token");
     }
 }

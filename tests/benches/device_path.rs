@@ -52,7 +52,7 @@ async fn gateway_child() {
         edgewise_operator::s3::S3Settings::with_endpoint("http://127.0.0.1:9", "x", "y").client();
     let gateway = Gateway::new(
         GatewayConfig {
-            signing_key: SIGNING_KEY.to_vec(),
+            credential_keys: credential_keys(),
             ..GatewayConfig::default()
         },
         s3,

@@ -40,8 +40,14 @@ pub const NS: &str = "fleet";
 pub const BUCKET: &str = "models";
 /// The bootstrap token the harness accepts.
 pub const TOKEN: &str = "test-bootstrap-token";
-/// Gateway signing key.
-pub const SIGNING_KEY: &[u8] = b"0123456789abcdef0123456789abcdef-test-only";
+/// Seed of the gateway's credential signing key (Ed25519).
+pub const CREDENTIAL_SEED: [u8; 32] = *b"edgewise-test-credential-key-32b";
+
+/// The harness gateway's credential key ring: [`CREDENTIAL_SEED`] alone.
+#[must_use]
+pub fn credential_keys() -> edgewise_operator::gateway::keys::KeyRing {
+    edgewise_operator::gateway::keys::KeyRing::new(&CREDENTIAL_SEED, &[])
+}
 
 /// A bench binary's arguments (without the `--bench` cargo adds) and a runtime to run it on.
 ///
@@ -182,7 +188,7 @@ impl Harness {
             .send()
             .await
             .expect("bucket");
-        config.signing_key = SIGNING_KEY.to_vec();
+        config.credential_keys = credential_keys();
         let mut gateway = Gateway::new(config, s3_client.clone());
         if let Some((url, sink)) = telemetry {
             gateway = gateway.with_telemetry(TelemetrySink::start(
@@ -227,10 +233,14 @@ impl Harness {
 
     /// Replaces the gateway with a new one on the same address: a control plane that lost
     /// its signing key and knows only `tokens`.
-    pub async fn replace_gateway(&mut self, signing_key: &[u8], tokens: Vec<BootstrapToken>) {
+    pub async fn replace_gateway(
+        &mut self,
+        keys: edgewise_operator::gateway::keys::KeyRing,
+        tokens: Vec<BootstrapToken>,
+    ) {
         self.stop_gateway().await;
         let config = GatewayConfig {
-            signing_key: signing_key.to_vec(),
+            credential_keys: keys,
             ..GatewayConfig::default()
         };
         self.gateway = Gateway::new(config, self.s3_client.clone());
@@ -941,7 +951,7 @@ impl Harness {
         settings.endpoint = Some(s3_endpoint.to_owned());
         let gateway = Gateway::new(
             GatewayConfig {
-                signing_key: SIGNING_KEY.to_vec(),
+                credential_keys: credential_keys(),
                 ..GatewayConfig::default()
             },
             settings.client(),

@@ -10,8 +10,8 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 helm.sh/chart: {{ .Chart.Name }}-{{ .Chart.Version }}
 {{- end -}}
 
-{{- define "edgewise.signingKeySecret" -}}
-{{ .Values.gateway.signingKeySecret | default (printf "%s-signing-key" .Release.Name) }}
+{{- define "edgewise.credentialKeysSecret" -}}
+{{ .Values.gateway.credentialKeys.secretName | default (printf "%s-credential-keys" .Release.Name) }}
 {{- end -}}
 
 {{- define "edgewise.env" -}}

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use edgewise_agent::simulate::{SimConfig, SimFleet, Traffic};
+use edgewise_operator::gateway::keys::KeyRing;
 use edgewise_operator::gateway::{BootstrapToken, Gateway, GatewayConfig};
 use edgewise_operator::telemetry::ingest::{SinkConfig, TelemetrySink};
 use k8s_openapi::api::core::v1::Namespace;
@@ -17,6 +18,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::wait::{await_condition, conditions};
 use kube::{Client, Config};
 use serde_json::json;
+use sha2::{Digest as _, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use crate::clickhouse_server::ClickHouseServer;
@@ -250,7 +252,8 @@ impl DevStack {
         let sink = TelemetrySink::start(ch.clone(), SinkConfig::default());
         let gateway = Gateway::new(
             GatewayConfig {
-                signing_key: signing_key.into_bytes(),
+                // The persisted secret is 256 random bits; its hash is the key's seed.
+                credential_keys: KeyRing::new(&Sha256::digest(signing_key.as_bytes()).into(), &[]),
                 ..GatewayConfig::default()
             },
             s3_client.clone(),
@@ -320,7 +323,16 @@ impl DevStack {
             shutdown.clone(),
         ));
         tokio::spawn(edgewise_operator::controller::run(ctx, shutdown.clone()));
+        tokio::spawn(edgewise_operator::gateway::trust::follow_revocations(
+            client.clone(),
+            "edgewise".into(),
+            gateway.clone(),
+            shutdown.clone(),
+        ));
         println!("Controllers     ModelVersion, ModelRollout, RoutingPolicy");
+        println!(
+            "Revocations     kubectl edgewise revoke device|token ID (ConfigMaps in namespace edgewise)"
+        );
         let cloud_url = crate::cloud::start(&dir.join("cloud"), opts.cloud_addr, shutdown.clone())
             .await
             .map_err(start("cloud model server"))?;

@@ -137,6 +137,19 @@ enum Cmd {
         #[command(flatten)]
         s3: S3Settings,
     },
+    /// Cut a device, or every device of a bootstrap token, off the fleet: a ConfigMap
+    /// every gateway replica watches (in `-n`, default `edgewise`: the gateways' namespace).
+    /// Open streams end at once; undo by deleting the ConfigMap it prints.
+    Revoke {
+        /// `device` (by device id) or `token` (by its Secret's name).
+        #[arg(value_enum)]
+        kind: RevokeKind,
+        /// The device id or the token's name.
+        id: String,
+        /// Why, kept with the revocation.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
     /// Which rule of a RoutingPolicy a request would hit, and where it would run.
     Explain {
         /// The RoutingPolicy.
@@ -159,6 +172,13 @@ enum Cmd {
         #[arg(long, default_value = "explain")]
         request_id: String,
     },
+}
+
+/// What `revoke` names.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum RevokeKind {
+    Device,
+    Token,
 }
 
 fn status_line(r: &ModelRollout, with_namespace: bool) -> String {
@@ -379,6 +399,27 @@ async fn run(cli: Cli) -> Result<(), PluginError> {
                 .create(&PostParams::default(), &mv)
                 .await?;
             println!("modelversion.edgewise.dev/{} created", created.name_any());
+            Ok(())
+        }
+        Cmd::Revoke { kind, id, reason } => {
+            use edgewise_operator::gateway::trust::{Revoked, revocation};
+            let kind = match kind {
+                RevokeKind::Device => Revoked::Device,
+                RevokeKind::Token => Revoked::Token,
+            };
+            // Revocations live with the gateways, not with the rollouts of the context.
+            let system = cli.namespace.clone().unwrap_or_else(|| "edgewise".into());
+            let maps: Api<k8s_openapi::api::core::v1::ConfigMap> =
+                Api::namespaced(client.clone(), &system);
+            let object = revocation(kind, &id, &reason);
+            let name = object.name_any();
+            match maps.create(&PostParams::default(), &object).await {
+                Ok(_) => println!("configmap/{name} created in {system}: {id} is revoked"),
+                Err(kube::Error::Api(e)) if e.code == 409 => {
+                    println!("configmap/{name} unchanged in {system}: {id} was already revoked");
+                }
+                Err(e) => return Err(e.into()),
+            }
             Ok(())
         }
         Cmd::Explain {

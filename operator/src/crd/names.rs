@@ -37,4 +37,6 @@ pub mod label {
     pub const ARCH: &str = "self.edgewise.dev/arch";
     /// Marks a Secret holding a bootstrap token (`edgewise.dev/bootstrap-token=true`).
     pub const BOOTSTRAP_TOKEN: &str = "edgewise.dev/bootstrap-token";
+    /// Marks a ConfigMap revoking a device or a token (`edgewise.dev/revoked=device|token`).
+    pub const REVOKED: &str = "edgewise.dev/revoked";
 }

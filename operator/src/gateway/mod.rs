@@ -7,12 +7,14 @@
 
 pub mod auth;
 pub mod desired;
+pub mod keys;
 pub mod limits;
 pub mod presign;
 pub mod registry;
 mod session;
 pub mod snapshot;
 pub mod tls;
+pub mod trust;
 mod upload;
 
 pub use upload::FleetRoutes;
@@ -108,9 +110,11 @@ pub enum ServeError {
 /// Gateway settings.
 #[derive(Clone, Debug)]
 pub struct GatewayConfig {
-    /// HS256 key for device credentials (≥ 32 bytes), the same on every replica.
-    pub signing_key: Vec<u8>,
-    /// How long a credential is valid.
+    /// Keys that sign and verify device credentials; every replica must hold the same ring
+    /// (the default, one fresh key, suits a single process only).
+    pub credential_keys: keys::KeyRing,
+    /// How long a credential is valid; devices on a Sync stream get a fresh one when less
+    /// than half of it is left.
     pub credential_ttl: Duration,
     /// How long a presigned artifact URL is valid.
     pub presign_ttl: Duration,
@@ -133,8 +137,8 @@ pub struct GatewayConfig {
 impl Default for GatewayConfig {
     fn default() -> Self {
         GatewayConfig {
-            signing_key: Vec::new(),
-            credential_ttl: Duration::from_secs(30 * 24 * 3600),
+            credential_keys: keys::KeyRing::new(&rand::random(), &[]),
+            credential_ttl: Duration::from_secs(7 * 24 * 3600),
             presign_ttl: Duration::from_secs(6 * 3600),
             max_sessions: 100_000,
             hello_timeout: Duration::from_secs(10),
@@ -175,7 +179,7 @@ impl Gateway {
     /// A gateway presigning with `s3`.
     #[must_use]
     pub fn new(config: GatewayConfig, s3: aws_sdk_s3::Client) -> Self {
-        let auth = Authority::new(&config.signing_key, config.credential_ttl);
+        let auth = Authority::new(config.credential_keys.clone(), config.credential_ttl);
         let enroll_limits = config.enroll_limits.map(limits::EnrolLimits::new);
         let presigner = Presigner::new(s3, config.presign_ttl);
         Gateway {
@@ -400,13 +404,14 @@ impl Fleet for FleetService {
         &self,
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::SyncStream>, Status> {
-        let claims = self
+        let verified = self
             .inner
             .auth
-            .verify(request.metadata())
+            .verify_signed(request.metadata())
             .inspect_err(|refused| {
                 debug!(reason = %refused.message(), "Sync refused: credential");
             })?;
+        let claims = verified.claims.clone();
         debug!(device = %claims.sub, "Sync requested");
         let open = self.inner.sessions.fetch_add(1, Ordering::Relaxed) + 1;
         let slot = SessionSlot(self.inner.clone());
@@ -465,7 +470,7 @@ impl Fleet for FleetService {
         let snapshot = snapshots.borrow().clone();
         let session = Session::new(
             self.inner.clone(),
-            &claims,
+            verified,
             &hello,
             facts.clone(),
             tx,

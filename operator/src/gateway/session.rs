@@ -19,7 +19,7 @@ use tonic::{Code, Status, Streaming};
 use tracing::{debug, warn};
 
 use super::Inner;
-use super::auth::DeviceClaims;
+use super::auth::{DeviceClaims, Verified};
 use super::desired::{DesiredModel, DeviceContext, desired_for};
 use super::snapshot::{FleetSnapshot, Scope};
 
@@ -75,17 +75,33 @@ pub(super) struct Session {
     policy_rejected: Option<String>,
     assignment_in_flight: Option<String>,
     nonces: u64,
+    /// The credential the device holds (as far as this stream knows).
+    credential: Verified,
+    /// When to send it a fresh one.
+    refresh_at: tokio::time::Instant,
+    auth_changes: watch::Receiver<u64>,
+}
+
+/// When a credential expiring at `exp` (Unix seconds) is due for refresh: once less than
+/// half of `ttl` is left (at once if that is already so).
+fn refresh_due(exp: u64, ttl: std::time::Duration) -> tokio::time::Instant {
+    let now_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let due_unix = exp.saturating_sub(ttl.as_secs() / 2);
+    tokio::time::Instant::now() + std::time::Duration::from_secs(due_unix.saturating_sub(now_unix))
 }
 
 impl Session {
     pub(super) fn new(
         gw: Arc<Inner>,
-        claims: &DeviceClaims,
+        credential: Verified,
         hello: &Hello,
         facts: DeviceFacts,
         out: mpsc::Sender<Outbound>,
         snapshot: Arc<FleetSnapshot>,
     ) -> Self {
+        let claims: &DeviceClaims = &credential.claims;
         let mut labels = claims.targeting_labels();
         labels.insert(crate::crd::names::label::OS.into(), facts.os.clone());
         labels.insert(crate::crd::names::label::ARCH.into(), facts.arch.clone());
@@ -113,9 +129,13 @@ impl Session {
                 facts: &facts,
             },
         );
+        let refresh_at = refresh_due(claims.exp, gw.auth.ttl());
+        let mut auth_changes = gw.auth.changes();
+        auth_changes.mark_unchanged();
+        let device_id = claims.sub.clone();
         Session {
             gw,
-            device_id: claims.sub.clone(),
+            device_id,
             labels,
             facts,
             out,
@@ -127,6 +147,9 @@ impl Session {
             policy_rejected: None,
             assignment_in_flight: None,
             nonces: 0,
+            credential,
+            refresh_at,
+            auth_changes,
         }
     }
 
@@ -179,6 +202,16 @@ impl Session {
                     }
                     let next = snapshots.borrow_and_update().clone();
                     self.observe(next);
+                }
+                () = tokio::time::sleep_until(self.refresh_at) => {
+                    if self.refresh_credential().await.is_err() {
+                        break;
+                    }
+                }
+                Ok(()) = self.auth_changes.changed() => {
+                    if self.credentials_changed().await.is_err() {
+                        break;
+                    }
                 }
             }
         }
@@ -268,6 +301,54 @@ impl Session {
                 self.policy_in_flight = Some((nonce, version));
                 self.send(gateway_message::Kind::Policy(update)).await?;
             }
+        }
+        Ok(())
+    }
+
+    /// Sends the device a fresh credential; a revoked device's stream ends, refused.
+    async fn refresh_credential(&mut self) -> Result<(), ()> {
+        match self.gw.auth.reissue(&self.credential.claims) {
+            Ok((token, claims)) => {
+                let expires_at_unix_ms = i64::try_from(claims.exp)
+                    .unwrap_or(i64::MAX)
+                    .saturating_mul(1000);
+                self.refresh_at = refresh_due(claims.exp, self.gw.auth.ttl());
+                self.credential = Verified {
+                    claims,
+                    kid: self.gw.auth.keys().signing_kid().to_owned(),
+                };
+                debug!(device = %self.device_id, kid = %self.credential.kid, "sending a fresh credential");
+                self.send(gateway_message::Kind::Credential(
+                    edgewise_proto::fleet::CredentialRefresh {
+                        credential: token,
+                        expires_at_unix_ms,
+                    },
+                ))
+                .await
+            }
+            Err(refused) => {
+                let _ = self.out.send(Box::new(Err(refused))).await;
+                Err(())
+            }
+        }
+    }
+
+    /// Keys or revocations changed: a revoked device is cut off now; one holding a
+    /// credential from a key that no longer signs gets a fresh one soon, spread over up to
+    /// a minute (a tenth of the ttl at most) so a fleet does not refresh in one instant.
+    async fn credentials_changed(&mut self) -> Result<(), ()> {
+        let claims = &self.credential.claims;
+        if self.gw.auth.is_revoked(&claims.sub, &claims.tok) {
+            let _ = self
+                .out
+                .send(Box::new(Err(Status::unauthenticated("credential revoked"))))
+                .await;
+            return Err(());
+        }
+        if self.gw.auth.keys().signing_kid() != self.credential.kid {
+            let spread = (self.gw.auth.ttl() / 10).min(std::time::Duration::from_secs(60));
+            let delay = spread.mul_f64(rand::random::<f64>());
+            self.refresh_at = self.refresh_at.min(tokio::time::Instant::now() + delay);
         }
         Ok(())
     }
