@@ -210,7 +210,7 @@ impl DataPlane {
                     ms => Duration::from_millis(u64::from(ms)),
                 }
                 .min(left);
-                let body = cloud::upstream_body(&request.raw, &c.model);
+                let body = cloud::upstream_body(&request.raw, &c.model, request.stream);
                 let started = Instant::now();
                 let called = cloud::call(
                     &self.http,
@@ -834,9 +834,28 @@ fn rejected(code: u16, upstream: &Value) -> ApiError {
                 .as_str()
                 .unwrap_or("no reason given")
         ),
-        param: None,
-        code: None,
+        // OpenAI's own codes and parameters pass through, so an app's handling of them
+        // (e.g. trimming on context_length_exceeded) works whichever target refused.
+        param: known(
+            &upstream["error"]["param"],
+            &["messages", "prompt", "max_tokens", "model"],
+        ),
+        code: known(
+            &upstream["error"]["code"],
+            &[
+                "context_length_exceeded",
+                "model_not_found",
+                "invalid_value",
+                "invalid_type",
+            ],
+        ),
     }
+}
+
+/// `value` if it is one of `known` (the wire type holds static names only).
+fn known(value: &Value, known: &[&'static str]) -> Option<&'static str> {
+    let v = value.as_str()?;
+    known.iter().copied().find(|k| *k == v)
 }
 
 /// The device models a policy routes to, in order.
