@@ -107,9 +107,10 @@ async fn sigkill_during_download_and_activation_always_leaves_one_complete_versi
     std::fs::write(
         &config,
         format!(
-            "gateway = \"{gateway_url}\"\ninsecure = true\nbootstrap_token_file = \"{}\"\ndata_dir = \"{}\"\n[hardware]\nmemory_mib = 4096\n[sync]\nbackoff_initial_ms = 50\nbackoff_max_ms = 500\n[data_plane]\nlisten = \"127.0.0.1:0\"\n",
+            "gateway = \"{gateway_url}\"\nbootstrap_token_file = \"{}\"\ndata_dir = \"{}\"\n[tls]\nca_file = \"{}\"\n[hardware]\nmemory_mib = 4096\n[sync]\nbackoff_initial_ms = 50\nbackoff_max_ms = 500\n[data_plane]\nlisten = \"127.0.0.1:0\"\n",
             dir.join("token").display(),
-            dir.join("data").display()
+            dir.join("data").display(),
+            test_pki().ca.display()
         ),
     )
     .expect("config");

@@ -68,7 +68,7 @@ fn free_addr() -> std::net::SocketAddr {
 fn agent_config(h: &Harness, dir: &std::path::Path, addr: std::net::SocketAddr) -> AgentConfig {
     AgentConfig {
         gateway: h.gateway_url(),
-        gateway_tls: edgewise_agent::GatewayTls::insecure(),
+        gateway_tls: edgewise_tests::tls_for(&h.gateway_url()),
         bootstrap_token: TOKEN.into(),
         data_dir: dir.to_owned(),
         router_socket: Some(dir.join("router.sock")),

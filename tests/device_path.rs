@@ -81,9 +81,7 @@ async fn publish_two_versions(h: &Harness) {
 }
 
 async fn client(h: &Harness) -> FleetClient<Channel> {
-    FleetClient::connect(h.gateway_url())
-        .await
-        .expect("connects")
+    FleetClient::new(fleet_channel(&h.gateway_url()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -103,6 +101,7 @@ async fn sixty_agents_converge_and_split_between_canary_and_stable_by_cohort() {
     let fleet = SimFleet::start(&SimConfig {
         devices: 60,
         gateway: h.gateway_url(),
+        tls: tls_for(&h.gateway_url()),
         bootstrap_tokens: vec![TOKEN.into()],
         data_dir: h.dir.path().join("sim"),
         backoff: quick_backoff(),
@@ -881,7 +880,7 @@ async fn an_agent_started_offline_serves_decide_from_its_persisted_policy() {
     let dir = h.dir.path().join("agent");
     let config = edgewise_agent::config::AgentConfig {
         gateway: h.gateway_url(),
-        gateway_tls: edgewise_agent::GatewayTls::insecure(),
+        gateway_tls: tls_for(&h.gateway_url()),
         bootstrap_token: TOKEN.into(),
         data_dir: dir.clone(),
         router_socket: Some(dir.join("router.sock")),

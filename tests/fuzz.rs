@@ -237,9 +237,8 @@ async fn arbitrary_sync_frames_end_their_stream_with_an_error_and_the_gateway_se
             &facts("linux", "amd64", 4096, &[]),
             &Default::default(),
         );
-        let mut c = edgewise_proto::fleet::fleet_client::FleetClient::connect(h.gateway_url())
-            .await
-            .expect("connects");
+        let mut c =
+            edgewise_proto::fleet::fleet_client::FleetClient::new(fleet_channel(&h.gateway_url()));
         c.enroll(req).await.expect("enrols").into_inner().credential
     };
     let mut runner = TestRunner::deterministic();

@@ -31,7 +31,8 @@ async fn agents_reconnect_after_a_gateway_restart_without_a_stampede() {
         .map(|i| {
             TestAgent::start(
                 &h.dir.path().join(format!("agent-{i}")),
-                &proxy.url(),
+                // TLS end to end through the relay: the certificate names 127.0.0.1.
+                &format!("https://{}", proxy.addr),
                 facts("linux", "x86_64", 4096, &[]),
                 None,
             )

@@ -326,6 +326,7 @@ fn fleet(h: &Harness, devices: usize) -> SimFleet {
     SimFleet::start(&SimConfig {
         devices,
         gateway: h.gateway_url(),
+        tls: tls_for(&h.gateway_url()),
         bootstrap_tokens: vec![TOKEN.into()],
         data_dir: h.dir.path().join("sim"),
         backoff: quick_backoff(),
@@ -531,9 +532,7 @@ async fn enroll(
     edgewise_proto::fleet::EnrollResponse,
 ) {
     let id = edgewise_agent::identity::Identity::ephemeral();
-    let enrolled = FleetClient::connect(url.to_owned())
-        .await
-        .expect("connects")
+    let enrolled = FleetClient::new(fleet_channel(url))
         .enroll(id.enroll_request(
             TOKEN,
             &facts("linux", "x86_64", 4096, &[]),
@@ -582,9 +581,7 @@ async fn upload(
     credential: &str,
     b: TelemetryBatch,
 ) -> Result<edgewise_proto::fleet::TelemetryAck, tonic::Status> {
-    let mut client = FleetClient::connect(url.to_owned())
-        .await
-        .expect("connects");
+    let mut client = FleetClient::new(fleet_channel(url));
     client
         .upload_telemetry(with_credential(b, credential))
         .await
@@ -1012,9 +1009,7 @@ impl TestAgentWithTelemetry {
             runtime: None,
         });
         let stop = tokio_util::sync::CancellationToken::new();
-        let channel =
-            edgewise_agent::gateway_channel(gateway, &edgewise_agent::GatewayTls::insecure())
-                .expect("channel");
+        let channel = fleet_channel(gateway);
         let tasks = vec![
             tokio::spawn(edgewise_agent::sync::run(
                 device.clone(),

@@ -33,6 +33,10 @@ enum Command {
         /// Gateway URL.
         #[arg(long, env = "EDGEWISE_GATEWAY")]
         gateway: String,
+        /// PEM CA that signed the gateway's certificate (`https://` URLs; default: the
+        /// system's roots). `http://` URLs are allowed here: the simulator is a test tool.
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
         /// File holding the bootstrap token.
         #[arg(long, env = "EDGEWISE_BOOTSTRAP_TOKEN_FILE")]
         bootstrap_token_file: PathBuf,
@@ -107,10 +111,15 @@ fn main() -> ExitCode {
                 devices,
                 gateway,
                 bootstrap_token_file,
+                ca_file,
                 data_dir,
                 devices_per_connection,
                 duration_secs,
             } => {
+                let ca_pem = match ca_file.map(std::fs::read).transpose() {
+                    Ok(pem) => pem,
+                    Err(e) => return fail(&format!("--ca-file: {e}")),
+                };
                 let token = match std::fs::read_to_string(&bootstrap_token_file) {
                     Ok(t) => t.trim().to_owned(),
                     Err(e) => return fail(&format!("{}: {e}", bootstrap_token_file.display())),
@@ -118,6 +127,10 @@ fn main() -> ExitCode {
                 let config = SimConfig {
                     devices,
                     gateway,
+                    tls: edgewise_agent::GatewayTls {
+                        insecure: true,
+                        ca_pem,
+                    },
                     bootstrap_tokens: vec![token],
                     data_dir,
                     backoff: Backoff {

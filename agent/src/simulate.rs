@@ -28,6 +28,8 @@ pub struct SimConfig {
     pub devices: usize,
     /// Gateway URL.
     pub gateway: String,
+    /// How the devices trust the gateway (a private CA for the dev stack's `https://`).
+    pub tls: crate::GatewayTls,
     /// Bootstrap tokens: device `i` enrols with `bootstrap_tokens[i % len]`, so a fleet can
     /// span segments (each token carries its own server-side labels).
     pub bootstrap_tokens: Vec<String>,
@@ -163,10 +165,7 @@ impl SimFleet {
         let mut channel = None;
         for i in 0..config.devices {
             if i % config.devices_per_connection.max(1) == 0 {
-                channel = Some(crate::gateway_channel(
-                    &config.gateway,
-                    &crate::GatewayTls::insecure(),
-                )?);
+                channel = Some(crate::gateway_channel(&config.gateway, &config.tls)?);
             }
             let Some(channel) = channel.clone() else {
                 continue;

@@ -99,6 +99,7 @@ async fn fanout(n: usize) {
     let fleet = SimFleet::start(&SimConfig {
         devices: n,
         gateway: format!("http://{addr}"),
+        tls: tls_for(&format!("http://{addr}")),
         bootstrap_tokens: vec![TOKEN.into()],
         data_dir: dir.path().to_owned(),
         backoff: Backoff {

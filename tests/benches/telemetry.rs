@@ -105,6 +105,7 @@ async fn ingest() {
     let fleet = SimFleet::start(&SimConfig {
         devices: DEVICES,
         gateway: h.gateway_url(),
+        tls: tls_for(&h.gateway_url()),
         bootstrap_tokens: vec![TOKEN.into()],
         data_dir: h.dir.path().join("sim"),
         backoff: Backoff {

@@ -43,6 +43,51 @@ pub const TOKEN: &str = "test-bootstrap-token";
 /// Seed of the gateway's credential signing key (Ed25519).
 pub const CREDENTIAL_SEED: [u8; 32] = *b"edgewise-test-credential-key-32b";
 
+/// The tests' PKI, made once per test process the way the dev stack makes its own: a CA and
+/// the certificate it signs for the gateways the tests start (127.0.0.1, localhost).
+#[must_use]
+pub fn test_pki() -> &'static edgewise_dev::pki::DevPki {
+    static PKI: std::sync::OnceLock<(tempfile::TempDir, edgewise_dev::pki::DevPki)> =
+        std::sync::OnceLock::new();
+    &PKI.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pki = edgewise_dev::pki::DevPki::ensure(dir.path()).expect("test CA");
+        (dir, pki)
+    })
+    .1
+}
+
+/// The gateway TLS files of [`test_pki`].
+#[must_use]
+pub fn gateway_tls_files() -> edgewise_operator::gateway::tls::TlsFiles {
+    let pki = test_pki();
+    edgewise_operator::gateway::tls::TlsFiles {
+        cert: pki.cert.clone(),
+        key: pki.key.clone(),
+        reload_every: Duration::from_secs(10),
+    }
+}
+
+/// How a device trusts a test gateway at `url`: the tests' CA for `https://`, cleartext
+/// allowed for the few `http://` ones (a bare fleet-scale gateway, a proxy).
+#[must_use]
+pub fn tls_for(url: &str) -> edgewise_agent::GatewayTls {
+    if url.starts_with("https://") {
+        edgewise_agent::GatewayTls {
+            insecure: false,
+            ca_pem: Some(std::fs::read(&test_pki().ca).expect("test CA")),
+        }
+    } else {
+        edgewise_agent::GatewayTls::insecure()
+    }
+}
+
+/// A channel to the gateway at `url`, trusting it as [`tls_for`] says.
+#[must_use]
+pub fn fleet_channel(url: &str) -> tonic::transport::Channel {
+    edgewise_agent::gateway_channel(url, &tls_for(url)).expect("channel")
+}
+
 /// The harness gateway's credential key ring: [`CREDENTIAL_SEED`] alone.
 #[must_use]
 pub fn credential_keys() -> edgewise_operator::gateway::keys::KeyRing {
@@ -189,6 +234,7 @@ impl Harness {
             .await
             .expect("bucket");
         config.credential_keys = credential_keys();
+        config.tls.get_or_insert_with(gateway_tls_files);
         let mut gateway = Gateway::new(config, s3_client.clone());
         if let Some((url, sink)) = telemetry {
             gateway = gateway.with_telemetry(TelemetrySink::start(
@@ -218,9 +264,9 @@ impl Harness {
         }
     }
 
-    /// `http://addr` of the gateway.
+    /// `https://addr` of the gateway (its certificate is [`test_pki`]'s).
     pub fn gateway_url(&self) -> String {
-        format!("http://{}", self.gateway_addr)
+        format!("https://{}", self.gateway_addr)
     }
 
     /// Stops the gateway (its streams end at once).
@@ -241,6 +287,7 @@ impl Harness {
         self.stop_gateway().await;
         let config = GatewayConfig {
             credential_keys: keys,
+            tls: Some(gateway_tls_files()),
             ..GatewayConfig::default()
         };
         self.gateway = Gateway::new(config, self.s3_client.clone());
@@ -708,8 +755,14 @@ impl TestAgent {
         publisher: Option<ed25519_dalek::VerifyingKey>,
         token: edgewise_agent::config::TokenSource,
     ) -> Self {
-        let tls = edgewise_agent::GatewayTls::insecure();
-        Self::launch(dir, gateway_url, &tls, facts, publisher, token)
+        Self::launch(
+            dir,
+            gateway_url,
+            &tls_for(gateway_url),
+            facts,
+            publisher,
+            token,
+        )
     }
 
     /// As [`TestAgent::start`], trusting the gateway as `tls` says.
@@ -952,6 +1005,7 @@ impl Harness {
         let gateway = Gateway::new(
             GatewayConfig {
                 credential_keys: credential_keys(),
+                tls: Some(gateway_tls_files()),
                 ..GatewayConfig::default()
             },
             settings.client(),
@@ -967,7 +1021,7 @@ impl Harness {
             .spawn(loopback(), stop.clone())
             .await
             .expect("binds");
-        (gateway, format!("http://{addr}"), stop)
+        (gateway, format!("https://{addr}"), stop)
     }
 }
 
@@ -1017,12 +1071,7 @@ impl ClickHouse {
 /// A codec-agnostic gRPC client of the gateway at `url`, ready, for calls whose bytes the
 /// test writes itself (see `edgewise_proto::codec::PreEncodedCodec`).
 pub async fn raw_grpc(url: &str) -> tonic::client::Grpc<tonic::transport::Channel> {
-    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
-        .expect("url")
-        .connect()
-        .await
-        .expect("connects");
-    let mut grpc = tonic::client::Grpc::new(channel);
+    let mut grpc = tonic::client::Grpc::new(fleet_channel(url));
     grpc.ready().await.expect("ready");
     grpc
 }

@@ -10,6 +10,7 @@ pub mod cloud;
 pub mod demo;
 pub mod devapi;
 pub mod examples;
+pub mod pki;
 pub mod s3_server;
 pub mod stack;
 

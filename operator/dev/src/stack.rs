@@ -250,8 +250,15 @@ impl DevStack {
         let token = persistent_secret(&dir.join("bootstrap-token"))?;
         let signing_key = persistent_secret(&dir.join("signing-key"))?;
         let sink = TelemetrySink::start(ch.clone(), SinkConfig::default());
+        // TLS as in production, from a CA of the dev stack's own.
+        let pki = crate::pki::DevPki::ensure(&dir.join("tls")).map_err(start("dev CA"))?;
         let gateway = Gateway::new(
             GatewayConfig {
+                tls: Some(edgewise_operator::gateway::tls::TlsFiles {
+                    cert: pki.cert.clone(),
+                    key: pki.key.clone(),
+                    reload_every: Duration::from_secs(10),
+                }),
                 // The persisted secret is 256 random bits; its hash is the key's seed.
                 credential_keys: KeyRing::new(&Sha256::digest(signing_key.as_bytes()).into(), &[]),
                 ..GatewayConfig::default()
@@ -287,7 +294,8 @@ impl DevStack {
             .await
             .map_err(start("gateway"))?;
         println!(
-            "Gateway         http://{gw_addr}   (bootstrap token in {}/bootstrap-token; the fleet's segments: {})",
+            "Gateway         https://{gw_addr}   (CA {}; bootstrap token in {}/bootstrap-token; the fleet's segments: {})",
+            pki.ca.display(),
             dir.display(),
             examples::SEGMENTS
                 .iter()
@@ -356,7 +364,11 @@ impl DevStack {
         });
         let fleet = SimFleet::start(&SimConfig {
             devices: opts.devices,
-            gateway: format!("http://{gw_addr}"),
+            gateway: format!("https://{gw_addr}"),
+            tls: edgewise_agent::GatewayTls {
+                insecure: false,
+                ca_pem: Some(std::fs::read(&pki.ca).map_err(start("dev CA"))?),
+            },
             bootstrap_tokens: fleet_tokens,
             data_dir: dir.join("sim"),
             backoff: edgewise_agent::config::Backoff {
