@@ -740,7 +740,7 @@ async fn the_plugin_publishes_files_and_creates_a_model_version_that_verifies() 
         "{progress}"
     );
 
-    let mv = Api::<ModelVersion>::namespaced(c, "edgewise")
+    let mv = Api::<ModelVersion>::namespaced(c.clone(), "edgewise")
         .get("chat-1.4.0")
         .await
         .expect("created");
@@ -784,6 +784,94 @@ async fn the_plugin_publishes_files_and_creates_a_model_version_that_verifies() 
         variants[0].format,
         edgewise_core::variant::ModelFormat::Gguf
     );
+
+    // The controller verifies the signatures too, with the namespace's publisher keys: the
+    // signer is named per variant. A namespace requiring signatures fails an unsigned one.
+    let maps: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(c.clone(), "edgewise");
+    let publishers = |extra: &[(&str, &str)]| {
+        let mut data = serde_json::Map::new();
+        data.insert(
+            "release-team".into(),
+            base64::engine::general_purpose::STANDARD
+                .encode(verifying.as_bytes())
+                .into(),
+        );
+        for (k, v) in extra {
+            data.insert((*k).into(), (*v).into());
+        }
+        serde_json::from_value::<k8s_openapi::api::core::v1::ConfigMap>(json!({
+            "metadata": {"name": "edgewise-publishers", "namespace": "edgewise"},
+            "data": data,
+        }))
+        .expect("configmap")
+    };
+    maps.create(&PostParams::default(), &publishers(&[]))
+        .await
+        .expect("publishers");
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(edgewise_operator::controller::run(
+        std::sync::Arc::new(edgewise_operator::controller::Context::new(
+            c.clone(),
+            s3_client.clone(),
+            None,
+            None,
+            None,
+        )),
+        stop.clone(),
+    ));
+    let mvs = Api::<ModelVersion>::namespaced(c.clone(), "edgewise");
+    let verified = |name: &'static str| {
+        let mvs = mvs.clone();
+        async move {
+            eventually(Duration::from_secs(20), name, || async {
+                mvs.get(name)
+                    .await
+                    .ok()
+                    .and_then(|m| m.status)
+                    .filter(|s| s.observed_generation.is_some() && s.variants.len() == 2)
+            })
+            .await
+        }
+    };
+    let status = verified("chat-1.4.0").await;
+    for v in &status.variants {
+        assert!(v.verified, "{v:?}");
+        assert_eq!(v.signed_by.as_deref(), Some("release-team"), "{v:?}");
+    }
+    maps.replace(
+        "edgewise-publishers",
+        &PostParams::default(),
+        &publishers(&[("requireSigned", "true")]),
+    )
+    .await
+    .expect("require signatures");
+    let mut unsigned = mv.clone();
+    unsigned.metadata = kube::api::ObjectMeta {
+        name: Some("chat-1.4.1".into()),
+        namespace: Some("edgewise".into()),
+        ..Default::default()
+    };
+    unsigned.spec.version = "1.4.1".into();
+    for v in &mut unsigned.spec.variants {
+        v.artifact.signature = None;
+    }
+    unsigned.status = None;
+    mvs.create(&PostParams::default(), &unsigned)
+        .await
+        .expect("created");
+    let status = verified("chat-1.4.1").await;
+    assert_eq!(
+        status.phase,
+        Some(edgewise_operator::crd::ModelVersionPhase::Failed)
+    );
+    assert!(
+        status.variants.iter().all(|v| !v.verified
+            && v.message
+                .as_deref()
+                .is_some_and(|m| m.contains("requireSigned"))),
+        "{status:?}"
+    );
+    stop.cancel();
 
     // A file that is not there is a sentence naming it, and nothing is created.
     let missing = tokio::process::Command::new(workspace_binary("kubectl-edgewise"))

@@ -10,8 +10,7 @@ use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use base64::Engine;
-use ed25519_dalek::{Signature, VerifyingKey};
+use ed25519_dalek::VerifyingKey;
 use futures_util::StreamExt;
 use reqwest::StatusCode;
 use reqwest::header::RANGE;
@@ -262,18 +261,9 @@ pub async fn fetch(
         )));
     }
     if let Some(key) = f.publisher {
-        let verified = f
-            .signature
-            .filter(|s| !s.is_empty())
-            .and_then(|s| base64::engine::general_purpose::STANDARD.decode(s).ok())
-            .and_then(|b| Signature::from_slice(&b).ok())
-            .is_some_and(|sig| {
-                let (model, version, variant) = f.signed_as;
-                let message = edgewise_proto::identity::artifact_signing_message(
-                    model, version, variant, &actual,
-                );
-                key.verify_strict(&message, &sig).is_ok()
-            });
+        let verified = f.signature.is_some_and(|s| {
+            edgewise_proto::identity::artifact_signature_valid(key, f.signed_as, &actual, s)
+        });
         if !verified {
             drop(file);
             std::fs::remove_file(&partial_path)?;

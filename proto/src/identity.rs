@@ -47,6 +47,27 @@ pub fn artifact_signing_message(
     .into_bytes()
 }
 
+/// Whether `signature` (base64) is `key`'s signature of this artifact as this model,
+/// version and variant ([`artifact_signing_message`]). Used by agents before they store an
+/// artifact and by the controller when it verifies a ModelVersion.
+#[must_use]
+pub fn artifact_signature_valid(
+    key: &ed25519_dalek::VerifyingKey,
+    (model, version, variant): (&str, &str, &str),
+    sha256: &str,
+    signature: &str,
+) -> bool {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD
+        .decode(signature.trim())
+        .ok()
+        .and_then(|b| ed25519_dalek::Signature::from_slice(&b).ok())
+        .is_some_and(|sig| {
+            let message = artifact_signing_message(model, version, variant, sha256);
+            key.verify_strict(&message, &sig).is_ok()
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

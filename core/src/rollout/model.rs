@@ -141,6 +141,7 @@ impl World {
                 rate_limit: None,
                 on_failure: OnFailure::Rollback,
                 paused: false,
+                require_signed: false,
             },
             availability: [
                 Availability::Ready,

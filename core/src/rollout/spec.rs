@@ -30,6 +30,10 @@ pub struct RolloutStrategy {
     /// Holds the rollout where it is.
     #[serde(default)]
     pub paused: bool,
+    /// Roll out only a version whose every variant carries a publisher signature the
+    /// controller verified with a key of the namespace's `edgewise-publishers` ConfigMap.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub require_signed: bool,
 }
 
 /// One step: exactly one of `setPercent`, `pause`, `analysis`.

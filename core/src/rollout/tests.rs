@@ -66,6 +66,7 @@ fn strategy(version: &str) -> RolloutStrategy {
         rate_limit: None,
         on_failure: OnFailure::Rollback,
         paused: false,
+        require_signed: false,
     }
 }
 

@@ -77,7 +77,7 @@ pub(super) async fn reconcile(
         .unwrap_or_default();
     let strategy = &r.spec.strategy;
     let mv = model_version(&ctx.versions, &ns, &r.spec.model, &strategy.version);
-    let version = availability(mv.as_ref());
+    let version = availability(mv.as_ref(), r.spec.strategy.require_signed);
     let devices = segment_devices(&ctx, &r, mv.as_ref()).await?;
 
     let now = jiff::Timestamp::now();
@@ -170,12 +170,29 @@ fn model_version(
     found.into_iter().next().map(|m| m.as_ref().clone())
 }
 
-fn availability(mv: Option<&ModelVersion>) -> Availability {
+fn availability(mv: Option<&ModelVersion>, require_signed: bool) -> Availability {
     let Some(mv) = mv else {
         return Availability::Missing;
     };
     let status = mv.status.as_ref();
     match status.and_then(|s| s.phase) {
+        Some(ModelVersionPhase::Ready) if require_signed => {
+            let unsigned: Vec<&str> = status
+                .map(|s| &s.variants[..])
+                .unwrap_or_default()
+                .iter()
+                .filter(|v| v.signed_by.is_none())
+                .map(|v| v.name.as_str())
+                .collect();
+            if unsigned.is_empty() {
+                Availability::Ready
+            } else {
+                Availability::Failed(format!(
+                    "spec.strategy.requireSigned, and no publisher key verified variant(s) {}",
+                    unsigned.join(", ")
+                ))
+            }
+        }
         Some(ModelVersionPhase::Ready) => Availability::Ready,
         Some(ModelVersionPhase::Failed) => Availability::Failed(
             status
@@ -341,4 +358,47 @@ fn rollout_conditions<'a>(
         });
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{ModelVersionStatus, VariantStatus};
+
+    fn ready(signed: &[Option<&str>]) -> ModelVersion {
+        let mut mv = ModelVersion::new(
+            "m-1.0.0",
+            serde_json::from_value(serde_json::json!({
+                "model": "m", "version": "1.0.0", "variants": []
+            }))
+            .expect("spec"),
+        );
+        mv.status = Some(ModelVersionStatus {
+            phase: Some(ModelVersionPhase::Ready),
+            variants: signed
+                .iter()
+                .enumerate()
+                .map(|(i, by)| VariantStatus {
+                    name: format!("v{i}"),
+                    verified: true,
+                    message: None,
+                    signed_by: by.map(str::to_owned),
+                })
+                .collect(),
+            ..ModelVersionStatus::default()
+        });
+        mv
+    }
+
+    #[test]
+    fn a_rollout_requiring_signatures_waits_for_every_variant_to_be_signed() {
+        let half = ready(&[Some("acme"), None]);
+        assert_eq!(availability(Some(&half), false), Availability::Ready);
+        let Availability::Failed(why) = availability(Some(&half), true) else {
+            panic!("an unsigned variant passed requireSigned");
+        };
+        assert!(why.contains("requireSigned") && why.contains("v1"), "{why}");
+        let all = ready(&[Some("acme"), Some("acme")]);
+        assert_eq!(availability(Some(&all), true), Availability::Ready);
+    }
 }

@@ -140,4 +140,8 @@ pub struct VariantStatus {
     /// What was found, e.g. the digest mismatch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// The publisher (an entry of the namespace's `edgewise-publishers` ConfigMap) whose
+    /// key verified the variant's signature; absent when unsigned or not checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signed_by: Option<String>,
 }
