@@ -683,7 +683,14 @@ fn writer(state: &Mutex<State>, rx: &mpsc::Receiver<Commit>, appended: &Notify) 
             let mut st = state
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            commit(&mut st, &buf)
+            let result = commit(&mut st, &buf);
+            if result.is_err() {
+                // Refused (a full disk, say): the appender hears so, and the gateway learns
+                // the count with the next batch, as for events dropped for space.
+                let refused: usize = group.iter().map(|(events, _)| events.len()).sum();
+                st.cursor.unreported_drops += refused as u64;
+            }
+            result
         };
         let outcome = result.map_err(Arc::new);
         for (_, done) in group {
@@ -697,13 +704,35 @@ fn commit(st: &mut State, bytes: &[u8]) -> std::io::Result<()> {
     if bytes.is_empty() {
         return Ok(());
     }
-    st.active.write_all(bytes)?;
-    if st.config.durable {
-        st.active.sync_data()?;
+    let before = st.segments.back().map_or(0, |s| s.len);
+    let written = st.active.write_all(bytes).and_then(|()| {
+        if st.config.durable {
+            st.active.sync_data()
+        } else {
+            Ok(())
+        }
+    });
+    if let Err(e) = written {
+        // Cut a partial write off, so the next append starts on a record boundary and
+        // what is already there stays readable.
+        if let Err(cut) = st.active.set_len(before) {
+            tracing::warn!(error = %cut, "truncating a failed telemetry write");
+        }
+        return Err(e);
     }
     if let Some(active) = st.segments.back_mut() {
         active.len += bytes.len() as u64;
     }
+    // The events are on disk: what follows is housekeeping, and its failure (no space for a
+    // new segment, say) must not tell the appender otherwise. It is tried again next time.
+    if let Err(e) = rotate(st).and_then(|()| enforce_bound(st)) {
+        tracing::warn!(error = %e, "telemetry buffer housekeeping failed; retrying with the next append");
+    }
+    Ok(())
+}
+
+/// Starts a new segment once the active one is full.
+fn rotate(st: &mut State) -> std::io::Result<()> {
     let active = st.segments.back().map_or((0, 0), |s| (s.seq, s.len));
     if active.1 >= st.config.segment_bytes {
         let seq = active.0 + 1;
@@ -711,12 +740,13 @@ fn commit(st: &mut State, bytes: &[u8]) -> std::io::Result<()> {
             .create(true)
             .append(true)
             .open(segment_path(&st.dir, seq))?;
+        // Tracked before anything else can fail: appends now go to this file.
+        st.segments.push_back(Segment { seq, len: 0 });
         if st.config.durable {
             sync_dir(&st.dir)?;
         }
-        st.segments.push_back(Segment { seq, len: 0 });
     }
-    enforce_bound(st)
+    Ok(())
 }
 
 /// Drops the oldest sealed segments while the buffer is over its bound, counting the
