@@ -1177,3 +1177,162 @@ async fn every_field_lands_in_its_column() {
         }]
     );
 }
+
+/// A gateway process killed after its ClickHouse INSERT went through and before it
+/// acknowledged the batch (ClickHouse's answer held back by a proxy, so the moment is
+/// certain) loses and double-counts nothing: the agent sends the same batch, under the same
+/// id, to the restarted gateway, and the rows collapse to one each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_killed_between_insert_and_ack_loses_and_double_counts_nothing() {
+    use k8s_openapi::api::core::v1::Secret;
+    init_logging();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ch = ClickHouse::start().await;
+    let proxy = FaultProxy::start(
+        ch.url()
+            .trim_start_matches("http://")
+            .parse()
+            .expect("ClickHouse address"),
+    )
+    .await;
+    let api = edgewise_dev::devapi::DevApi::start(&dir.path().join("api"), loopback())
+        .await
+        .expect("api");
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig()).expect("kubeconfig");
+    let client =
+        kube::Client::try_from(kube::Config::new(api.url().parse().expect("url"))).expect("client");
+    kube::Api::<Secret>::namespaced(client, "default")
+        .create(
+            &kube::api::PostParams::default(),
+            &serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "fleet", "labels": {"edgewise.dev/bootstrap-token": "true"}},
+                // As manifests usually carry it: the API server stores it as `data`.
+                "stringData": {"token": TOKEN},
+            }))
+            .expect("secret"),
+        )
+        .await
+        .expect("bootstrap token");
+    let keys = dir.path().join("keys");
+    std::fs::create_dir_all(&keys).expect("keys");
+    std::fs::write(
+        keys.join("k.key"),
+        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [5u8; 32]),
+    )
+    .expect("key");
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("bind")
+            .local_addr()
+            .expect("addr")
+            .to_string()
+    };
+    let (grpc, health) = (free(), free());
+    let pki = test_pki();
+    let gateway = || {
+        std::process::Command::new(workspace_binary("edgewise-operator"))
+            .args(["gateway", "--namespace", "default"])
+            .args(["--gateway-addr", &grpc, "--health-addr", &health])
+            .args(["--clickhouse-url", &format!("http://{}", proxy.addr)])
+            .args(["--s3-endpoint", "http://127.0.0.1:9"])
+            .args(["--s3-access-key-id", "a", "--s3-secret-access-key", "b"])
+            .arg("--credential-keys-dir")
+            .arg(&keys)
+            .arg("--tls-cert-file")
+            .arg(&pki.cert)
+            .arg("--tls-key-file")
+            .arg(&pki.key)
+            .env("KUBECONFIG", &kubeconfig)
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .expect("starts")
+    };
+    let ready = |health: String| async move {
+        eventually(Duration::from_secs(30), "the gateway ready", || {
+            let health = health.clone();
+            async move {
+                let r = reqwest::get(format!("http://{health}/readyz")).await.ok()?;
+                r.status().is_success().then_some(())
+            }
+        })
+        .await;
+    };
+    let mut first = gateway();
+    ready(health.clone()).await;
+
+    // 500 events buffered on a device; ClickHouse's answers held back from now on.
+    let device_dir = dir.path().join("device");
+    let buffer = TelemetryBuffer::open(
+        &device_dir.join("telemetry"),
+        BufferConfig {
+            max_bytes: 16 << 20,
+            segment_bytes: 1 << 20,
+            durable: true,
+        },
+    )
+    .expect("opens");
+    let now = now_ms();
+    let events = (0..500)
+        .map(|i| {
+            Event::Inference(inference(
+                format!("k-{i}"),
+                "1.0.0",
+                now - 1000,
+                5.0,
+                true,
+                false,
+                0,
+            ))
+        })
+        .collect();
+    buffer.append(events).await.expect("appends");
+    proxy.set(Fault::Deaf);
+    let agent = TestAgentWithTelemetry::start(&device_dir, &format!("https://{grpc}"), buffer);
+    let inserted = "SELECT count() FROM edgewise.inference_events WHERE event_id LIKE 'k-%'";
+    eventually(
+        Duration::from_secs(30),
+        "the INSERT to reach ClickHouse",
+        || async { (ch.count(inserted).await == 500).then_some(()) },
+    )
+    .await;
+    assert!(
+        !agent.buffer.is_drained(),
+        "not acknowledged: the answer is held"
+    );
+    std::process::Command::new("kill")
+        .args(["-KILL", &first.id().to_string()])
+        .status()
+        .expect("kill");
+    first.wait().expect("reaped");
+
+    // The next gateway takes the resent batch.
+    proxy.set(Fault::Pass);
+    let mut second = gateway();
+    ready(health.clone()).await;
+    eventually(
+        Duration::from_secs(60),
+        "the batch acknowledged",
+        || async { agent.buffer.is_drained().then_some(()) },
+    )
+    .await;
+    let once = "SELECT count() FROM edgewise.inference_events FINAL WHERE event_id LIKE 'k-%'";
+    assert_eq!(ch.count(once).await, 500, "every event, once");
+    assert_eq!(
+        ch.count(
+            "SELECT uniqExact(event_id) FROM edgewise.inference_events WHERE event_id LIKE 'k-%'"
+        )
+        .await,
+        500
+    );
+    assert_eq!(
+        ch.count("SELECT count() FROM edgewise.telemetry_batches FINAL")
+            .await,
+        1,
+        "one batch, counted once"
+    );
+    agent.stop().await;
+    let _ = second.kill();
+    let _ = second.wait();
+    api.stop().await;
+}

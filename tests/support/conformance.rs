@@ -395,6 +395,16 @@ pub fn builtins_and_everyday_commands(c: &Cluster) {
         "jsonpath={.data.key}",
     ]);
     assert_eq!(data, "czNjcjN0", "base64 of the literal");
+    // A manifest's `stringData` is stored as `data` (base64), never as itself.
+    c.apply(
+        "plain-secret",
+        &serde_json::json!({"apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "plain"}, "stringData": {"token": "s3cr3t"}}),
+    );
+    let stored = c.get_json(&["secret", "plain"]);
+    assert_eq!(stored["data"]["token"], "czNjcjN0", "{stored}");
+    assert!(stored.get("stringData").is_none(), "{stored}");
+    assert_eq!(stored["type"], "Opaque", "{stored}");
     let mode = c.ok(&[
         "get",
         "-n",

@@ -1221,6 +1221,9 @@ pub enum Fault {
     Silent,
     /// Forward, but the server's bytes at about 3 KB/s (a slow, long answer).
     Trickle,
+    /// Forward what clients send, hold back every answer (also on connections already
+    /// open): the server did the work, the client never hears of it.
+    Deaf,
 }
 
 /// A TCP proxy in front of a real server that injects faults and counts the bytes clients
@@ -1282,7 +1285,7 @@ impl FaultProxy {
                             };
                             let _ = client.write_all(reply.as_bytes()).await;
                         }
-                        Fault::Pass | Fault::Trickle => {
+                        Fault::Pass | Fault::Trickle | Fault::Deaf => {
                             let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await
                             else {
                                 return;
@@ -1297,7 +1300,7 @@ impl FaultProxy {
                                     // too: pooled connections would otherwise dodge it.
                                     let still = matches!(
                                         *current_mode.lock().expect("mode"),
-                                        Fault::Pass | Fault::Trickle
+                                        Fault::Pass | Fault::Trickle | Fault::Deaf
                                     );
                                     if n == 0 || !still || sw.write_all(&buf[..n]).await.is_err() {
                                         break;
@@ -1316,7 +1319,16 @@ impl FaultProxy {
                                         tokio::time::sleep(Duration::from_millis(20)).await;
                                     }
                                 } else {
-                                    let _ = tokio::io::copy(&mut sr, &mut cw).await;
+                                    let mut buf = vec![0u8; 16384];
+                                    loop {
+                                        let n = sr.read(&mut buf).await.unwrap_or(0);
+                                        if *current_mode.lock().expect("mode") == Fault::Deaf {
+                                            std::future::pending::<()>().await;
+                                        }
+                                        if n == 0 || cw.write_all(&buf[..n]).await.is_err() {
+                                            break;
+                                        }
+                                    }
                                 }
                             };
                             tokio::select! {

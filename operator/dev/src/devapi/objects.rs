@@ -324,6 +324,9 @@ impl Api {
         opts: WriteOptions,
     ) -> Result<Vec<String>, ApiError> {
         check_metadata(r, obj)?;
+        if r.group.is_empty() && r.kind == "Secret" {
+            fold_string_data(obj);
+        }
         let mut warnings = Vec::new();
         if let Some(schema) = &r.schema {
             let unknown: Vec<String> = crate::admission::prune(schema, obj)
@@ -715,4 +718,33 @@ impl Api {
         }
         Ok(())
     }
+}
+
+/// As the API server stores a Secret: `stringData` (write-only, plain text) merged into
+/// `data` as base64, winning over a `data` key of the same name, and never stored itself;
+/// `type` defaults to `Opaque`.
+fn fold_string_data(secret: &mut Value) {
+    use base64::Engine as _;
+    let Some(obj) = secret.as_object_mut() else {
+        return;
+    };
+    if let Some(Value::Object(plain)) = obj.remove("stringData") {
+        let data = obj
+            .entry("data")
+            .or_insert_with(|| Value::Object(serde_json::Map::new()));
+        if let Some(data) = data.as_object_mut() {
+            for (k, v) in plain {
+                let text = v
+                    .as_str()
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| v.to_string());
+                data.insert(
+                    k,
+                    Value::String(base64::engine::general_purpose::STANDARD.encode(text)),
+                );
+            }
+        }
+    }
+    obj.entry("type")
+        .or_insert_with(|| Value::String("Opaque".into()));
 }
