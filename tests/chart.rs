@@ -120,4 +120,10 @@ fn the_chart_lints_and_renders_what_the_operator_needs() {
     );
     assert_eq!(report["tls_secret"], serde_json::json!(["gateway-tls"]));
     assert_eq!(report["deterministic"], true, "two renders differ");
+    assert_eq!(
+        report["certificates"],
+        serde_json::json!([{"secretName": "gateway-tls", "issuer": "letsencrypt",
+                            "dnsNames": ["gateway.example.com"]}]),
+        "cert-manager issues into the Secret the gateway mounts"
+    );
 }
