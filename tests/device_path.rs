@@ -1102,3 +1102,52 @@ async fn an_agent_started_offline_serves_decide_from_its_persisted_policy() {
         "gRPC, lane and grpcio reports"
     );
 }
+
+/// One stream per device: a second Sync stream of the same device replaces the first, which
+/// ends with ABORTED saying why; the device stays connected through its successor, and is
+/// disconnected only when that one ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_stream_of_a_device_replaces_the_first() {
+    let h = Harness::start().await;
+    let (id, enrolled) = enroll_new(&h).await;
+    let device = id.device_id().to_owned();
+    let hello_msgs = || vec![msg(agent_message::Kind::Hello(hello(&device)))];
+    let (_tx_a, mut a) = sync_with(&h, &enrolled.credential, hello_msgs())
+        .await
+        .expect("first stream");
+    eventually(
+        Duration::from_secs(5),
+        "the first stream registered",
+        || async { (h.gateway.registry().connected_count() == 1).then_some(()) },
+    )
+    .await;
+    let (tx_b, _b) = sync_with(&h, &enrolled.credential, hello_msgs())
+        .await
+        .expect("second stream");
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match a.message().await {
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("the replaced stream ended without a status"),
+                Err(status) => return status,
+            }
+        }
+    })
+    .await
+    .expect("the first stream ends");
+    assert_eq!(ended.code(), Code::Aborted, "{ended:?}");
+    assert!(ended.message().contains("replaced"), "{ended:?}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        h.gateway.registry().connected_count(),
+        1,
+        "still connected, through the second stream"
+    );
+    drop(tx_b);
+    eventually(
+        Duration::from_secs(5),
+        "disconnected once the second ends",
+        || async { (h.gateway.registry().connected_count() == 0).then_some(()) },
+    )
+    .await;
+}

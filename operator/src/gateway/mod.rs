@@ -159,6 +159,44 @@ struct Inner {
     presigner: Presigner,
     enroll_limits: Option<limits::EnrolLimits>,
     sessions: AtomicUsize,
+    /// Each device's one open stream on this replica: its number and how to end it.
+    streams: std::sync::Mutex<std::collections::HashMap<String, (u64, CancellationToken)>>,
+    stream_numbers: std::sync::atomic::AtomicU64,
+}
+
+impl Inner {
+    /// Registers `device_id`'s new stream, ending the one it had open here (a device runs
+    /// one agent, so the older stream is a dead connection or a copied identity): its
+    /// number, and the token that ends it in turn.
+    fn open_stream(&self, device_id: &str) -> (u64, CancellationToken) {
+        let number = self.stream_numbers.fetch_add(1, Ordering::Relaxed);
+        let token = CancellationToken::new();
+        let old = self
+            .streams
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(device_id.to_owned(), (number, token.clone()));
+        if let Some((_, old)) = old {
+            debug!(device = %device_id, "a newer Sync stream replaces the open one");
+            old.cancel();
+        }
+        (number, token)
+    }
+
+    /// Forgets stream `number` of `device_id`; whether it was still the device's stream
+    /// (a replaced one leaves the device's state to its successor).
+    fn close_stream(&self, device_id: &str, number: u64) -> bool {
+        let mut streams = self
+            .streams
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if streams.get(device_id).is_some_and(|(n, _)| *n == number) {
+            streams.remove(device_id);
+            true
+        } else {
+            false
+        }
+    }
 }
 
 /// The gateway. Cheap to clone; clones share state.
@@ -192,6 +230,8 @@ impl Gateway {
                 presigner,
                 enroll_limits,
                 sessions: AtomicUsize::new(0),
+                streams: std::sync::Mutex::default(),
+                stream_numbers: std::sync::atomic::AtomicU64::new(0),
             }),
         }
     }
@@ -477,6 +517,7 @@ impl Fleet for FleetService {
             snapshot,
         );
         let shutdown = self.shutdown.clone();
+        let (number, replaced) = self.inner.open_stream(&claims.sub);
         self.inner.registry.connected(
             &claims.sub,
             session.labels().clone(),
@@ -489,7 +530,9 @@ impl Fleet for FleetService {
         tokio::spawn(
             async move {
                 let _slot = slot;
-                session.run(inbound, snapshots, shutdown).await;
+                session
+                    .run(inbound, snapshots, shutdown, (number, replaced))
+                    .await;
             }
             .instrument(span),
         );

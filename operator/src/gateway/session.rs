@@ -163,6 +163,7 @@ impl Session {
         mut inbound: Streaming<AgentMessage>,
         mut snapshots: watch::Receiver<Arc<FleetSnapshot>>,
         shutdown: tokio_util::sync::CancellationToken,
+        (number, replaced): (u64, tokio_util::sync::CancellationToken),
     ) {
         loop {
             // Boxed: pushing awaits presigning, whose future is large; inline it would sit
@@ -172,6 +173,15 @@ impl Session {
             }
             tokio::select! {
                 () = shutdown.cancelled() => break,
+                () = replaced.cancelled() => {
+                    let _ = self
+                        .out
+                        .send(Box::new(Err(Status::aborted(
+                            "a newer Sync stream of this device replaced this one",
+                        ))))
+                        .await;
+                    break;
+                }
                 msg = inbound.message() => match msg {
                     Ok(Some(m)) => {
                         if let Err(status) = self.handle(m) {
@@ -215,8 +225,10 @@ impl Session {
                 }
             }
         }
-        self.gw.registry.disconnected(&self.device_id);
-        self.gw.publish_status(&self.device_id);
+        if self.gw.close_stream(&self.device_id, number) {
+            self.gw.registry.disconnected(&self.device_id);
+            self.gw.publish_status(&self.device_id);
+        }
     }
 
     /// Takes a new snapshot; recomputes only if one of the changes since the last one
