@@ -1151,3 +1151,29 @@ async fn a_second_stream_of_a_device_replaces_the_first() {
     )
     .await;
 }
+
+/// The credential is checked before a telemetry body is read: an upload with a bad
+/// credential whose body never comes is refused at once, not after a wait for the bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_is_refused_for_its_credential_before_its_body_is_read() {
+    let h = Harness::start().await;
+    let mut grpc = raw_grpc(&h.gateway_url()).await;
+    // A body that never arrives: the stream stays open and sends nothing.
+    let (_keep_open, rx) = mpsc::channel::<bytes::Bytes>(1);
+    let request = with_credential(ReceiverStream::new(rx), "forged.credential.value");
+    let answer = tokio::time::timeout(
+        Duration::from_secs(5),
+        grpc.client_streaming(
+            request,
+            tonic::codegen::http::uri::PathAndQuery::from_static(
+                "/edgewise.v1.Fleet/UploadTelemetry",
+            ),
+            edgewise_proto::codec::PreEncodedCodec::<edgewise_proto::fleet::TelemetryAck>::default(
+            ),
+        ),
+    )
+    .await
+    .expect("answered without the body");
+    let refused = answer.expect_err("refused");
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+}
