@@ -1,4 +1,7 @@
-//! `Decide` over a realistic 20-rule policy and a mix of realistic requests.
+//! `Decide` over a realistic 20-rule policy and a mix of realistic requests, side by side
+//! with the same policy written in Rego (evaluated by `regorus`, the engine reused) and as
+//! one CEL expression (`cel-interpreter`, compiled once): the engines a platform team might
+//! route with instead. All three must agree on every request before anything is timed.
 #![allow(missing_docs)]
 
 use criterion::{Criterion, criterion_group, criterion_main};
@@ -102,6 +105,88 @@ fn bench(c: &mut Criterion) {
     c.bench_function("decide/20_rules_default_route", |b| {
         b.iter(|| black_box(policy.decide(black_box(&worst)).target))
     });
+
+    // The peers, on the same requests (inputs built once, outside the timing, as ours are).
+    let inputs: Vec<serde_json::Value> = reqs.iter().map(as_json).collect();
+    let mut rego = regorus::Engine::new();
+    rego.add_policy(
+        "policy-20-rules.rego".into(),
+        include_str!("peers/policy-20-rules.rego").into(),
+    )
+    .expect("Rego policy parses");
+    let rego_inputs: Vec<regorus::Value> = inputs
+        .iter()
+        .map(|j| regorus::Value::from_json_str(&j.to_string()).expect("input"))
+        .collect();
+    let cel = cel_interpreter::Program::compile(include_str!("peers/policy-20-rules.cel"))
+        .expect("CEL compiles");
+    let cel_contexts: Vec<cel_interpreter::Context> = inputs
+        .iter()
+        .map(|j| {
+            let mut ctx = cel_interpreter::Context::default();
+            ctx.add_variable("r", j.clone()).expect("CEL variable");
+            ctx
+        })
+        .collect();
+    let mut rego_route = |i: usize| {
+        rego.set_input(rego_inputs[i].clone());
+        rego.eval_rule("data.edgewise.route".into())
+            .expect("evaluates")
+    };
+    for (i, r) in reqs.iter().enumerate() {
+        let ours = policy.decide(r).target.name.to_string();
+        let theirs = rego_route(i);
+        assert_eq!(
+            theirs.as_string().map(|s| s.to_string()).ok(),
+            Some(ours.clone()),
+            "Rego, request {i}"
+        );
+        let cel_said = cel.execute(&cel_contexts[i]).expect("CEL runs");
+        assert_eq!(
+            cel_said,
+            cel_interpreter::Value::String(ours.into()),
+            "CEL, request {i}"
+        );
+    }
+    let mut i = 0;
+    c.bench_function("decide/20_rules_mixed/regorus", |b| {
+        b.iter(|| {
+            i = (i + 1) % reqs.len();
+            black_box(rego_route(black_box(i)))
+        })
+    });
+    let mut i = 0;
+    c.bench_function("decide/20_rules_mixed/cel-interpreter", |b| {
+        b.iter(|| {
+            i = (i + 1) % reqs.len();
+            black_box(cel.execute(black_box(&cel_contexts[i])).expect("CEL runs"))
+        })
+    });
+}
+
+/// A request as the JSON document the Rego and CEL policies read.
+fn as_json(r: &Request<'_>) -> serde_json::Value {
+    let attributes: serde_json::Map<String, serde_json::Value> = r
+        .attributes
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).into()))
+        .collect();
+    serde_json::json!({
+        "requestId": r.request_id,
+        "task": r.task,
+        "dataClass": r.data_class,
+        "inputTokens": r.input_tokens,
+        "latencyBudgetMs": r.latency_budget_ms,
+        "network": match r.network {
+            Network::Online => "online",
+            Network::Offline => "offline",
+            Network::Metered => "metered",
+        },
+        "battery": r.battery,
+        "complexity": r.complexity,
+        "modelVersion": r.model_version,
+        "attributes": attributes,
+    })
 }
 
 criterion_group!(benches, bench);
