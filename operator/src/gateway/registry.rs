@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use edgewise_core::variant::DeviceFacts;
 use edgewise_proto::fleet::{InstalledModel, ModelState, ModelStatus};
@@ -56,10 +56,17 @@ impl DeviceRecord {
     }
 }
 
-/// Every device this replica has seen.
+/// How long a device that has disconnected is remembered: its credential's default
+/// lifetime, after which it must re-enrol anyway. Bounds the registry by the devices seen
+/// in that window rather than every device ever seen.
+pub const FORGET_DISCONNECTED_AFTER: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Every device this replica has seen lately.
 #[derive(Debug, Default)]
 pub struct Registry {
     devices: Mutex<HashMap<String, DeviceRecord>>,
+    /// When disconnected devices were last forgotten (`None`: not yet).
+    swept: Mutex<Option<SystemTime>>,
 }
 
 impl Registry {
@@ -68,6 +75,44 @@ impl Registry {
             .devices
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    /// Forgets devices disconnected for longer than `after`; how many.
+    pub fn forget_disconnected(&self, after: Duration) -> usize {
+        let now = SystemTime::now();
+        self.with(|d| {
+            let before = d.len();
+            d.retain(|_, r| {
+                r.connected
+                    || now
+                        .duration_since(r.last_seen)
+                        .map_or(true, |age| age < after)
+            });
+            before - d.len()
+        })
+    }
+
+    /// [`Registry::forget_disconnected`] at most once a minute, from the connect path (so an
+    /// idle replica does no work for it).
+    fn sweep(&self) {
+        let now = SystemTime::now();
+        {
+            let mut swept = self
+                .swept
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if swept.is_some_and(|t| {
+                now.duration_since(t)
+                    .is_ok_and(|d| d < Duration::from_secs(60))
+            }) {
+                return;
+            }
+            *swept = Some(now);
+        }
+        let forgotten = self.forget_disconnected(FORGET_DISCONNECTED_AFTER);
+        if forgotten > 0 {
+            tracing::info!(forgotten, "forgot devices disconnected for over 7 days");
+        }
     }
 
     /// Records a new Sync stream.
@@ -79,6 +124,7 @@ impl Registry {
         installed: Vec<InstalledModel>,
         policy_version: Option<String>,
     ) {
+        self.sweep();
         self.with(|d| {
             let r = d
                 .entry(device_id.to_owned())
@@ -162,5 +208,35 @@ impl Registry {
     #[must_use]
     pub fn connected_count(&self) -> usize {
         self.with(|d| d.values().filter(|r| r.connected).count())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disconnected_devices_are_forgotten_after_a_while_connected_ones_never() {
+        let r = Registry::default();
+        let facts = DeviceFacts {
+            os: "linux".into(),
+            arch: "arm64".into(),
+            memory_mib: 1024,
+            accelerators: Vec::new(),
+            agent_version: "1.0.0".parse().expect("semver"),
+        };
+        for id in ["gone", "here"] {
+            r.connected(id, BTreeMap::new(), facts.clone(), Vec::new(), None);
+        }
+        r.disconnected("gone");
+        assert_eq!(
+            r.forget_disconnected(Duration::from_secs(3600)),
+            0,
+            "not yet"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(r.forget_disconnected(Duration::from_millis(10)), 1);
+        assert!(r.device("gone").is_none());
+        assert!(r.device("here").is_some(), "a connected device stays");
     }
 }
