@@ -72,6 +72,7 @@ fn agent_config(h: &Harness, dir: &std::path::Path, addr: std::net::SocketAddr) 
         bootstrap_token: TOKEN.into(),
         data_dir: dir.to_owned(),
         router_socket: Some(dir.join("router.sock")),
+        socket_peers: Default::default(),
         publisher_key: None,
         labels: BTreeMap::new(),
         facts: facts("linux", "amd64", 4096, &[]),

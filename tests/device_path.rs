@@ -884,6 +884,7 @@ async fn an_agent_started_offline_serves_decide_from_its_persisted_policy() {
         bootstrap_token: TOKEN.into(),
         data_dir: dir.clone(),
         router_socket: Some(dir.join("router.sock")),
+        socket_peers: Default::default(),
         publisher_key: None,
         labels: BTreeMap::new(),
         facts: facts("linux", "x86_64", 4096, &[]),

@@ -187,7 +187,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     let mut tasks = tokio::task::JoinSet::new();
     if let Some(socket) = config.router_socket.clone() {
         let router = device.router.clone();
-        let stop = shutdown.clone();
+        let (stop, peers) = (shutdown.clone(), config.socket_peers.clone());
         // Its own thread and single-threaded runtime: a Decide is served start to finish on
         // one thread with no cross-thread wake-ups, which halves its latency.
         let served = std::thread::Builder::new()
@@ -200,8 +200,12 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
                     Ok(rt) => rt,
                     Err(e) => return error!(error = %e, "router runtime"),
                 };
-                if let Err(e) = rt.block_on(crate::router::serve_unix(socket.clone(), router, stop))
-                {
+                if let Err(e) = rt.block_on(crate::router::serve_unix(
+                    socket.clone(),
+                    peers,
+                    router,
+                    stop,
+                )) {
                     error!(socket = %socket.display(), error = %e, "router socket failed");
                 }
             });
@@ -227,10 +231,11 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         }
         if let Some(path) = config.data_plane_socket.clone() {
             let listener =
-                crate::fsutil::bind_unix(&path).map_err(|source| StartError::ListenUnix {
-                    path: path.clone(),
-                    source,
-                })?;
+                crate::local_socket::LocalListener::bind(&path, config.socket_peers.clone())
+                    .map_err(|source| StartError::ListenUnix {
+                        path: path.clone(),
+                        source,
+                    })?;
             info!(socket = %path.display(), "data plane listening (OpenAI-compatible)");
             let (routes, stop) = (plane.routes(), shutdown.clone());
             tasks.spawn(async move {

@@ -15,6 +15,10 @@
 //! [tls]                                            # how the gateway is verified
 //! ca_file = "/etc/edgewise/gateway-ca.pem"         # optional; default: the system's roots
 //!
+//! [sockets]                                        # optional: who may use the Unix sockets
+//! allowed_uids = [1000]                            # default: anyone the mode (0660) admits
+//! allowed_gids = [2000]                            # the peer's primary gid
+//!
 //! [labels]                                         # self-reported, seen as `self.<key>`
 //! channel = "beta"
 //!
@@ -104,6 +108,9 @@ pub struct ConfigFile {
     /// Unix socket for the local Router API.
     #[serde(default)]
     pub router_socket: Option<PathBuf>,
+    /// Who may connect to the Router and data-plane sockets.
+    #[serde(default)]
+    pub sockets: crate::local_socket::PeerPolicy,
     /// Base64 ed25519 public key of the model publisher; when set, unsigned or badly
     /// signed artifacts are refused.
     #[serde(default)]
@@ -334,6 +341,8 @@ pub struct AgentConfig {
     pub data_dir: PathBuf,
     /// Router socket path, if serving one.
     pub router_socket: Option<PathBuf>,
+    /// Who may connect to the Unix sockets.
+    pub socket_peers: crate::local_socket::PeerPolicy,
     /// Publisher key.
     pub publisher_key: Option<VerifyingKey>,
     /// Self-reported labels.
@@ -445,6 +454,7 @@ impl ConfigFile {
             bootstrap_token: TokenSource::File(self.bootstrap_token_file),
             facts: detect_facts(&self.hardware),
             router_socket,
+            socket_peers: self.sockets,
             publisher_key,
             labels: self.labels,
             backoff: Backoff {

@@ -50,25 +50,6 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> std::io::Result
     }
 }
 
-/// Binds a Unix socket at `path` (its directory created, a socket left by an earlier run
-/// replaced) with file mode `0660`: the owner and its group may connect, no one else.
-///
-/// # Errors
-/// When the directory, the bind or the mode fails.
-pub fn bind_unix(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
-    use std::os::unix::fs::PermissionsExt;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-        _ => {}
-    }
-    let listener = tokio::net::UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
-    Ok(listener)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -85,20 +66,5 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600, "{mode:o}");
-    }
-
-    #[tokio::test]
-    async fn sockets_admit_the_owner_and_its_group() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("run/api.sock");
-        let _listener = bind_unix(&path).expect("binds");
-        let mode = std::fs::metadata(&path)
-            .expect("metadata")
-            .permissions()
-            .mode();
-        assert_eq!(mode & 0o777, 0o660, "{mode:o}");
-        // A socket left by an earlier run is replaced.
-        drop(_listener);
-        bind_unix(&path).expect("binds again");
     }
 }

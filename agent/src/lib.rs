@@ -23,6 +23,7 @@ pub mod download;
 pub mod fsutil;
 pub mod identity;
 pub mod installer;
+pub mod local_socket;
 pub mod network;
 pub mod openai;
 pub mod policy;

@@ -147,3 +147,76 @@ fn one_agent_per_data_dir_and_status_tells_live_from_saved() {
     let json: serde_json::Value = serde_json::from_str(&status(&["-o", "json"])).expect("json");
     assert_eq!(json["source"], "saved");
 }
+
+/// `[sockets]` narrows who may use the Router and data-plane sockets to listed uids and
+/// gids, judged by the kernel's peer credentials: an unlisted process is hung up on before
+/// a byte is read, a listed one is served.
+#[test]
+fn the_unix_sockets_serve_only_the_peers_the_config_allows() {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    // The tempdir is ours: its owner and group are this process's uid and gid.
+    let me = std::fs::metadata(dir.path()).expect("metadata");
+    for (uids, admitted) in [(me.uid() + 1, false), (me.uid(), true)] {
+        let cfg = lonely_config(dir.path());
+        let mut text = std::fs::read_to_string(&cfg).expect("config");
+        text.push_str(&format!(
+            "[data_plane]\nlisten = \"127.0.0.1:0\"\nsocket = \"{}/openai.sock\"\n[sockets]\nallowed_uids = [{uids}]\nallowed_gids = [{}]\n",
+            dir.path().display(),
+            me.gid() + 1
+        ));
+        std::fs::write(&cfg, text).expect("config");
+        let mut agent = Running(
+            agent()
+                .args(["run", "--config"])
+                .arg(&cfg)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("starts"),
+        );
+        let sockets = [
+            dir.path().join("openai.sock"),
+            dir.path().join("data/router.sock"),
+        ];
+        wait_for("both sockets", || sockets.iter().all(|s| s.exists()));
+        let mut client = std::os::unix::net::UnixStream::connect(&sockets[0]).expect("connects");
+        client
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .expect("timeout");
+        // Written before the verdict may be known; a refused peer's bytes are never read.
+        let _ = client.write_all(b"GET /v1/models HTTP/1.1\r\nhost: agent\r\n\r\n");
+        let mut answer = [0u8; 12];
+        let got = client.read(&mut answer).map_or(0, |n| n);
+        assert_eq!(
+            String::from_utf8_lossy(&answer[..got]).starts_with("HTTP/1.1"),
+            admitted,
+            "uid list [{uids}], we are {}: {:?}",
+            me.uid(),
+            String::from_utf8_lossy(&answer[..got])
+        );
+        // The router socket: an admitted peer's preface is read (the connection stays open
+        // waiting for more); a refused one is hung up on at once.
+        let mut router = std::os::unix::net::UnixStream::connect(&sockets[1]).expect("connects");
+        router
+            .set_read_timeout(Some(std::time::Duration::from_millis(500)))
+            .expect("timeout");
+        let hung_up = matches!(router.read(&mut answer), Ok(0));
+        assert_eq!(hung_up, !admitted, "router socket, uid list [{uids}]");
+        let _ = Command::new("kill")
+            .args(["-TERM", &agent.0.id().to_string()])
+            .status();
+        assert!(agent.0.wait().expect("exits").success());
+    }
+}
+
+/// An agent process, killed if a test fails before stopping it.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -23,10 +23,11 @@ use super::{authority, lane};
 #[tracing::instrument(name = "router", skip_all, fields(socket = %path.display()))]
 pub async fn serve_unix(
     path: PathBuf,
+    peers: crate::local_socket::PeerPolicy,
     router: Arc<LocalRouter>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let listener = crate::fsutil::bind_unix(&path)?;
+    let listener = crate::local_socket::LocalListener::bind(&path, peers)?;
     let (grpc_tx, grpc_rx) = tokio::sync::mpsc::channel::<std::io::Result<Replayed>>(64);
     let grpc = tonic::transport::Server::builder()
         .add_service(RouterServer::new(RouterService::new(router.clone())))
@@ -36,7 +37,7 @@ pub async fn serve_unix(
         );
     let accept = async {
         loop {
-            let (stream, _) = tokio::select! {
+            let stream = tokio::select! {
                 () = shutdown.cancelled() => return Ok(()),
                 accepted = listener.accept() => accepted?,
             };
