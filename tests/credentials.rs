@@ -179,33 +179,16 @@ async fn a_jwt_library_we_did_not_write_verifies_devices_with_the_published_key_
     );
 }
 
-fn agent_device_id(token: &str) -> String {
-    let payload = token.split('.').nth(1).expect("a JWT");
-    let claims: serde_json::Value = serde_json::from_slice(
-        &base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, payload)
-            .expect("base64url"),
-    )
-    .expect("test setup");
-    claims["sub"].as_str().expect("sub").to_owned()
-}
-
-/// Revocation kept in the cluster: `kubectl edgewise revoke` writes a ConfigMap, every
-/// gateway following the namespace cuts the device off (two replicas here, one of them
-/// started after the revocation, as after a restart); deleting it lets the device back in.
-/// The controller's credential key Secret is made once and read back as a ring.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn revocations_live_in_the_cluster_and_every_replica_follows_them() {
-    use edgewise_dev::devapi::DevApi;
-    use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
-    use kube::api::{Api, DeleteParams, PostParams};
-    use tokio_util::sync::CancellationToken;
-
-    init_logging();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let api = DevApi::start_with(dir.path(), loopback(), Duration::from_millis(200), 50)
-        .await
-        .expect("dev API");
-    let kubeconfig = dir.path().join("kubeconfig");
+/// A dev API endpoint (the tests' cluster) with namespace `edgewise`, its kubeconfig
+/// written to `dir/kubeconfig`, and a client of it.
+async fn cluster(dir: &std::path::Path) -> (edgewise_dev::devapi::DevApi, kube::Client) {
+    use k8s_openapi::api::core::v1::Namespace;
+    use kube::api::{Api, PostParams};
+    let api =
+        edgewise_dev::devapi::DevApi::start_with(dir, loopback(), Duration::from_millis(200), 50)
+            .await
+            .expect("dev API");
+    let kubeconfig = dir.join("kubeconfig");
     std::fs::write(&kubeconfig, api.kubeconfig()).expect("kubeconfig");
     let client = kube::Client::try_from(
         kube::Config::from_custom_kubeconfig(
@@ -224,6 +207,166 @@ async fn revocations_live_in_the_cluster_and_every_replica_follows_them() {
         )
         .await
         .expect("namespace");
+    (api, client)
+}
+
+/// A bootstrap token's `maxDevices` holds across replicas: six devices enrol at once
+/// through two gateways sharing the cluster's record, three get in, three are refused
+/// `RESOURCE_EXHAUSTED` naming the cap; an enrolled device enrols again (a new proof) and
+/// keeps its slot, and a replica started later (a restart) knows the token is full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_capped_at_three_devices_enrols_three_across_replicas() {
+    use edgewise_agent::identity::Identity;
+    use edgewise_operator::gateway::enrolled::{EnrolmentLedger, object_name};
+    use edgewise_proto::fleet::fleet_client::FleetClient;
+    use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+    use kube::api::{Api, PostParams};
+    use tokio_util::sync::CancellationToken;
+
+    init_logging();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_api, client) = cluster(dir.path()).await;
+    const CAPPED: &str = "capped-token-0123456789";
+    Api::<Secret>::namespaced(client.clone(), "edgewise")
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "line-3", "labels": {"edgewise.dev/bootstrap-token": "true"}},
+                "stringData": {"token": CAPPED, "maxDevices": "3"},
+            }))
+            .expect("JSON"),
+        )
+        .await
+        .expect("token Secret");
+    let stop = CancellationToken::new();
+    let replica = |stop: &CancellationToken| {
+        let gateway = edgewise_operator::gateway::Gateway::new(
+            GatewayConfig {
+                credential_keys: credential_keys(),
+                tls: Some(gateway_tls_files()),
+                ..GatewayConfig::default()
+            },
+            edgewise_operator::s3::S3Settings::with_endpoint("http://127.0.0.1:9", "a", "b")
+                .client(),
+        )
+        .with_enrolment_ledger(EnrolmentLedger::Cluster(Box::new(Api::namespaced(
+            client.clone(),
+            "edgewise",
+        ))));
+        tokio::spawn(edgewise_operator::gateway::trust::follow_tokens(
+            client.clone(),
+            "edgewise".into(),
+            gateway.clone(),
+            stop.clone(),
+        ));
+        gateway
+    };
+    let mut urls = Vec::new();
+    for _ in 0..2 {
+        let (addr, _) = replica(&stop)
+            .spawn(loopback(), stop.clone())
+            .await
+            .expect("serves");
+        urls.push(format!("https://127.0.0.1:{}", addr.port()));
+    }
+    let enrol = |url: String, id: std::sync::Arc<Identity>| async move {
+        let mut fleet = FleetClient::new(fleet_channel(&url));
+        // Until the replica has read the token Secret.
+        for _ in 0..100 {
+            let req = id.enroll_request(
+                CAPPED,
+                &facts("linux", "arm64", 1024, &[]),
+                &std::collections::BTreeMap::new(),
+            );
+            match fleet.enroll(req).await {
+                Err(s) if s.message() == "unknown bootstrap token" => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                done => return done.map(|_| ()),
+            }
+        }
+        panic!("{url} never learned the token");
+    };
+    let devices: Vec<_> = (0..6)
+        .map(|_| std::sync::Arc::new(Identity::ephemeral()))
+        .collect();
+    let outcomes = futures_util::future::join_all(
+        devices
+            .iter()
+            .enumerate()
+            .map(|(i, id)| enrol(urls[i % 2].clone(), id.clone())),
+    )
+    .await;
+    let admitted: Vec<usize> = (0..6).filter(|i| outcomes[*i].is_ok()).collect();
+    assert_eq!(admitted.len(), 3, "{outcomes:?}");
+    for refused in outcomes.iter().filter_map(|o| o.as_ref().err()) {
+        assert_eq!(
+            refused.code(),
+            tonic::Code::ResourceExhausted,
+            "{refused:?}"
+        );
+        assert!(refused.message().contains("maxDevices"), "{refused:?}");
+    }
+    let record = Api::<ConfigMap>::namespaced(client.clone(), "edgewise")
+        .get(&object_name("line-3"))
+        .await
+        .expect("the record");
+    let mut listed: Vec<String> = record.data.expect("data")["devices"]
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    listed.sort();
+    let mut expected: Vec<String> = admitted
+        .iter()
+        .map(|i| devices[*i].device_id().to_owned())
+        .collect();
+    expected.sort();
+    assert_eq!(listed, expected);
+
+    // Re-enrolment through the other replica keeps the device's slot.
+    let again = admitted[0];
+    enrol(urls[(again + 1) % 2].clone(), devices[again].clone())
+        .await
+        .expect("an enrolled device enrols again");
+    // A replica started now refuses a fourth device from the record alone.
+    let (addr, _) = replica(&stop)
+        .spawn(loopback(), stop.clone())
+        .await
+        .expect("serves");
+    let late = enrol(
+        format!("https://127.0.0.1:{}", addr.port()),
+        std::sync::Arc::new(Identity::ephemeral()),
+    )
+    .await
+    .expect_err("the token is full");
+    assert_eq!(late.code(), tonic::Code::ResourceExhausted, "{late:?}");
+    stop.cancel();
+}
+
+fn agent_device_id(token: &str) -> String {
+    let payload = token.split('.').nth(1).expect("a JWT");
+    let claims: serde_json::Value = serde_json::from_slice(
+        &base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, payload)
+            .expect("base64url"),
+    )
+    .expect("test setup");
+    claims["sub"].as_str().expect("sub").to_owned()
+}
+
+/// Revocation kept in the cluster: `kubectl edgewise revoke` writes a ConfigMap, every
+/// gateway following the namespace cuts the device off (two replicas here, one of them
+/// started after the revocation, as after a restart); deleting it lets the device back in.
+/// The controller's credential key Secret is made once and read back as a ring.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocations_live_in_the_cluster_and_every_replica_follows_them() {
+    use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+    use kube::api::{Api, DeleteParams};
+    use tokio_util::sync::CancellationToken;
+
+    init_logging();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_api, client) = cluster(dir.path()).await;
+    let kubeconfig = dir.path().join("kubeconfig");
 
     // The key Secret: made once, then left alone, and it is a ring a gateway loads.
     let secrets: Api<Secret> = Api::namespaced(client.clone(), "edgewise");

@@ -627,6 +627,7 @@ async fn forged_expired_and_revoked_credentials_are_refused() {
         token: "hunter2".into(),
         labels: BTreeMap::new(),
         expires_at: None,
+        max_devices: None,
     }]);
     let req = thief.enroll_request(
         "hunter2",
@@ -649,6 +650,7 @@ async fn forged_expired_and_revoked_credentials_are_refused() {
             token: TOKEN.into(),
             labels: BTreeMap::new(),
             expires_at: Some(expires_at),
+            max_devices: None,
         }]);
         let req = Identity::ephemeral().enroll_request(
             TOKEN,
@@ -676,6 +678,7 @@ async fn reported_facts_never_override_server_side_labels() {
         token: TOKEN.into(),
         labels: BTreeMap::from([("edgewise.dev/os".to_owned(), "managed".to_owned())]),
         expires_at: None,
+        max_devices: None,
     }]);
     let agent = TestAgent::start(
         &h.dir.path().join("agent"),

@@ -169,6 +169,7 @@ fn authority() -> Authority {
         token: TOKEN.into(),
         labels: Default::default(),
         expires_at: None,
+        max_devices: None,
     }]);
     auth
 }

@@ -214,6 +214,7 @@ async fn agents_recover_from_a_new_control_plane_key_and_a_rotated_token_without
             token: rotated.into(),
             labels: Default::default(),
             expires_at: None,
+            max_devices: None,
         }],
     )
     .await;

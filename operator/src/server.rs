@@ -279,7 +279,10 @@ pub async fn run(role: Role, opts: RunOptions, shutdown: CancellationToken) -> R
             },
             s3.clone(),
         )
-        .with_telemetry(sink);
+        .with_telemetry(sink)
+        .with_enrolment_ledger(crate::gateway::enrolled::EnrolmentLedger::Cluster(
+            Box::new(kube::Api::namespaced(client.clone(), &opts.namespace)),
+        ));
         instruments.gateway(&meter, &gateway);
         tasks.spawn(
             info_span!("feed_gateway"),

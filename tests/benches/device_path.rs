@@ -62,6 +62,7 @@ async fn gateway_child() {
         token: TOKEN.into(),
         labels: BTreeMap::new(),
         expires_at: None,
+        max_devices: None,
     }]);
     gateway
         .snapshots()

@@ -247,6 +247,7 @@ impl Harness {
             token: TOKEN.into(),
             labels: BTreeMap::from([("tier".to_owned(), "test".to_owned())]),
             expires_at: None,
+            max_devices: None,
         }]);
         let stop = CancellationToken::new();
         let (addr, task) = gateway
@@ -1015,6 +1016,7 @@ impl Harness {
             token: TOKEN.into(),
             labels: BTreeMap::new(),
             expires_at: None,
+            max_devices: None,
         }]);
         let stop = CancellationToken::new();
         let (addr, _task) = gateway

@@ -272,6 +272,7 @@ impl DevStack {
             token: token.clone(),
             labels: dev_labels().collect(),
             expires_at: None,
+            max_devices: None,
         }];
         for (segment, labels) in examples::SEGMENTS {
             tokens.push(BootstrapToken {
@@ -285,6 +286,7 @@ impl DevStack {
                     )
                     .collect(),
                 expires_at: None,
+                max_devices: None,
             });
         }
         let fleet_tokens: Vec<String> = tokens.iter().skip(1).map(|t| t.token.clone()).collect();

@@ -50,6 +50,27 @@ pub struct BootstrapToken {
     /// credentials). `None`: no expiry.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<jiff::Timestamp>,
+    /// At most this many devices enrol with it, counted across replicas and restarts by the
+    /// gateway's [`super::enrolled::EnrolmentLedger`]; a device enrolling again counts
+    /// once. `None`: no cap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_devices: Option<u32>,
+}
+
+/// An enrolment whose token, proof and facts checked out, not yet signed.
+#[derive(Clone, Debug)]
+pub struct Admitted {
+    /// The token it used.
+    pub token: BootstrapToken,
+    claims: DeviceClaims,
+}
+
+impl Admitted {
+    /// The enrolling device.
+    #[must_use]
+    pub fn device_id(&self) -> &str {
+        &self.claims.sub
+    }
 }
 
 /// What a verified credential says.
@@ -273,12 +294,22 @@ impl Authority {
     }
 
     /// Checks a bootstrap token, the device's proof of key possession and its facts, and
-    /// issues a credential.
+    /// issues a credential: [`Authority::admit`] then [`Authority::issue`], for callers with
+    /// no device cap to check in between.
+    ///
+    /// # Errors
+    /// As [`Authority::admit`].
+    pub fn enroll(&self, req: &EnrollRequest) -> Result<EnrollResponse, Status> {
+        self.issue(self.admit(req)?)
+    }
+
+    /// Checks a bootstrap token, the device's proof of key possession and its facts: the
+    /// enrolment, not yet signed.
     ///
     /// # Errors
     /// `UNAUTHENTICATED` for an unknown or revoked token or a failed proof,
     /// `INVALID_ARGUMENT` naming the field for malformed input.
-    pub fn enroll(&self, req: &EnrollRequest) -> Result<EnrollResponse, Status> {
+    pub fn admit(&self, req: &EnrollRequest) -> Result<Admitted, Status> {
         // An empty token is a malformed request, not an unknown token.
         required("bootstrap_token", &req.bootstrap_token).map_err(invalid)?;
         let token = self.match_token(&req.bootstrap_token)?;
@@ -339,6 +370,16 @@ impl Authority {
             lbl: token.labels.clone(),
             slf,
         };
+        Ok(Admitted { token, claims })
+    }
+
+    /// Signs an admitted enrolment's credential.
+    ///
+    /// # Errors
+    /// `INTERNAL` when signing fails.
+    pub fn issue(&self, admitted: Admitted) -> Result<EnrollResponse, Status> {
+        let Admitted { claims, .. } = admitted;
+        let device_id = claims.sub.as_str();
         let credential = self
             .sign(&claims)
             .map_err(|e| Status::internal(format!("signing credential: {e}")))?;

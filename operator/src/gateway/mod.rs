@@ -7,6 +7,7 @@
 
 pub mod auth;
 pub mod desired;
+pub mod enrolled;
 pub mod keys;
 pub mod limits;
 pub mod presign;
@@ -158,6 +159,7 @@ struct Inner {
     registry: Registry,
     presigner: Presigner,
     enroll_limits: Option<limits::EnrolLimits>,
+    enrolments: enrolled::EnrolmentLedger,
     sessions: AtomicUsize,
     /// Each device's one open stream on this replica: its number and how to end it.
     streams: std::sync::Mutex<std::collections::HashMap<String, (u64, CancellationToken)>>,
@@ -229,6 +231,7 @@ impl Gateway {
                 registry: Registry::default(),
                 presigner,
                 enroll_limits,
+                enrolments: enrolled::EnrolmentLedger::default(),
                 sessions: AtomicUsize::new(0),
                 streams: std::sync::Mutex::default(),
                 stream_numbers: std::sync::atomic::AtomicU64::new(0),
@@ -241,6 +244,16 @@ impl Gateway {
     pub fn with_telemetry(mut self, sink: Arc<TelemetrySink>) -> Self {
         if let Some(inner) = Arc::get_mut(&mut self.inner) {
             inner.telemetry = Some(sink);
+        }
+        self
+    }
+
+    /// Counts capped tokens' devices in `ledger` (before serving); the default counts in
+    /// this process, which holds for one replica only.
+    #[must_use]
+    pub fn with_enrolment_ledger(mut self, ledger: enrolled::EnrolmentLedger) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.enrolments = ledger;
         }
         self
     }
@@ -425,7 +438,17 @@ impl Fleet for FleetService {
                 wait.max(Duration::from_millis(100)),
             ));
         }
-        let response = self.inner.auth.enroll(&req).inspect_err(|refused| {
+        let enrolled = async {
+            let admitted = self.inner.auth.admit(&req)?;
+            if let Some(max) = admitted.token.max_devices {
+                self.inner
+                    .enrolments
+                    .admit(&admitted.token.name, admitted.device_id(), max)
+                    .await?;
+            }
+            self.inner.auth.issue(admitted)
+        };
+        let response = enrolled.await.inspect_err(|refused| {
             warn!(
                 device = %req.device_id,
                 peer = ?peer,

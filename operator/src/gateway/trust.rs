@@ -86,7 +86,7 @@ pub fn revocations_from(maps: &[ConfigMap]) -> (HashSet<String>, HashSet<String>
 }
 
 /// Bootstrap tokens from their Secrets: `token`, and optionally `labels` (a YAML map) for
-/// the devices it enrols and `expiresAt` (RFC 3339).
+/// the devices it enrols, `expiresAt` (RFC 3339) and `maxDevices` (a count).
 #[must_use]
 pub fn tokens_from(secrets: &[Secret]) -> Vec<BootstrapToken> {
     secrets
@@ -110,11 +110,21 @@ pub fn tokens_from(secrets: &[Secret]) -> Vec<BootstrapToken> {
                     }
                 },
             };
+            let max_devices = data.get("maxDevices").map(|v| {
+                std::str::from_utf8(&v.0)
+                    .ok()
+                    .and_then(|n| n.trim().parse().ok())
+                    .unwrap_or_else(|| {
+                        warn!(token = %name, "bootstrap token maxDevices is not a count; it enrols nobody");
+                        0
+                    })
+            });
             Some(BootstrapToken {
                 name,
                 token: token.trim().to_owned(),
                 labels,
                 expires_at,
+                max_devices,
             })
         })
         .collect()
@@ -219,7 +229,7 @@ mod tests {
     }
 
     #[test]
-    fn bootstrap_token_secrets_read_labels_and_expiry_and_a_bad_expiry_enrols_nobody() {
+    fn bootstrap_token_secrets_read_labels_expiry_and_cap_and_bad_ones_enrol_nobody() {
         let tokens = tokens_from(&[
             secret(
                 "eu",
@@ -227,10 +237,18 @@ mod tests {
                     ("token", "0123456789abcdef\n"),
                     ("labels", "{region: eu}"),
                     ("expiresAt", "2027-06-30T00:00:00Z"),
+                    ("maxDevices", "25\n"),
                 ],
             ),
             secret("forever", &[("token", "fedcba9876543210")]),
-            secret("typo", &[("token", "x"), ("expiresAt", "next tuesday")]),
+            secret(
+                "typo",
+                &[
+                    ("token", "x"),
+                    ("expiresAt", "next tuesday"),
+                    ("maxDevices", "lots"),
+                ],
+            ),
             secret("empty", &[("labels", "{a: b}")]),
         ]);
         let by_name: BTreeMap<&str, &BootstrapToken> =
@@ -242,6 +260,13 @@ mod tests {
             Some("2027-06-30T00:00:00Z".parse().expect("time"))
         );
         assert_eq!(by_name["forever"].expires_at, None);
+        assert_eq!(by_name["eu"].max_devices, Some(25));
+        assert_eq!(by_name["forever"].max_devices, None, "no cap");
+        assert_eq!(
+            by_name["typo"].max_devices,
+            Some(0),
+            "an unreadable cap admits nobody"
+        );
         assert_eq!(
             by_name["typo"].expires_at,
             Some(jiff::Timestamp::UNIX_EPOCH),
