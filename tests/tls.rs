@@ -73,6 +73,7 @@ fn trusting(ca: &TestCa) -> GatewayTls {
     GatewayTls {
         insecure: false,
         ca_pem: Some(ca.pem()),
+        pins: Vec::new(),
     }
 }
 
@@ -205,4 +206,88 @@ async fn a_gateway_whose_certificate_cannot_load_does_not_start() {
         .await
         .expect_err("no certificate, no gateway");
     assert!(err.to_string().contains("missing.crt"), "{err}");
+}
+
+/// The `sha256//<base64>` pin of the certificate in PEM file `cert`, made as curl's manual
+/// says, with openssl: a tool we did not write defines what a pin is.
+fn openssl_pin(cert: &Path) -> String {
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(
+            "openssl x509 -pubkey -noout -in \"$0\" | openssl pkey -pubin -outform der \
+             | openssl dgst -sha256 -binary | base64",
+        )
+        .arg(cert)
+        .output()
+        .expect("openssl runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    format!("sha256//{}", String::from_utf8_lossy(&out.stdout).trim())
+}
+
+/// `[tls] pins`: on top of chain verification, the chain must hold a pinned key. The CA's
+/// pin survives a renewal (a new leaf key), the old leaf's pin does not, and a pin of a
+/// key the gateway never presents fails the handshake naming the pins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_key_must_be_in_the_gateways_chain() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let files = TlsFiles {
+        cert: dir.path().join("tls.crt"),
+        key: dir.path().join("tls.key"),
+        reload_every: Duration::from_millis(100),
+    };
+    let (ca, stranger) = (TestCa::new("pinned CA"), TestCa::new("stranger CA"));
+    ca.issue_into(&files);
+    let h = Harness::start_with(GatewayConfig {
+        tls: Some(files.clone()),
+        ..GatewayConfig::default()
+    })
+    .await;
+    let https = format!("https://{}", h.gateway_addr);
+    let (ca_pem, stranger_pem) = (dir.path().join("ca.pem"), dir.path().join("other.pem"));
+    std::fs::write(&ca_pem, ca.pem()).expect("ca");
+    std::fs::write(&stranger_pem, stranger.pem()).expect("other");
+    let pinned = |pins: &[&str]| GatewayTls {
+        pins: pins
+            .iter()
+            .map(|p| edgewise_agent::pinning::parse_pin(p).expect("a pin"))
+            .collect(),
+        ..trusting(&ca)
+    };
+    let (ca_pin, leaf_pin, stranger_pin) = (
+        openssl_pin(&ca_pem),
+        openssl_pin(&files.cert),
+        openssl_pin(&stranger_pem),
+    );
+    // Our reading of a certificate's key agrees with openssl's.
+    assert_eq!(
+        edgewise_agent::pinning::pin_of(ca.issuer.der()),
+        Some(edgewise_agent::pinning::parse_pin(&ca_pin).expect("pin")),
+    );
+    enroll(&https, &pinned(&[&ca_pin]))
+        .await
+        .expect("the CA's key is pinned");
+    enroll(&https, &pinned(&[&stranger_pin, &leaf_pin]))
+        .await
+        .expect("the leaf's key is pinned");
+    let refused = enroll(&https, &pinned(&[&stranger_pin])).await;
+    assert!(
+        refused.as_ref().is_err_and(|e| e.contains("pinned")),
+        "a chain without a pinned key accepted: {refused:?}"
+    );
+
+    // A renewal: a new leaf key from the same CA. The CA pin holds; the old leaf's does not.
+    ca.issue_into(&files);
+    eventually(
+        Duration::from_secs(10),
+        "the renewed certificate",
+        || async { enroll(&https, &pinned(&[&leaf_pin])).await.err() },
+    )
+    .await;
+    enroll(&https, &pinned(&[&ca_pin]))
+        .await
+        .expect("the CA pin survives the renewal");
 }

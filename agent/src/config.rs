@@ -14,6 +14,8 @@
 //!
 //! [tls]                                            # how the gateway is verified
 //! ca_file = "/etc/edgewise/gateway-ca.pem"         # optional; default: the system's roots
+//! pins = ["sha256//base64 of a SubjectPublicKeyInfo's SHA-256"]   # optional: the chain
+//!                                                  # must hold one of these keys
 //!
 //! [sockets]                                        # optional: who may use the Unix sockets
 //! allowed_uids = [1000]                            # default: anyone the mode (0660) admits
@@ -325,6 +327,10 @@ pub struct TlsConfig {
     /// roots (a private CA, cert-manager's).
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// `sha256//<base64>` pins of public keys, one of which the verified chain must hold
+    /// (the issuing CA's key survives renewals): [`crate::pinning`].
+    #[serde(default)]
+    pub pins: Vec<String>,
 }
 
 /// A built, validated configuration.
@@ -411,6 +417,16 @@ impl ConfigFile {
             });
         }
         let ca_pem = self.tls.ca_file.as_deref().map(read_ca).transpose()?;
+        let pins = self
+            .tls
+            .pins
+            .iter()
+            .map(|p| crate::pinning::parse_pin(p))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|message| ConfigError::Invalid {
+                field: "tls.pins",
+                message,
+            })?;
         // Read now so a missing or empty file fails at start, naming the field; it is read
         // again at every enrolment.
         if let Err(e) = TokenSource::File(self.bootstrap_token_file.clone()).read() {
@@ -450,6 +466,7 @@ impl ConfigFile {
             gateway_tls: crate::GatewayTls {
                 insecure: self.insecure,
                 ca_pem,
+                pins,
             },
             bootstrap_token: TokenSource::File(self.bootstrap_token_file),
             facts: detect_facts(&self.hardware),

@@ -130,6 +130,7 @@ fn main() -> ExitCode {
                     tls: edgewise_agent::GatewayTls {
                         insecure: true,
                         ca_pem,
+                        pins: Vec::new(),
                     },
                     bootstrap_tokens: vec![token],
                     data_dir,

@@ -76,6 +76,7 @@ pub fn tls_for(url: &str) -> edgewise_agent::GatewayTls {
         edgewise_agent::GatewayTls {
             insecure: false,
             ca_pem: Some(std::fs::read(&test_pki().ca).expect("test CA")),
+            pins: Vec::new(),
         }
     } else {
         edgewise_agent::GatewayTls::insecure()

@@ -370,6 +370,7 @@ impl DevStack {
             tls: edgewise_agent::GatewayTls {
                 insecure: false,
                 ca_pem: Some(std::fs::read(&pki.ca).map_err(start("dev CA"))?),
+                pins: Vec::new(),
             },
             bootstrap_tokens: fleet_tokens,
             data_dir: dir.join("sim"),
