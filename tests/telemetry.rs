@@ -785,18 +785,44 @@ async fn invalid_batches_are_rejected_naming_the_problem() {
 
 /// The canary speaks only through its cohort: a device the gateway did not put in a
 /// rollout's canary cohort has its canary-version events refused (each alone, counted),
-/// while its stable-version events and a cohort device's canary events are stored.
+/// while its stable-version events and a cohort device's canary events are stored. A
+/// rollout speaks only through the devices it selects by their enrolment labels (what it
+/// asks of self-reported facts aside): the harness's devices (`tier=test`) cannot report for
+/// a rollout of `tier=prod` devices, whatever OS they claim.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_canary_cohort_reports_for_the_canary() {
+    use edgewise_core::selector::{DeviceSelector, SelectorOperator, SelectorRequirement};
     let ch = ClickHouse::start().await;
     let h = Harness::start_with_telemetry(&ch.url(), SinkConfig::default()).await;
-    h.apply([edgewise_operator::gateway::Change::ApplyRollout(
-        rollout("assistant")
-            .named("assistant")
-            .stable("1.0.0")
-            .canary("2.0.0", 30)
-            .build(),
-    )]);
+    let selecting = |tier: &str| DeviceSelector {
+        match_labels: std::collections::BTreeMap::from([("tier".to_owned(), tier.to_owned())]),
+        match_expressions: vec![SelectorRequirement {
+            key: "self.edgewise.dev/os".into(),
+            operator: SelectorOperator::In,
+            values: vec!["android".into()],
+        }],
+    };
+    h.apply([
+        edgewise_operator::gateway::Change::ApplyRollout(
+            rollout("assistant")
+                .named("assistant")
+                .stable("1.0.0")
+                .canary("2.0.0", 30)
+                .build(),
+        ),
+        edgewise_operator::gateway::Change::ApplyRollout(
+            rollout("assistant")
+                .named("prod")
+                .selector(selecting("prod"))
+                .build(),
+        ),
+        edgewise_operator::gateway::Change::ApplyRollout(
+            rollout("assistant")
+                .named("test")
+                .selector(selecting("test"))
+                .build(),
+        ),
+    ]);
     let in_cohort = |id: &str| {
         edgewise_core::cohort::bucket_in_cohort(
             edgewise_core::cohort::bucket("fleet/assistant", id),
@@ -855,6 +881,33 @@ async fn only_the_canary_cohort_reports_for_the_canary() {
             .await,
         1,
         "only the cohort's canary event"
+    );
+
+    // The device is `tier=test` and says nothing of Android: it reports for `test`, never
+    // for `prod`.
+    let under = |n: &str, rollout: &str| InferenceEvent {
+        rollout: rollout.into(),
+        ..event(n, "1.0.0")
+    };
+    let ack = upload(
+        &h.gateway_url(),
+        &enrolled.credential,
+        batch(
+            id.device_id(),
+            "selectors",
+            vec![under("s-prod", "fleet/prod"), under("s-test", "fleet/test")],
+            vec![],
+        ),
+    )
+    .await
+    .expect("stored without the forged event");
+    assert_eq!((ack.accepted, ack.rejected.len()), (1, 1), "{ack:?}");
+    assert!(
+        ack.rejected[0]
+            .reason
+            .contains("does not select this device"),
+        "{}",
+        ack.rejected[0].reason
     );
 }
 

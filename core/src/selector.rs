@@ -55,18 +55,35 @@ impl DeviceSelector {
     /// Whether a device with these labels is selected.
     #[must_use]
     pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.matches_where(labels, |_| true)
+    }
+
+    /// [`DeviceSelector::matches`] judged on the keys `considered` alone; a requirement
+    /// on any other key is taken as met. For what a device may claim of itself: it can
+    /// report any value of a self-reported key, so only the keys it cannot forge decide.
+    #[must_use]
+    pub fn matches_where(
+        &self,
+        labels: &BTreeMap<String, String>,
+        considered: impl Fn(&str) -> bool,
+    ) -> bool {
         self.match_labels
             .iter()
+            .filter(|(k, _)| considered(k))
             .all(|(k, v)| labels.get(k) == Some(v))
-            && self.match_expressions.iter().all(|req| {
-                let value = labels.get(&req.key);
-                match req.operator {
-                    SelectorOperator::In => value.is_some_and(|v| req.values.contains(v)),
-                    SelectorOperator::NotIn => value.is_none_or(|v| !req.values.contains(v)),
-                    SelectorOperator::Exists => value.is_some(),
-                    SelectorOperator::DoesNotExist => value.is_none(),
-                }
-            })
+            && self
+                .match_expressions
+                .iter()
+                .filter(|r| considered(&r.key))
+                .all(|req| {
+                    let value = labels.get(&req.key);
+                    match req.operator {
+                        SelectorOperator::In => value.is_some_and(|v| req.values.contains(v)),
+                        SelectorOperator::NotIn => value.is_none_or(|v| !req.values.contains(v)),
+                        SelectorOperator::Exists => value.is_some(),
+                        SelectorOperator::DoesNotExist => value.is_none(),
+                    }
+                })
     }
 
     /// Conservative overlap test: `false` only when no label set can match both selectors.
@@ -156,6 +173,24 @@ mod tests {
     fn empty_selector_selects_every_device() {
         assert!(DeviceSelector::default().matches(&labels(&[])));
         assert!(DeviceSelector::default().matches(&labels(&[("a", "b")])));
+    }
+
+    #[test]
+    fn requirements_on_keys_not_considered_are_taken_as_met() {
+        let sel = DeviceSelector {
+            match_labels: BTreeMap::from([("region".into(), "eu".into())]),
+            match_expressions: vec![SelectorRequirement {
+                key: "self.os".into(),
+                operator: SelectorOperator::In,
+                values: vec!["linux".into()],
+            }],
+        };
+        let server = |k: &str| !k.starts_with("self.");
+        let eu = BTreeMap::from([("region".to_owned(), "eu".to_owned())]);
+        let us = BTreeMap::from([("region".to_owned(), "us".to_owned())]);
+        assert!(!sel.matches(&eu), "self.os is missing");
+        assert!(sel.matches_where(&eu, server));
+        assert!(!sel.matches_where(&us, server));
     }
 
     #[test]

@@ -75,17 +75,20 @@ pub fn cohort_salt(rollout: &ModelRollout) -> String {
     )
 }
 
-/// Whether `device_id` may report telemetry of `version` of `model` under `rollout`
-/// (`namespace/name`): a rollout's canary version speaks only for the devices of its canary
-/// cohort (by the same bucket the gateway assigned them), so a device outside it cannot
-/// move the canary's gates. Other versions, and rollouts this snapshot does not know (late
-/// events of a deleted one), pass. `Err` says why not.
+/// Whether `device_id`, enrolled with the server-side `labels`, may report telemetry of
+/// `version` of `model` under `rollout` (`namespace/name`): the rollout must select the
+/// device by the labels it cannot forge (requirements on self-reported `self.` keys count
+/// as met, since a device can claim any), and a rollout's canary version speaks only for
+/// the devices of its canary cohort (by the same bucket the gateway assigned them), so a
+/// device outside it cannot move the canary's gates. Rollouts this snapshot does not know
+/// (late events of a deleted one) pass. `Err` says why not.
 ///
 /// # Errors
 /// The reason the event is refused.
 pub fn may_report(
     snapshot: &FleetSnapshot,
     device_id: &str,
+    labels: &BTreeMap<String, String>,
     rollout: &str,
     model: &str,
     version: &str,
@@ -101,6 +104,12 @@ pub fn may_report(
         return Err(format!(
             "rollout {rollout} rolls out model {}, not {model}",
             r.spec.model
+        ));
+    }
+    let unforgeable = |key: &str| !key.starts_with(super::auth::SELF_LABEL_PREFIX);
+    if !r.spec.selector.matches_where(labels, unforgeable) {
+        return Err(format!(
+            "rollout {rollout} does not select this device (by the labels it enrolled with)"
         ));
     }
     let Some(state) = r.status.as_ref().map(|s| &s.state) else {

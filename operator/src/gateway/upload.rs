@@ -122,9 +122,9 @@ pub(super) async fn upload(
         ));
     };
     let snapshot = inner.snapshots.current();
-    let device = claims.sub.clone();
+    let (device, labels) = (claims.sub.clone(), claims.lbl.clone());
     let assigned = move |rollout: &str, model: &str, version: &str| {
-        super::desired::may_report(&snapshot, &device, rollout, model, version)
+        super::desired::may_report(&snapshot, &device, &labels, rollout, model, version)
     };
     let ack = sink
         .submit_checked(&claims.sub, request.into_inner(), &assigned)
