@@ -788,7 +788,8 @@ async fn invalid_batches_are_rejected_naming_the_problem() {
 /// while its stable-version events and a cohort device's canary events are stored. A
 /// rollout speaks only through the devices it selects by their enrolment labels (what it
 /// asks of self-reported facts aside): the harness's devices (`tier=test`) cannot report for
-/// a rollout of `tier=prod` devices, whatever OS they claim.
+/// a rollout of `tier=prod` devices, whatever OS they claim; nor for a variant the version
+/// does not have.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_canary_cohort_reports_for_the_canary() {
     use edgewise_core::selector::{DeviceSelector, SelectorOperator, SelectorRequirement};
@@ -906,6 +907,40 @@ async fn only_the_canary_cohort_reports_for_the_canary() {
         ack.rejected[0]
             .reason
             .contains("does not select this device"),
+        "{}",
+        ack.rejected[0].reason
+    );
+
+    // A variant must be one the version lists: `cpu` is, `npu` is not.
+    let cpu = h.put_artifact("assistant/cpu", artifact_bytes(64, 1)).await;
+    h.apply([edgewise_operator::gateway::Change::ApplyVersion(
+        model_version(
+            "assistant",
+            "1.0.0",
+            vec![variant("cpu", cpu, Default::default())],
+        ),
+    )]);
+    let ack = upload(
+        &h.gateway_url(),
+        &enrolled.credential,
+        batch(
+            id.device_id(),
+            "variants",
+            vec![
+                under("v-cpu", "fleet/test"),
+                InferenceEvent {
+                    variant: "npu".into(),
+                    ..under("v-npu", "fleet/test")
+                },
+            ],
+            vec![],
+        ),
+    )
+    .await
+    .expect("stored without the forged event");
+    assert_eq!((ack.accepted, ack.rejected.len()), (1, 1), "{ack:?}");
+    assert!(
+        ack.rejected[0].reason.contains("npu is not a variant"),
         "{}",
         ack.rejected[0].reason
     );

@@ -11,6 +11,7 @@ use kube::ResourceExt;
 
 use super::snapshot::{FleetSnapshot, PolicyEntry};
 use crate::crd::{ModelRollout, ModelVersionPhase};
+use crate::telemetry::ingest::Reported;
 
 /// The device as targeting sees it.
 #[derive(Clone, Copy, Debug)]
@@ -80,8 +81,9 @@ pub fn cohort_salt(rollout: &ModelRollout) -> String {
 /// device by the labels it cannot forge (requirements on self-reported `self.` keys count
 /// as met, since a device can claim any), and a rollout's canary version speaks only for
 /// the devices of its canary cohort (by the same bucket the gateway assigned them), so a
-/// device outside it cannot move the canary's gates. Rollouts this snapshot does not know
-/// (late events of a deleted one) pass. `Err` says why not.
+/// device outside it cannot move the canary's gates. A variant must be one the version's
+/// ModelVersion lists. Rollouts this snapshot does not know (late events of a deleted one)
+/// pass. `Err` says why not.
 ///
 /// # Errors
 /// The reason the event is refused.
@@ -89,10 +91,14 @@ pub fn may_report(
     snapshot: &FleetSnapshot,
     device_id: &str,
     labels: &BTreeMap<String, String>,
-    rollout: &str,
-    model: &str,
-    version: &str,
+    reported: &Reported<'_>,
 ) -> Result<(), String> {
+    let Reported {
+        rollout,
+        model,
+        version,
+        variant,
+    } = *reported;
     // `rollout` is `namespace/name`: the snapshot's key, and the cohort salt.
     let Some(r) = rollout
         .split_once('/')
@@ -110,6 +116,16 @@ pub fn may_report(
     if !r.spec.selector.matches_where(labels, unforgeable) {
         return Err(format!(
             "rollout {rollout} does not select this device (by the labels it enrolled with)"
+        ));
+    }
+    let namespace = r.namespace().unwrap_or_default();
+    let listed = snapshot.model_versions.iter().find_map(|((ns, _), mv)| {
+        (*ns == namespace && mv.spec.model == model && mv.spec.version == version)
+            .then(|| mv.spec.variants.iter().any(|v| v.name == variant))
+    });
+    if !variant.is_empty() && listed == Some(false) {
+        return Err(format!(
+            "variant {variant} is not a variant of {model} {version}"
         ));
     }
     let Some(state) = r.status.as_ref().map(|s| &s.state) else {

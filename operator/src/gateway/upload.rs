@@ -123,8 +123,8 @@ pub(super) async fn upload(
     };
     let snapshot = inner.snapshots.current();
     let (device, labels) = (claims.sub.clone(), claims.lbl.clone());
-    let assigned = move |rollout: &str, model: &str, version: &str| {
-        super::desired::may_report(&snapshot, &device, &labels, rollout, model, version)
+    let assigned = move |reported: &crate::telemetry::ingest::Reported<'_>| {
+        super::desired::may_report(&snapshot, &device, &labels, reported)
     };
     let ack = sink
         .submit_checked(&claims.sub, request.into_inner(), &assigned)

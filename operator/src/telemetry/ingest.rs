@@ -273,12 +273,25 @@ impl Refused {
 /// [`IngestError::Invalid`] for the batch, or [`IngestError::WrongDevice`] for another
 /// device's id.
 pub fn validate(device_id: &str, batch: &TelemetryBatchView) -> Result<Refused, IngestError> {
-    validate_assigned(device_id, batch, &|_, _, _| Ok(()))
+    validate_assigned(device_id, batch, &|_| Ok(()))
 }
 
 /// Whether the device may report an event of (rollout, model, version): the gateway's check
 /// against what it assigned (`gateway::desired::may_report`).
-pub type AssignedCheck<'a> = &'a (dyn Fn(&str, &str, &str) -> Result<(), String> + Sync);
+pub type AssignedCheck<'a> = &'a (dyn Fn(&Reported<'_>) -> Result<(), String> + Sync);
+
+/// What an event says it ran: the rollout (`namespace/name`), model, version and variant.
+#[derive(Clone, Copy, Debug)]
+pub struct Reported<'a> {
+    /// `namespace/name` of the rollout.
+    pub rollout: &'a str,
+    /// Model family.
+    pub model: &'a str,
+    /// Version.
+    pub version: &'a str,
+    /// Variant; empty when none ran (a cloud answer, a failed download).
+    pub variant: &'a str,
+}
 
 /// [`validate`], also refusing the events `assigned` refuses.
 ///
@@ -309,23 +322,38 @@ pub fn validate_assigned(
     let time_ok = |t: i64| (EARLIEST_MS..=now + FUTURE_SKEW_MS).contains(&t);
     let mut refused = Refused::default();
     // Text is checked as UTF-8 first; the assignment check reads it after.
-    let check = |list: &str, i: usize, rollout: &Bytes, model: &Bytes, version: &Bytes| {
+    let check = |list: &str, i: usize, [rollout, model, version, variant]: [&Bytes; 4]| {
         if rollout.is_empty() {
             return Ok(());
         }
-        assigned(utf8(rollout), utf8(model), utf8(version))
-            .map_err(|why| invalid(format!("{list}[{i}]: {why}")))
+        let reported = Reported {
+            rollout: utf8(rollout),
+            model: utf8(model),
+            version: utf8(version),
+            variant: utf8(variant),
+        };
+        assigned(&reported).map_err(|why| invalid(format!("{list}[{i}]: {why}")))
     };
     for (i, e) in batch.inference.iter().enumerate() {
-        let checked = check_inference(i, e, &time_ok)
-            .and_then(|()| check("inference", i, &e.rollout, &e.model, &e.version));
+        let checked = check_inference(i, e, &time_ok).and_then(|()| {
+            check(
+                "inference",
+                i,
+                [&e.rollout, &e.model, &e.version, &e.variant],
+            )
+        });
         if let Err(e) = checked {
             refused.inference.insert(i, e.to_string());
         }
     }
     for (i, e) in batch.model_events.iter().enumerate() {
-        let checked = check_model_event(i, e, &time_ok)
-            .and_then(|()| check("model_events", i, &e.rollout, &e.model, &e.version));
+        let checked = check_model_event(i, e, &time_ok).and_then(|()| {
+            check(
+                "model_events",
+                i,
+                [&e.rollout, &e.model, &e.version, &e.variant],
+            )
+        });
         if let Err(e) = checked {
             refused.model_events.insert(i, e.to_string());
         }
@@ -480,8 +508,7 @@ impl TelemetrySink {
         device_id: &str,
         body: Bytes,
     ) -> Result<TelemetryAck, IngestError> {
-        self.submit_checked(device_id, body, &|_, _, _| Ok(()))
-            .await
+        self.submit_checked(device_id, body, &|_| Ok(())).await
     }
 
     /// [`TelemetrySink::submit_encoded`], refusing the events `assigned` refuses (the
