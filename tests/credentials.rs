@@ -179,37 +179,6 @@ async fn a_jwt_library_we_did_not_write_verifies_devices_with_the_published_key_
     );
 }
 
-/// A dev API endpoint (the tests' cluster) with namespace `edgewise`, its kubeconfig
-/// written to `dir/kubeconfig`, and a client of it.
-async fn cluster(dir: &std::path::Path) -> (edgewise_dev::devapi::DevApi, kube::Client) {
-    use k8s_openapi::api::core::v1::Namespace;
-    use kube::api::{Api, PostParams};
-    let api =
-        edgewise_dev::devapi::DevApi::start_with(dir, loopback(), Duration::from_millis(200), 50)
-            .await
-            .expect("dev API");
-    let kubeconfig = dir.join("kubeconfig");
-    std::fs::write(&kubeconfig, api.kubeconfig()).expect("kubeconfig");
-    let client = kube::Client::try_from(
-        kube::Config::from_custom_kubeconfig(
-            kube::config::Kubeconfig::read_from(&kubeconfig).expect("kubeconfig"),
-            &kube::config::KubeConfigOptions::default(),
-        )
-        .await
-        .expect("test setup"),
-    )
-    .expect("test setup");
-    Api::<Namespace>::all(client.clone())
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(serde_json::json!({"metadata": {"name": "edgewise"}}))
-                .expect("JSON"),
-        )
-        .await
-        .expect("namespace");
-    (api, client)
-}
-
 /// A bootstrap token's `maxDevices` holds across replicas: six devices enrol at once
 /// through two gateways sharing the cluster's record, three get in, three are refused
 /// `RESOURCE_EXHAUSTED` naming the cap; an enrolled device enrols again (a new proof) and
@@ -225,7 +194,7 @@ async fn a_token_capped_at_three_devices_enrols_three_across_replicas() {
 
     init_logging();
     let dir = tempfile::tempdir().expect("tempdir");
-    let (_api, client) = cluster(dir.path()).await;
+    let (_api, client) = dev_api_cluster(dir.path()).await;
     const CAPPED: &str = "capped-token-0123456789";
     Api::<Secret>::namespaced(client.clone(), "edgewise")
         .create(
@@ -365,7 +334,7 @@ async fn revocations_live_in_the_cluster_and_every_replica_follows_them() {
 
     init_logging();
     let dir = tempfile::tempdir().expect("tempdir");
-    let (_api, client) = cluster(dir.path()).await;
+    let (_api, client) = dev_api_cluster(dir.path()).await;
     let kubeconfig = dir.path().join("kubeconfig");
 
     // The key Secret: made once, then left alone, and it is a ring a gateway loads.

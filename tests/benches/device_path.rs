@@ -4,10 +4,13 @@
 //! cargo bench -p edgewise-tests --bench device_path
 //! ```
 //!
-//! or one with `-- fanout 10000`, `-- decide-uds`, `-- download`, `-- download-bounds`,
+//! or one with `-- fanout 10000`, `-- fanout-peers 10000` (needs `mosquitto` and
+//! `nats-server`, which `scripts/bench` installs), `-- decide-uds`, `-- download`, `-- download-bounds`,
 //! `-- hash-locality`, `-- agent-rss`.
 //! Results go to stdout; `docs/benchmarks.md` records them.
 #![allow(missing_docs, clippy::unwrap_used)]
+
+mod brokers;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -83,7 +86,45 @@ async fn gateway_child() {
     stop.cancel();
 }
 
+/// What one run of our fan-out measured.
+struct Fanout {
+    connect: Duration,
+    change_to_last_ack: Duration,
+    bytes_per_device: f64,
+    /// CPU time the gateway and the simulated fleet spent from the change to the last ACK.
+    gateway_cpu: Duration,
+    fleet_cpu: Duration,
+}
+
+/// CPU time (user + system) process `pid` has used.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    Duration::from_millis(ticks * 10) // USER_HZ is 100 on Linux
+}
+
 async fn fanout(n: usize) {
+    let m = fanout_run(n, 100).await;
+    println!(
+        "fanout n={n}: connect+enroll+first policy {:.2} s; policy change -> last ACK {:.1} ms (CPU: gateway {} ms, fleet {} ms); {:.1} KiB gateway RSS per idle device",
+        m.connect.as_secs_f64(),
+        m.change_to_last_ack.as_secs_f64() * 1000.0,
+        m.gateway_cpu.as_millis(),
+        m.fleet_cpu.as_millis(),
+        m.bytes_per_device / 1024.0
+    );
+}
+
+/// `n` simulated agents, `per_connection` of them sharing each HTTP/2 connection, against
+/// a gateway in its own process.
+async fn fanout_run(n: usize, per_connection: usize) -> Fanout {
     let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
         .arg("gateway-child")
         .stdout(Stdio::piped())
@@ -107,7 +148,7 @@ async fn fanout(n: usize) {
             initial: Duration::from_millis(500),
             max: Duration::from_secs(5),
         },
-        devices_per_connection: 100,
+        devices_per_connection: per_connection,
         telemetry: false,
         traffic: None,
         runtime: false,
@@ -127,13 +168,13 @@ async fn fanout(n: usize) {
     while !all_on(&v1) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let connected_in = started.elapsed();
+    let connect = started.elapsed();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let loaded = rss_kib(pid, "VmRSS:");
-    let per_device = (loaded.saturating_sub(baseline) * 1024) as f64 / n as f64;
 
     // Policy change → last ACK: the device applies and ACKs in the same step, so the time
     // the last device runs the new version is the time of its ACK (± one poll).
+    let (gateway_before, fleet_before) = (cpu_time(pid), cpu_time(std::process::id()));
     let t0 = Instant::now();
     Command::new("kill")
         .args(["-USR1", &pid.to_string()])
@@ -142,20 +183,83 @@ async fn fanout(n: usize) {
     while !all_on(&v2) {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    let fanout = t0.elapsed();
-    println!(
-        "fanout n={n}: connect+enroll+first policy {:.2} s; policy change -> last ACK {:.1} ms; gateway RSS {} -> {} KiB ({:.1} KiB per idle device)",
-        connected_in.as_secs_f64(),
-        fanout.as_secs_f64() * 1000.0,
-        baseline,
-        loaded,
-        per_device / 1024.0
-    );
+    let change_to_last_ack = t0.elapsed();
+    let gateway_cpu = cpu_time(pid).saturating_sub(gateway_before);
+    let fleet_cpu = cpu_time(std::process::id()).saturating_sub(fleet_before);
     fleet.stop().await;
     let _ = Command::new("kill")
         .args(["-TERM", &pid.to_string()])
         .status();
     let _ = child.wait().await;
+    Fanout {
+        connect,
+        change_to_last_ack,
+        bytes_per_device: (loaded.saturating_sub(baseline) * 1024) as f64 / n as f64,
+        gateway_cpu,
+        fleet_cpu,
+    }
+}
+
+/// The fan-out side by side with Mosquitto and nats-server delivering the same policy bytes
+/// to as many subscribers, each on its own connection (issue 17). Ours runs twice: with
+/// 100 simulated devices per HTTP/2 connection (the simulator's default) and with one
+/// connection per device, as the brokers' subscribers have.
+async fn fanout_peers(n: usize) {
+    let payload = serde_json::to_vec(&policy(&[])).unwrap();
+    let ours_shared = fanout_run(n, 100).await;
+    let ours = fanout_run(n, 1).await;
+    let mosquitto = brokers::fanout(brokers::Kind::Mosquitto, n, &payload).await;
+    let nats = brokers::fanout(brokers::Kind::Nats, n, &payload).await;
+    println!("fanout-peers n={n}, policy {} bytes", payload.len());
+    println!("| System | Connect all | Change -> last ACK | Memory per connection |");
+    println!("|---|---|---|---|");
+    let row = |name: &str, connect: Duration, fanout: Duration, bytes: f64| {
+        println!(
+            "| {name} | {:.2} s | {:.1} ms | {:.1} KiB |",
+            connect.as_secs_f64(),
+            fanout.as_secs_f64() * 1000.0,
+            bytes / 1024.0
+        );
+    };
+    row(
+        "Edgewise gateway, 1 device per connection",
+        ours.connect,
+        ours.change_to_last_ack,
+        ours.bytes_per_device,
+    );
+    row(
+        "Edgewise gateway, 100 devices per connection",
+        ours_shared.connect,
+        ours_shared.change_to_last_ack,
+        ours_shared.bytes_per_device,
+    );
+    for (kind, m) in [
+        (brokers::Kind::Mosquitto, &mosquitto),
+        (brokers::Kind::Nats, &nats),
+    ] {
+        row(kind.name(), m.connect, m.fanout, m.bytes_per_connection);
+    }
+    for (what, m) in [
+        ("1 per connection", &ours),
+        ("100 per connection", &ours_shared),
+    ] {
+        println!(
+            "ours, {what}: CPU from change to last ACK: gateway {} ms, simulated fleet {} ms",
+            m.gateway_cpu.as_millis(),
+            m.fleet_cpu.as_millis()
+        );
+    }
+    for (kind, m) in [
+        (brokers::Kind::Mosquitto, &mosquitto),
+        (brokers::Kind::Nats, &nats),
+    ] {
+        println!(
+            "ratio {}: change -> last ACK {:.2}x ours (1 per connection), memory per connection {:.2}x ours",
+            kind.name(),
+            m.fanout.as_secs_f64() / ours.change_to_last_ack.as_secs_f64(),
+            m.bytes_per_connection / ours.bytes_per_device
+        );
+    }
 }
 
 /// An app asking a real `edgewise-agent run` process over its Unix socket, as apps do. The
@@ -435,11 +539,18 @@ async fn download() {
         String::from_utf8_lossy(&out.stdout).starts_with(&artifact.sha256),
         "curl saw the same bytes"
     );
+    // The bound (issue 17): a bare socket read hashed in place, same URL, same run.
+    let bound = socket_hash(&url, &artifact.sha256).await;
     let openssl = openssl_sha256();
     println!(
-        "download+verify 1 GiB from loopback S3: edgewise {ours:.2} GB/s (non-durable store, as the simulator uses: {ours_no_fsync:.2} GB/s), curl|sha256sum {curl:.2} GB/s, openssl sha256 {openssl:.2} GB/s (ratio to openssl {:.2}; non-durable {:.2})",
+        "download+verify 1 GiB from loopback S3: edgewise {ours:.2} GB/s (non-durable store, as the simulator uses: {ours_no_fsync:.2} GB/s), curl|sha256sum {curl:.2} GB/s, bare socket + hash {bound:.2} GB/s, openssl sha256 {openssl:.2} GB/s (ratio to openssl {:.2}; non-durable {:.2})",
         ours / openssl,
         ours_no_fsync / openssl
+    );
+    println!(
+        "ratio download: {:.2}x the bare-socket bound, {:.2}x curl|sha256sum",
+        ours / bound,
+        ours / curl
     );
 }
 
@@ -656,6 +767,9 @@ fn main() {
             Some("gateway-child") => gateway_child().await,
             Some("fanout") => {
                 fanout(args.get(1).and_then(|n| n.parse().ok()).unwrap_or(1000)).await
+            }
+            Some("fanout-peers") => {
+                fanout_peers(args.get(1).and_then(|n| n.parse().ok()).unwrap_or(10_000)).await
             }
             Some("decide-uds") => decide_uds().await,
             Some("download") => download().await,

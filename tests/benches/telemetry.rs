@@ -62,7 +62,8 @@ fn median(mut xs: Vec<f64>) -> f64 {
     xs[xs.len() / 2]
 }
 
-/// The same rows as `event` in the table's TSV layout.
+/// The same rows as `event`, as TSV in the table's column order (every column, so
+/// clickhouse-client parses as much as our path encodes).
 fn write_tsv(path: &std::path::Path, devices: usize, per_device: usize, now: i64) {
     let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
     for d in 0..devices {
@@ -71,7 +72,7 @@ fn write_tsv(path: &std::path::Path, devices: usize, per_device: usize, now: i64
             let e = event(&device, i, now);
             writeln!(
                 f,
-                "{}\t{}\t{device}\t{}\tb\t{}\t{}\t{}\t{}\t{}\t1\t{}\t{}\t{}\t{}\t0\t\t{}\t{}\t0\tnone\t{}\t{}\t{}",
+                "{}\t{}\t{device}\t{}\tb\t{}\t{}\t{}\t{}\t{}\t1\t{}\t{}\t{}\t{}\t0\t\t{}\t{}\t0\tnone\t{}\t{}\t{}\t{}\t{}",
                 e.time_unix_ms / 1000,
                 e.time_unix_ms,
                 e.event_id,
@@ -88,7 +89,9 @@ fn write_tsv(path: &std::path::Path, devices: usize, per_device: usize, now: i64
                 e.output_tokens,
                 e.task,
                 e.data_class,
-                now / 1000
+                now / 1000,
+                e.router_version,
+                e.first_token_ms
             )
             .unwrap();
         }

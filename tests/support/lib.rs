@@ -372,6 +372,42 @@ impl Harness {
     }
 }
 
+/// A dev API endpoint (the tests' cluster) with namespace `edgewise`, its kubeconfig
+/// written to `dir/kubeconfig`, and a client of it.
+///
+/// # Panics
+/// When the endpoint cannot start.
+pub async fn dev_api_cluster(
+    dir: &std::path::Path,
+) -> (edgewise_dev::devapi::DevApi, kube::Client) {
+    use k8s_openapi::api::core::v1::Namespace;
+    use kube::api::{Api, PostParams};
+    let api =
+        edgewise_dev::devapi::DevApi::start_with(dir, loopback(), Duration::from_millis(200), 50)
+            .await
+            .expect("dev API");
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig()).expect("kubeconfig");
+    let client = kube::Client::try_from(
+        kube::Config::from_custom_kubeconfig(
+            kube::config::Kubeconfig::read_from(&kubeconfig).expect("kubeconfig"),
+            &kube::config::KubeConfigOptions::default(),
+        )
+        .await
+        .expect("test setup"),
+    )
+    .expect("test setup");
+    Api::<Namespace>::all(client.clone())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(serde_json::json!({"metadata": {"name": "edgewise"}}))
+                .expect("JSON"),
+        )
+        .await
+        .expect("namespace");
+    (api, client)
+}
+
 /// `127.0.0.1:0`.
 pub fn loopback() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 0))
