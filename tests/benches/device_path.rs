@@ -4,7 +4,7 @@
 //! cargo bench -p edgewise-tests --bench device_path
 //! ```
 //!
-//! or one with `-- fanout 10000`, `-- fanout-peers 10000` (needs `mosquitto` and
+//! or one with `-- unary`, `-- fanout 10000`, `-- fanout-peers 10000` (needs `mosquitto` and
 //! `nats-server`, which `scripts/bench` installs), `-- decide-uds`, `-- download`, `-- download-bounds`,
 //! `-- hash-locality`, `-- agent-rss`.
 //! Results go to stdout; `docs/benchmarks.md` records them.
@@ -260,6 +260,75 @@ async fn fanout_peers(n: usize) {
             m.bytes_per_connection / ours.bytes_per_device
         );
     }
+}
+
+/// Round trips a user feels one at a time, the kind a ~40 ms Nagle/delayed-ACK stall
+/// would dominate (issue 17 found one): sequential Enroll calls on one HTTP/2 connection,
+/// and from a Sync stream's Hello to its first message, against the gateway in its own
+/// process.
+async fn unary() {
+    use edgewise_proto::fleet::fleet_client::FleetClient;
+    use edgewise_proto::fleet::{AgentMessage, Hello, agent_message};
+    let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
+        .arg("gateway-child")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let url = format!("http://{}", lines.next_line().await.unwrap().unwrap());
+    let mut fleet = FleetClient::new(fleet_channel(&url));
+    let facts = edgewise_tests::facts("linux", "arm64", 1024, &[]);
+    let mut enrolls = Vec::new();
+    let mut credentials = Vec::new();
+    for i in 0..220 {
+        let id = edgewise_agent::identity::Identity::ephemeral();
+        let request = id.enroll_request(TOKEN, &facts, &BTreeMap::new());
+        let t = Instant::now();
+        let response = fleet.enroll(request).await.unwrap().into_inner();
+        // The first calls warm the connection and the gateway up.
+        if i >= 20 {
+            enrolls.push(t.elapsed());
+        }
+        credentials.push((id.device_id().to_owned(), response.credential));
+    }
+    let mut first_messages = Vec::new();
+    for (device, credential) in credentials.iter().take(100) {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tx.send(AgentMessage {
+            kind: Some(agent_message::Kind::Hello(Hello {
+                device_id: device.clone(),
+                agent_version: "0.1.0".into(),
+                facts: Some((&facts).into()),
+                ..Hello::default()
+            })),
+        })
+        .await
+        .unwrap();
+        let t = Instant::now();
+        let mut stream = fleet
+            .sync(with_credential(
+                tokio_stream::wrappers::ReceiverStream::new(rx),
+                credential,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        stream.message().await.unwrap().expect("a first message");
+        first_messages.push(t.elapsed());
+    }
+    let pct = |v: &mut Vec<Duration>, p: f64| {
+        v.sort_unstable();
+        v[((v.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1000.0
+    };
+    println!(
+        "unary: Enroll p50 {:.2} ms p99 {:.2} ms; Sync Hello -> first message p50 {:.2} ms p99 {:.2} ms (a Nagle stall would put them near 40 ms)",
+        pct(&mut enrolls, 0.5),
+        pct(&mut enrolls, 0.99),
+        pct(&mut first_messages, 0.5),
+        pct(&mut first_messages, 0.99)
+    );
+    let _ = child.kill().await;
 }
 
 /// An app asking a real `edgewise-agent run` process over its Unix socket, as apps do. The
@@ -771,12 +840,14 @@ fn main() {
             Some("fanout-peers") => {
                 fanout_peers(args.get(1).and_then(|n| n.parse().ok()).unwrap_or(10_000)).await
             }
+            Some("unary") => unary().await,
             Some("decide-uds") => decide_uds().await,
             Some("download") => download().await,
             Some("download-bounds") => download_bounds().await,
             Some("hash-locality") => hash_locality(),
             Some("agent-rss") => agent_rss().await,
             _ => {
+                unary().await;
                 decide_uds().await;
                 fanout(1_000).await;
                 fanout(10_000).await;

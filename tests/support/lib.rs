@@ -108,9 +108,13 @@ pub fn bench_main<F: Future<Output = ()>>(run: impl FnOnce(Vec<String>) -> F) {
     // bench measures whatever agent was last built in release (it once did, for hours).
     if let Some(cargo) = std::env::var_os("CARGO") {
         let built = std::process::Command::new(cargo)
+            // The bench profile (output in target/release like `--release`): building with
+            // `--release` here made every following `cargo bench` rebuild the shared
+            // dependencies, the two profiles differing in their settings.
             .args([
                 "build",
-                "--release",
+                "--profile",
+                "bench",
                 "-p",
                 "edgewise-agent",
                 "--bin",
