@@ -28,16 +28,6 @@ fn main() {
     bench_main(|_| run());
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
 /// CPU time the process has used, all threads (ns resolution, unlike /proc/pid/stat).
 fn cpu_ns(pid: u32) -> u64 {
     std::fs::read_dir(format!("/proc/{pid}/task"))
@@ -171,7 +161,7 @@ async fn run() {
         .unwrap_or(0)
         / 1024;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let idle_kib = rss_kib(pid);
+    let idle_kib = proc_status_kib(pid, "VmRSS:");
 
     // Warm every path, then interleave.
     let (device, cloud) = (body("device"), body("cloud"));
@@ -243,13 +233,13 @@ async fn run() {
     );
 
     let direct_rps = throughput(&http, &direct.base_url, &device).await;
-    let rss_before = rss_kib(pid);
+    let rss_before = proc_status_kib(pid, "VmRSS:");
     let load = {
         let (http, base, device) = (http.clone(), base.clone(), device.clone());
         tokio::spawn(async move { throughput(&http, &base, &device).await })
     };
     tokio::time::sleep(Duration::from_secs(LOAD_SECS / 2)).await;
-    let busy_kib = rss_kib(pid).max(rss_before);
+    let busy_kib = proc_status_kib(pid, "VmRSS:").max(rss_before);
     let agent_rps = load.await.unwrap();
     let cloud_rps = throughput(&http, &base, &cloud).await;
     // Measured again last, so an order effect shows as two different direct figures.

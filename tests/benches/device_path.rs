@@ -28,16 +28,6 @@ use edgewise_tests::*;
 use tokio::io::AsyncBufReadExt;
 use tokio_util::sync::CancellationToken;
 
-fn rss_kib(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
 fn policy(fallback: &[&str]) -> serde_json::Value {
     serde_json::json!({
         "targets": [
@@ -86,6 +76,19 @@ async fn gateway_child() {
     stop.cancel();
 }
 
+/// [`gateway_child`] started from this bench binary: the process and its address.
+async fn spawn_gateway_child() -> (tokio::process::Child, String) {
+    let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
+        .arg("gateway-child")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let addr = lines.next_line().await.unwrap().unwrap();
+    (child, addr)
+}
+
 /// What one run of our fan-out measured.
 struct Fanout {
     connect: Duration,
@@ -125,17 +128,10 @@ async fn fanout(n: usize) {
 /// `n` simulated agents, `per_connection` of them sharing each HTTP/2 connection, against
 /// a gateway in its own process.
 async fn fanout_run(n: usize, per_connection: usize) -> Fanout {
-    let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
-        .arg("gateway-child")
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let (mut child, addr) = spawn_gateway_child().await;
     let pid = child.id().unwrap();
-    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let addr = lines.next_line().await.unwrap().unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let baseline = rss_kib(pid, "VmRSS:");
+    let baseline = proc_status_kib(pid, "VmRSS:");
     let dir = tempfile::tempdir().unwrap();
     let started = Instant::now();
     let fleet = SimFleet::start(&SimConfig {
@@ -170,7 +166,7 @@ async fn fanout_run(n: usize, per_connection: usize) -> Fanout {
     }
     let connect = started.elapsed();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let loaded = rss_kib(pid, "VmRSS:");
+    let loaded = proc_status_kib(pid, "VmRSS:");
 
     // Policy change → last ACK: the device applies and ACKs in the same step, so the time
     // the last device runs the new version is the time of its ACK (± one poll).
@@ -269,14 +265,8 @@ async fn fanout_peers(n: usize) {
 async fn unary() {
     use edgewise_proto::fleet::fleet_client::FleetClient;
     use edgewise_proto::fleet::{AgentMessage, Hello, agent_message};
-    let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
-        .arg("gateway-child")
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let url = format!("http://{}", lines.next_line().await.unwrap().unwrap());
+    let (mut child, addr) = spawn_gateway_child().await;
+    let url = format!("http://{addr}");
     let mut fleet = FleetClient::new(fleet_channel(&url));
     let facts = edgewise_tests::facts("linux", "arm64", 1024, &[]);
     let mut enrolls = Vec::new();
@@ -801,8 +791,8 @@ async fn agent_rss() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let idle = rss_kib(pid, "VmRSS:");
-    let idle_peak = rss_kib(pid, "VmHWM:");
+    let idle = proc_status_kib(pid, "VmRSS:");
+    let idle_peak = proc_status_kib(pid, "VmHWM:");
     h.apply([Change::ApplyRollout(rollout("m").build())]);
     let t = Instant::now();
     let mut peak = 0;
@@ -810,14 +800,14 @@ async fn agent_rss() {
         .unwrap_or_default()
         .contains("1.0.0")
     {
-        peak = peak.max(rss_kib(pid, "VmRSS:"));
+        peak = peak.max(proc_status_kib(pid, "VmRSS:"));
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(
             t.elapsed() < Duration::from_secs(120),
             "download did not finish"
         );
     }
-    let hwm = rss_kib(pid, "VmHWM:");
+    let hwm = proc_status_kib(pid, "VmHWM:");
     println!(
         "agent RSS: idle {:.1} MiB (peak so far {:.1} MiB); while downloading 1 GiB: max sampled {:.1} MiB, VmHWM {:.1} MiB; download+activate {:.1} s",
         idle as f64 / 1024.0,

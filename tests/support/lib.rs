@@ -131,6 +131,20 @@ pub fn bench_main<F: Future<Output = ()>>(run: impl FnOnce(Vec<String>) -> F) {
         .block_on(run(args));
 }
 
+/// A `/proc/<pid>/status` memory field in KiB (`"VmRSS:"`, `"VmHWM:"`); 0 when absent.
+///
+/// # Panics
+/// When the process is gone.
+pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("the process is running")
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Runs `cmd`, which must succeed: its stdout.
 ///
 /// # Panics

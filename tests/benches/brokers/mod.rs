@@ -72,16 +72,6 @@ fn free_port() -> u16 {
         .unwrap()
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
 /// Starts `kind` on a free loopback port, configured for `n` connections.
 fn start(kind: Kind, dir: &Path) -> (tokio::process::Child, SocketAddr) {
     let port = free_port();
@@ -142,7 +132,7 @@ pub async fn fanout(kind: Kind, n: usize, payload: &[u8]) -> Measured {
     let pid = child.id().unwrap();
     drop(connect_when_up(addr).await);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let baseline = rss_kib(pid);
+    let baseline = edgewise_tests::proc_status_kib(pid, "VmRSS:");
     let arrivals = Arc::new(Arrivals {
         base: Instant::now(),
         count: AtomicUsize::new(0),
@@ -168,7 +158,7 @@ pub async fn fanout(kind: Kind, n: usize, payload: &[u8]) -> Measured {
     }
     let connect = started.elapsed();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let loaded = rss_kib(pid);
+    let loaded = edgewise_tests::proc_status_kib(pid, "VmRSS:");
 
     let publish_at = match kind {
         Kind::Mosquitto => mqtt_publish(addr, payload).await,
