@@ -138,7 +138,8 @@ impl ServerCertVerifier for PinnedVerifier {
 
 impl PinnedVerifier {
     /// Whether the chain's last certificate was issued by a root whose key is pinned (the
-    /// chain has verified, so that root is the one it ends at).
+    /// chain has verified, so that root is the one it ends at; two trusted roots with the
+    /// same subject would both count, which only matters if one of them is not pinned).
     fn root_pinned(
         &self,
         end_entity: &CertificateDer<'_>,
