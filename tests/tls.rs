@@ -69,6 +69,24 @@ async fn enroll(url: &str, tls: &GatewayTls) -> Result<(), String> {
     }
 }
 
+/// A harness gateway serving a certificate `ca` issued, from files in `dir` it re-reads
+/// every 100 ms: the files, the harness and its `https://` URL.
+async fn gateway_issued_by(ca: &TestCa, dir: &Path) -> (TlsFiles, Harness, String) {
+    let files = TlsFiles {
+        cert: dir.join("tls.crt"),
+        key: dir.join("tls.key"),
+        reload_every: Duration::from_millis(100),
+    };
+    ca.issue_into(&files);
+    let h = Harness::start_with(GatewayConfig {
+        tls: Some(files.clone()),
+        ..GatewayConfig::default()
+    })
+    .await;
+    let https = format!("https://{}", h.gateway_addr);
+    (files, h, https)
+}
+
 fn trusting(ca: &TestCa) -> GatewayTls {
     GatewayTls {
         insecure: false,
@@ -80,19 +98,8 @@ fn trusting(ca: &TestCa) -> GatewayTls {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agents_verify_the_gateway_and_a_rotated_certificate_serves_without_a_restart() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let files = TlsFiles {
-        cert: dir.path().join("tls.crt"),
-        key: dir.path().join("tls.key"),
-        reload_every: Duration::from_millis(100),
-    };
     let (first, second) = (TestCa::new("first CA"), TestCa::new("second CA"));
-    first.issue_into(&files);
-    let h = Harness::start_with(GatewayConfig {
-        tls: Some(files.clone()),
-        ..GatewayConfig::default()
-    })
-    .await;
-    let https = format!("https://{}", h.gateway_addr);
+    let (files, h, https) = gateway_issued_by(&first, dir.path()).await;
 
     // An agent that trusts the gateway's CA enrolls and receives the fleet's policy.
     h.apply([Change::ApplyPolicy(routing_policy(
@@ -234,19 +241,8 @@ fn openssl_pin(cert: &Path) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pinned_key_must_be_in_the_gateways_chain() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let files = TlsFiles {
-        cert: dir.path().join("tls.crt"),
-        key: dir.path().join("tls.key"),
-        reload_every: Duration::from_millis(100),
-    };
     let (ca, stranger) = (TestCa::new("pinned CA"), TestCa::new("stranger CA"));
-    ca.issue_into(&files);
-    let h = Harness::start_with(GatewayConfig {
-        tls: Some(files.clone()),
-        ..GatewayConfig::default()
-    })
-    .await;
-    let https = format!("https://{}", h.gateway_addr);
+    let (files, h, https) = gateway_issued_by(&ca, dir.path()).await;
     let (ca_pem, stranger_pem) = (dir.path().join("ca.pem"), dir.path().join("other.pem"));
     std::fs::write(&ca_pem, ca.pem()).expect("ca");
     std::fs::write(&stranger_pem, stranger.pem()).expect("other");

@@ -214,6 +214,37 @@ mod tests {
         assert_ne!(name, object_name(&"u".repeat(253)));
     }
 
+    proptest::proptest! {
+        /// Any sequence of enrolments against a model (a set per token): a device is
+        /// admitted exactly when it was admitted before or its token has room, and no
+        /// token ever holds more than its cap.
+        #[test]
+        fn any_sequence_of_enrolments_keeps_every_cap(
+            cap in 0u32..5,
+            attempts in proptest::collection::vec((0usize..3, 0usize..8), 0..60),
+        ) {
+            let mut sets: Vec<BTreeSet<String>> = vec![BTreeSet::new(); 3];
+            let mut model: Vec<Vec<usize>> = vec![Vec::new(); 3];
+            for (token, device) in attempts {
+                let id = format!("dev-{device}");
+                let known = model[token].contains(&device);
+                let room = model[token].len() < cap as usize;
+                let got = claim(&mut sets[token], &id, cap);
+                let expected = if known {
+                    Claim::Known
+                } else if room {
+                    model[token].push(device);
+                    Claim::Added
+                } else {
+                    Claim::Full
+                };
+                proptest::prop_assert_eq!(got, expected);
+                proptest::prop_assert!(sets[token].len() <= cap as usize);
+                proptest::prop_assert_eq!(sets[token].len(), model[token].len());
+            }
+        }
+    }
+
     #[tokio::test]
     async fn in_process_the_cap_holds_per_token() {
         let ledger = EnrolmentLedger::default();
