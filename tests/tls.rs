@@ -242,7 +242,7 @@ fn openssl_pin(cert: &Path) -> String {
 async fn a_pinned_key_must_be_in_the_gateways_chain() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (ca, stranger) = (TestCa::new("pinned CA"), TestCa::new("stranger CA"));
-    let (files, h, https) = gateway_issued_by(&ca, dir.path()).await;
+    let (files, _gateway, https) = gateway_issued_by(&ca, dir.path()).await;
     let (ca_pem, stranger_pem) = (dir.path().join("ca.pem"), dir.path().join("other.pem"));
     std::fs::write(&ca_pem, ca.pem()).expect("ca");
     std::fs::write(&stranger_pem, stranger.pem()).expect("other");
