@@ -12,6 +12,10 @@
 //! (requests interleaved, so drift hits both sides alike), throughput at 64 concurrent
 //! streams, and the agent's RSS idle and under load with the model's memory apart.
 //! Results go to stdout; `docs/benchmarks.md` records them.
+//!
+//! `-- litellm` puts the agent beside LiteLLM's proxy (PyPI `litellm[proxy]`, found as
+//! `litellm` on PATH or at `$EDGEWISE_LITELLM`; `scripts/bench` installs it) in front of the
+//! same upstream server, the same requests, the same concurrency.
 #![allow(missing_docs, clippy::unwrap_used)]
 
 use std::time::{Duration, Instant};
@@ -25,7 +29,12 @@ const STREAMS: usize = 64;
 const LOAD_SECS: u64 = 8;
 
 fn main() {
-    bench_main(|_| run());
+    bench_main(|args| async move {
+        match args.first().map(String::as_str) {
+            Some("litellm") => litellm().await,
+            _ => run().await,
+        }
+    });
 }
 
 /// CPU time the process has used, all threads (ns resolution, unlike /proc/pid/stat).
@@ -120,31 +129,9 @@ async fn run() {
             }),
         )),
     ]);
-    let dir = h.dir.path().join("agent");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("token"), TOKEN).unwrap();
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .unwrap();
-    std::fs::write(
-        dir.join("agent.toml"),
-        format!(
-            "gateway = \"{}\"\ninsecure = true\nbootstrap_token_file = \"{}\"\ndata_dir = \"{}\"\nprobe_network = false\n[data_plane]\nlisten = \"{addr}\"\n",
-            h.gateway_url(),
-            dir.join("token").display(),
-            dir.join("data").display()
-        ),
-    )
-    .unwrap();
-    let mut agent = tokio::process::Command::new(workspace_binary("edgewise-agent"))
-        .args(["run", "--config"])
-        .arg(dir.join("agent.toml"))
-        .env("RUST_LOG", "warn")
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let (mut agent, base) = spawn_agent(&h).await;
     let pid = agent.id().unwrap();
-    let base = format!("http://{addr}/v1");
+    let dir = h.dir.path().join("agent");
     let http = reqwest::Client::builder()
         .tcp_nodelay(true)
         .build()
@@ -353,4 +340,187 @@ async fn first_answer_of(
         }
     }
     (first, failed, total)
+}
+
+/// The agent as its own process (`edgewise-agent run`) enrolled with `h`'s gateway; returns
+/// it and its data plane's base URL.
+async fn spawn_agent(h: &Harness) -> (tokio::process::Child, String) {
+    let dir = h.dir.path().join("agent");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("token"), TOKEN).unwrap();
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap();
+    std::fs::write(
+        dir.join("agent.toml"),
+        format!(
+            "gateway = \"{}\"\nbootstrap_token_file = \"{}\"\ndata_dir = \"{}\"\nprobe_network = false\n[tls]\nca_file = \"{}\"\n[data_plane]\nlisten = \"{addr}\"\n",
+            h.gateway_url(),
+            dir.join("token").display(),
+            dir.join("data").display(),
+            test_pki().ca.display()
+        ),
+    )
+    .unwrap();
+    let agent = tokio::process::Command::new(workspace_binary("edgewise-agent"))
+        .args(["run", "--config"])
+        .arg(dir.join("agent.toml"))
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    (agent, format!("http://{addr}/v1"))
+}
+
+/// The agent's data plane and LiteLLM's proxy, each in front of the same upstream
+/// (serve-model), measured interleaved at one stream and then at `STREAMS` streams.
+async fn litellm() {
+    let h = Harness::start().await;
+    let file = h.publish_tiny("assistant", "1.0.0", 1).await;
+    let upstream = serve_model(&file, "assistant").await;
+    // Every request goes to the cloud target: the agent is a proxy here, as LiteLLM is.
+    h.apply([
+        Change::ApplyRollout(rollout("assistant").named("assistant").stable("1.0.0").build()),
+        Change::ApplyPolicy(routing_policy(
+            "p",
+            json!({
+                "targets": [
+                    {"name": "on-device", "device": {"model": "assistant"}},
+                    {"name": "cloud", "cloud": {"endpoint": upstream.base_url, "model": "assistant"}}
+                ],
+                "rules": [],
+                "default": {"route": "cloud", "fallback": ["on-device"]}
+            }),
+        )),
+    ]);
+    let (mut agent, base) = spawn_agent(&h).await;
+    let agent_pid = agent.id().unwrap();
+    let (mut proxy, litellm_base) =
+        spawn_litellm(&h.dir.path().join("litellm"), &upstream.base_url).await;
+    let proxy_pid = proxy.id().unwrap();
+    let http = reqwest::Client::builder()
+        .tcp_nodelay(true)
+        // LiteLLM wants its master key; the agent and serve-model ignore the header.
+        .default_headers(
+            [(
+                reqwest::header::AUTHORIZATION,
+                format!("Bearer {LITELLM_KEY}").parse().unwrap(),
+            )]
+            .into_iter()
+            .collect(),
+        )
+        .build()
+        .unwrap();
+    data_plane_serves(&http, &base, "1.0.0").await;
+    // No `edgewise` object: LiteLLM would pass it upstream as an unknown parameter.
+    let mut request = body("cloud");
+    request.as_object_mut().unwrap().remove("edgewise");
+    for _ in 0..50 {
+        once(&http, &upstream.base_url, &request).await;
+        once(&http, &base, &request).await;
+        once(&http, &litellm_base, &request).await;
+    }
+    // In alternating blocks, not request by request: LiteLLM keeps working after it has
+    // answered (logging, spend tracking), which would slow whichever request came next.
+    const BLOCK: usize = 25;
+    let (mut d, mut a, mut l) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..SAMPLES / BLOCK {
+        for (samples, at) in [
+            (&mut d, &upstream.base_url),
+            (&mut a, &base),
+            (&mut l, &litellm_base),
+        ] {
+            for _ in 0..BLOCK {
+                samples.push(once(&http, at, &request).await);
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+    for v in [&mut d, &mut a, &mut l] {
+        v.sort();
+    }
+    let added = |v: &[Duration], p: f64| pct(v, p) - pct(&d, p);
+    println!(
+        "proxy in front of serve-model, one stream, {SAMPLES} requests each (max_tokens 1), ms:"
+    );
+    println!(
+        "  serve-model alone p50 {:.3} p99 {:.3}",
+        pct(&d, 0.5),
+        pct(&d, 0.99)
+    );
+    println!(
+        "  added: agent p50 {:.3} ms p99 {:.3} ms; litellm p50 {:.3} ms p99 {:.3} ms",
+        added(&a, 0.5),
+        added(&a, 0.99),
+        added(&l, 0.5),
+        added(&l, 0.99)
+    );
+    let upstream_pid = upstream.child.id().unwrap();
+    let agent_cpu = cpu_per_request(&[agent_pid, upstream_pid], &http, &base, &request).await;
+    let proxy_cpu =
+        cpu_per_request(&[proxy_pid, upstream_pid], &http, &litellm_base, &request).await;
+    println!(
+        "  CPU per request, µs: agent {:.0} (upstream {:.0}); litellm {:.0} (upstream {:.0})",
+        agent_cpu[0], agent_cpu[1], proxy_cpu[0], proxy_cpu[1]
+    );
+    let direct_rps = throughput(&http, &upstream.base_url, &request).await;
+    let agent_rps = throughput(&http, &base, &request).await;
+    let litellm_rps = throughput(&http, &litellm_base, &request).await;
+    let direct_after = throughput(&http, &upstream.base_url, &request).await;
+    println!(
+        "  {STREAMS} streams, requests/s: serve-model {direct_rps:.0} (first) {direct_after:.0} (last); agent {agent_rps:.0}; litellm {litellm_rps:.0}"
+    );
+    proxy.kill().await.unwrap();
+    agent.kill().await.unwrap();
+}
+
+const LITELLM_KEY: &str = "sk-edgewise-bench-not-a-secret";
+
+/// LiteLLM's proxy with one model, `assistant`, at `upstream` (an OpenAI-compatible base
+/// URL); waits until it answers its liveness probe.
+async fn spawn_litellm(dir: &std::path::Path, upstream: &str) -> (tokio::process::Child, String) {
+    std::fs::create_dir_all(dir).unwrap();
+    let config = dir.join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "model_list:\n  - model_name: assistant\n    litellm_params:\n      model: openai/assistant\n      api_base: {upstream}\n      api_key: none\n"
+        ),
+    )
+    .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    let program = std::env::var("EDGEWISE_LITELLM").unwrap_or_else(|_| "litellm".into());
+    let log = std::fs::File::create(dir.join("litellm.log")).unwrap();
+    let child = tokio::process::Command::new(&program)
+        .args(["--config"])
+        .arg(&config)
+        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+        .env("LITELLM_MASTER_KEY", LITELLM_KEY)
+        // Its price table from the package, not from GitHub (nothing but registries here).
+        .env("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+        .env("LITELLM_LOG", "ERROR")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("cannot start {program} ({e}): pip install 'litellm[proxy]', or run scripts/bench proxy")
+        });
+    let base = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let live = reqwest::get(format!("{base}/health/liveliness")).await;
+        if live.is_ok_and(|r| r.status().is_success()) {
+            return (child, format!("{base}/v1"));
+        }
+        assert!(
+            Instant::now() < deadline,
+            "LiteLLM did not start in 180 s; see {}",
+            dir.join("litellm.log").display()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }

@@ -773,10 +773,11 @@ async fn agent_rss() {
     std::fs::write(
         dir.join("agent.toml"),
         format!(
-            "gateway = \"{}\"\ninsecure = true\nbootstrap_token_file = \"{}\"\ndata_dir = \"{}\"\n",
+            "gateway = \"{}\"\nbootstrap_token_file = \"{}\"\ndata_dir = \"{}\"\n[tls]\nca_file = \"{}\"\n",
             h.gateway_url(),
             dir.join("token").display(),
-            dir.join("data").display()
+            dir.join("data").display(),
+            test_pki().ca.display()
         ),
     )
     .unwrap();

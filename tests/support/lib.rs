@@ -107,7 +107,26 @@ pub fn bench_main<F: Future<Output = ()>>(run: impl FnOnce(Vec<String>) -> F) {
     // `cargo bench` builds this package, not the binaries it starts: without this, a
     // bench measures whatever agent was last built in release (it once did, for hours).
     if let Some(cargo) = std::env::var_os("CARGO") {
-        let built = std::process::Command::new(cargo)
+        let mut build = std::process::Command::new(cargo);
+        // What cargo sets for the bench it runs, not for a build: ring's build script reruns
+        // when CARGO_MANIFEST_DIR changes, so with them every bench rebuilt the TLS stack
+        // twice (here, and again in the next `cargo bench`).
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy();
+            if key.starts_with("CARGO_PKG_")
+                || [
+                    "CARGO_MANIFEST_DIR",
+                    "CARGO_MANIFEST_PATH",
+                    "CARGO_CRATE_NAME",
+                    "CARGO_PRIMARY_PACKAGE",
+                    "CARGO_TARGET_TMPDIR",
+                ]
+                .contains(&key.as_ref())
+            {
+                build.env_remove(key.as_ref());
+            }
+        }
+        let built = build
             // The bench profile (output in target/release like `--release`): building with
             // `--release` here made every following `cargo bench` rebuild the shared
             // dependencies, the two profiles differing in their settings.
