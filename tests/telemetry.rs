@@ -961,6 +961,7 @@ async fn an_error_storm_of_4_kib_messages_uploads_completely() {
             max_bytes: 64 << 20,
             segment_bytes: 8 << 20,
             durable: false,
+            ..BufferConfig::default()
         },
     )
     .expect("opens");
@@ -1026,6 +1027,7 @@ async fn a_full_buffer_drops_the_oldest_and_the_drop_count_reaches_clickhouse() 
             max_bytes: 64 << 10,
             segment_bytes: 8 << 10,
             durable: true,
+            ..BufferConfig::default()
         },
     )
     .expect("opens");
@@ -1357,6 +1359,7 @@ async fn a_gateway_killed_between_insert_and_ack_loses_and_double_counts_nothing
             max_bytes: 16 << 20,
             segment_bytes: 1 << 20,
             durable: true,
+            ..BufferConfig::default()
         },
     )
     .expect("opens");

@@ -179,6 +179,7 @@ impl SimFleet {
                             max_bytes: 16 << 20,
                             segment_bytes: 1 << 20,
                             durable: false,
+                            ..BufferConfig::default()
                         },
                     )
                     .map_err(|e| StartError::State {

@@ -25,6 +25,7 @@ fn config() -> BufferConfig {
         max_bytes: 1 << 30,
         segment_bytes: 64 << 10,
         durable: true,
+        ..BufferConfig::default()
     }
 }
 

@@ -95,6 +95,7 @@ async fn a_full_disk_fails_appends_cleanly_counts_them_and_recovers() {
             // Small segments: the disk also fills while segments roll over.
             segment_bytes: 16 << 10,
             durable: true,
+            ..BufferConfig::default()
         },
     )
     .expect("opens");

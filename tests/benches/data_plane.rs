@@ -366,6 +366,8 @@ async fn spawn_agent(h: &Harness) -> (tokio::process::Child, String) {
         .args(["run", "--config"])
         .arg(dir.join("agent.toml"))
         .env("RUST_LOG", "warn")
+        // The README's setting for small models, as serve-model has it (support).
+        .env("RAYON_NUM_THREADS", "1")
         .kill_on_drop(true)
         .spawn()
         .unwrap();

@@ -1210,6 +1210,9 @@ pub async fn serve_model(model: &Path, name: &str) -> ServedModel {
             "--model",
         ])
         .arg(model)
+        // As the README runs small models: candle's spin-waiting worker threads would
+        // otherwise take both of a 2-core machine's cores from whatever is measured beside.
+        .env("RAYON_NUM_THREADS", "1")
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()

@@ -724,7 +724,7 @@ impl DataPlane {
         let router = self.device.router.clone();
         router.charge(&outcome);
         tokio::spawn(async move {
-            if let Err(e) = router.record(&outcome).await {
+            if let Err(e) = router.record_soon(&outcome).await {
                 warn!(error = %e, "recording a data-plane request");
             }
         });

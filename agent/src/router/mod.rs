@@ -438,6 +438,19 @@ impl LocalRouter {
     /// # Errors
     /// When the telemetry buffer cannot store the event.
     pub async fn record(&self, outcome: &Outcome) -> Result<(), BufferError> {
+        self.buffer_outcome(outcome, false).await
+    }
+
+    /// As [`LocalRouter::record`], for an outcome nobody waits on (a request the data
+    /// plane has answered): synced with others within the buffer's `sync_interval`.
+    ///
+    /// # Errors
+    /// When the telemetry buffer cannot store the event.
+    pub async fn record_soon(&self, outcome: &Outcome) -> Result<(), BufferError> {
+        self.buffer_outcome(outcome, true).await
+    }
+
+    async fn buffer_outcome(&self, outcome: &Outcome, soon: bool) -> Result<(), BufferError> {
         let Some(policy) = self.policy.current() else {
             return Ok(());
         };
@@ -479,7 +492,12 @@ impl LocalRouter {
                 router_version: clip(&outcome.router_version, MAX_FIELD_LEN),
                 first_token_ms: outcome.first_token_ms,
             };
-            buffer.append(vec![Event::Inference(event)]).await?;
+            let events = vec![Event::Inference(event)];
+            if soon {
+                buffer.append_soon(events).await?;
+            } else {
+                buffer.append(events).await?;
+            }
         }
         Ok(())
     }
@@ -502,6 +520,7 @@ mod tests {
                 max_bytes: 1 << 20,
                 segment_bytes: 1 << 16,
                 durable: false,
+                ..crate::telemetry::BufferConfig::default()
             },
         )
         .expect("opens");

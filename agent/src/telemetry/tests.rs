@@ -1,4 +1,5 @@
 use std::io::Write;
+use std::time::{Duration, Instant};
 
 use edgewise_proto::fleet::InferenceEvent;
 
@@ -31,6 +32,7 @@ fn small(durable: bool) -> BufferConfig {
         max_bytes: 1 << 20,
         segment_bytes: 4 << 10,
         durable,
+        ..BufferConfig::default()
     }
 }
 
@@ -161,6 +163,7 @@ async fn when_full_the_oldest_are_dropped_and_counted() {
         max_bytes: 16 << 10,
         segment_bytes: 2 << 10,
         durable: false,
+        ..BufferConfig::default()
     };
     let buf = TelemetryBuffer::open(dir.path(), config).expect("opens");
     for chunk in 0..20 {
@@ -219,6 +222,100 @@ async fn concurrent_appends_are_group_committed() {
     assert_eq!(b.events().len(), 400);
 }
 
+/// A steady trickle of appends nobody waits on (the data plane's requests) costs one fsync
+/// per `sync_interval`, not one per event, and every event lands.
+#[tokio::test]
+async fn a_trickle_of_appends_soon_is_synced_at_most_once_per_interval() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let interval = Duration::from_millis(20);
+    let buf = TelemetryBuffer::open(
+        dir.path(),
+        BufferConfig {
+            sync_interval: interval,
+            ..BufferConfig::default()
+        },
+    )
+    .expect("opens");
+    let started = Instant::now();
+    let mut pending = Vec::new();
+    for i in 0..60 {
+        let buf = buf.clone();
+        pending.push(tokio::spawn(async move {
+            buf.append_soon(vec![event(i)]).await
+        }));
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    for p in pending {
+        p.await.expect("joins").expect("appends");
+    }
+    let elapsed = started.elapsed();
+    let bound = 2 + (elapsed.as_millis() / interval.as_millis()) as u64;
+    assert!(
+        buf.commits() <= bound,
+        "{} syncs for 60 appends over {elapsed:?}; at most {bound} expected",
+        buf.commits()
+    );
+    let b = buf
+        .next_batch(10_000, usize::MAX)
+        .expect("reads")
+        .expect("batch");
+    assert_eq!(b.events().len(), 60, "every event synced");
+}
+
+/// An append that is waited on is synced at once, taking the unsynced ones along; until a
+/// sync, unsynced events are not uploaded, yet already in the file, so a restart after the
+/// agent's own crash finds them.
+#[tokio::test]
+async fn an_append_is_never_held_for_the_interval_and_unsynced_events_survive_a_crash() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let buf = TelemetryBuffer::open(
+        dir.path(),
+        BufferConfig {
+            sync_interval: Duration::from_secs(3600),
+            ..BufferConfig::default()
+        },
+    )
+    .expect("opens");
+    let soon = {
+        let buf = buf.clone();
+        tokio::spawn(async move { buf.append_soon(vec![event(1)]).await })
+    };
+    let segment = dir.path().join("seg-0000000000000000.log");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::metadata(&segment).expect("segment").len() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "an append_soon is written at once"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(!soon.is_finished(), "held for its sync");
+    assert!(
+        buf.next_batch(100, usize::MAX).expect("reads").is_none(),
+        "nothing unsynced is uploaded"
+    );
+    // What a restart after a crash now would find.
+    let copy = tempfile::tempdir().expect("tempdir");
+    std::fs::copy(&segment, copy.path().join("seg-0000000000000000.log")).expect("copies");
+    let reopened = TelemetryBuffer::open(copy.path(), BufferConfig::default()).expect("opens");
+    let found = reopened
+        .next_batch(100, usize::MAX)
+        .expect("reads")
+        .expect("a batch");
+    assert_eq!(ids(&found.events()), ["e-1"]);
+
+    tokio::time::timeout(Duration::from_secs(10), buf.append(vec![event(2)]))
+        .await
+        .expect("not held for the hour")
+        .expect("appends");
+    soon.await.expect("joins").expect("synced with it");
+    let b = buf
+        .next_batch(100, usize::MAX)
+        .expect("reads")
+        .expect("batch");
+    assert_eq!(ids(&b.events()), ["e-1", "e-2"]);
+}
+
 /// Segments are read in windows: records cut by a window's end, and damage across one, must
 /// read exactly as from a whole file.
 #[tokio::test]
@@ -228,6 +325,7 @@ async fn large_segments_read_across_windows_and_damage_at_a_boundary_is_skipped_
         max_bytes: 64 << 20,
         segment_bytes: 8 << 20,
         durable: false,
+        ..BufferConfig::default()
     };
     let buf = TelemetryBuffer::open(dir.path(), config.clone()).expect("opens");
     let total = 40_000u64;
