@@ -718,16 +718,14 @@ impl DataPlane {
         Ok(())
     }
 
-    /// Counts the request against budgets now (the next decision must see it), then
-    /// records it in the background.
+    /// Counts the request against budgets now (the next decision must see it) and hands
+    /// its record to the telemetry writer, which nobody here waits for.
     fn report(&self, outcome: WireOutcome) {
-        let router = self.device.router.clone();
+        let router = &self.device.router;
         router.charge(&outcome);
-        tokio::spawn(async move {
-            if let Err(e) = router.record_soon(&outcome).await {
-                warn!(error = %e, "recording a data-plane request");
-            }
-        });
+        if let Err(e) = router.record_soon(&outcome) {
+            warn!(error = %e, "recording a data-plane request");
+        }
     }
 }
 

@@ -438,68 +438,68 @@ impl LocalRouter {
     /// # Errors
     /// When the telemetry buffer cannot store the event.
     pub async fn record(&self, outcome: &Outcome) -> Result<(), BufferError> {
-        self.buffer_outcome(outcome, false).await
+        match (&self.telemetry, self.event_of(outcome)) {
+            (Some(buffer), Some(event)) => buffer.append(vec![event]).await,
+            _ => Ok(()),
+        }
     }
 
     /// As [`LocalRouter::record`], for an outcome nobody waits on (a request the data
-    /// plane has answered): synced with others within the buffer's `sync_interval`.
+    /// plane has answered): handed to the telemetry writer, synced with others within the
+    /// buffer's `sync_interval`; a failure to store it is counted as dropped events.
     ///
     /// # Errors
-    /// When the telemetry buffer cannot store the event.
-    pub async fn record_soon(&self, outcome: &Outcome) -> Result<(), BufferError> {
-        self.buffer_outcome(outcome, true).await
+    /// When the telemetry buffer is closed.
+    pub fn record_soon(&self, outcome: &Outcome) -> Result<(), BufferError> {
+        match (&self.telemetry, self.event_of(outcome)) {
+            (Some(buffer), Some(event)) => buffer.append_soon(vec![event]),
+            _ => Ok(()),
+        }
     }
 
-    async fn buffer_outcome(&self, outcome: &Outcome, soon: bool) -> Result<(), BufferError> {
-        let Some(policy) = self.policy.current() else {
-            return Ok(());
-        };
+    /// The telemetry event of an outcome; `None` without a policy (nothing to attribute
+    /// it to) or a telemetry buffer.
+    fn event_of(&self, outcome: &Outcome) -> Option<Event> {
+        self.telemetry.as_ref()?;
+        let policy = self.policy.current()?;
         let targets = policy.compiled.targets();
         let cost = self.cloud_price(&outcome.target);
         let tokens = outcome.input_tokens.saturating_add(outcome.output_tokens);
-        if let Some(buffer) = &self.telemetry {
-            // The model family is the device target's: the app's model, whichever target ran.
-            let family = targets.iter().find_map(|t| match &t.kind {
-                TargetKind::Device { model } => Some(model.to_string()),
-                TargetKind::Cloud { .. } => None,
-            });
-            let models = self.models.borrow().clone();
-            let local = family.as_deref().and_then(|m| models.models.get(m));
-            let event = InferenceEvent {
-                event_id: new_event_id(),
-                time_unix_ms: crate::telemetry::now_unix_ms() - outcome.latency_ms.max(0.0) as i64,
-                model: family.clone().unwrap_or_default(),
-                version: local.map(|m| m.version.clone()).unwrap_or_default(),
-                variant: local.map(|m| m.variant.clone()).unwrap_or_default(),
-                target: clip(&outcome.target, MAX_FIELD_LEN),
-                on_device: cost.is_none(),
-                rule: clip(&outcome.rule, MAX_FIELD_LEN),
-                policy_version: clip(&outcome.policy_version, MAX_FIELD_LEN),
-                latency_ms: outcome.latency_ms,
-                ok: outcome.ok,
-                fallback_used: outcome.fallback_used,
-                error: clip(&outcome.error, MAX_ERROR_BYTES),
-                input_tokens: outcome.input_tokens,
-                output_tokens: outcome.output_tokens,
-                cost_usd: cost.map_or(0.0, |per_1k| per_1k * f64::from(tokens) / 1000.0),
-                shadow: i32::try_from(outcome.shadow_agreement).unwrap_or(0),
-                task: clip(&outcome.task, MAX_FIELD_LEN),
-                data_class: clip(&outcome.data_class, MAX_FIELD_LEN),
-                rollout: family
-                    .as_deref()
-                    .and_then(|m| models.rollouts.get(m).cloned())
-                    .unwrap_or_default(),
-                router_version: clip(&outcome.router_version, MAX_FIELD_LEN),
-                first_token_ms: outcome.first_token_ms,
-            };
-            let events = vec![Event::Inference(event)];
-            if soon {
-                buffer.append_soon(events).await?;
-            } else {
-                buffer.append(events).await?;
-            }
-        }
-        Ok(())
+        // The model family is the device target's: the app's model, whichever target ran.
+        let family = targets.iter().find_map(|t| match &t.kind {
+            TargetKind::Device { model } => Some(model.to_string()),
+            TargetKind::Cloud { .. } => None,
+        });
+        let models = self.models.borrow().clone();
+        let local = family.as_deref().and_then(|m| models.models.get(m));
+        let event = InferenceEvent {
+            event_id: new_event_id(),
+            time_unix_ms: crate::telemetry::now_unix_ms() - outcome.latency_ms.max(0.0) as i64,
+            model: family.clone().unwrap_or_default(),
+            version: local.map(|m| m.version.clone()).unwrap_or_default(),
+            variant: local.map(|m| m.variant.clone()).unwrap_or_default(),
+            target: clip(&outcome.target, MAX_FIELD_LEN),
+            on_device: cost.is_none(),
+            rule: clip(&outcome.rule, MAX_FIELD_LEN),
+            policy_version: clip(&outcome.policy_version, MAX_FIELD_LEN),
+            latency_ms: outcome.latency_ms,
+            ok: outcome.ok,
+            fallback_used: outcome.fallback_used,
+            error: clip(&outcome.error, MAX_ERROR_BYTES),
+            input_tokens: outcome.input_tokens,
+            output_tokens: outcome.output_tokens,
+            cost_usd: cost.map_or(0.0, |per_1k| per_1k * f64::from(tokens) / 1000.0),
+            shadow: i32::try_from(outcome.shadow_agreement).unwrap_or(0),
+            task: clip(&outcome.task, MAX_FIELD_LEN),
+            data_class: clip(&outcome.data_class, MAX_FIELD_LEN),
+            rollout: family
+                .as_deref()
+                .and_then(|m| models.rollouts.get(m).cloned())
+                .unwrap_or_default(),
+            router_version: clip(&outcome.router_version, MAX_FIELD_LEN),
+            first_token_ms: outcome.first_token_ms,
+        };
+        Some(Event::Inference(event))
     }
 }
 

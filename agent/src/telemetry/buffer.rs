@@ -189,15 +189,17 @@ struct State {
 enum Durability {
     /// Synced before the append returns (`Router.Report` acknowledges only then).
     Now,
-    /// Written at once, synced with the next group within `sync_interval`.
+    /// Written at once, synced with the next group within `sync_interval`; nobody waits.
     Soon,
 }
 
-/// An append waiting for the writer.
+type Done = oneshot::Sender<Result<(), Arc<std::io::Error>>>;
+
+/// An append waiting for the writer; `done` hears the outcome, if anyone waits.
 struct Queued {
     events: Vec<Event>,
     durability: Durability,
-    done: oneshot::Sender<Result<(), Arc<std::io::Error>>>,
+    done: Option<Done>,
 }
 
 /// The buffer. Cheap to share behind an `Arc`.
@@ -414,17 +416,31 @@ impl TelemetryBuffer {
         self.queue(events, Durability::Now).await
     }
 
-    /// Appends events that nobody waits on: written at once (the agent's own crash does not
-    /// lose them), on disk within `sync_interval`, when this resolves.
+    /// Appends events that nobody waits on (a data plane's record of a request it has
+    /// answered): handed to the writer, which writes them at once (the agent's own crash does
+    /// not lose them) and syncs them within `sync_interval`. A failure to store them is
+    /// logged and counted as dropped events, which the gateway hears of.
     ///
     /// # Errors
-    /// As [`append`](TelemetryBuffer::append).
-    pub async fn append_soon(&self, events: Vec<Event>) -> Result<(), BufferError> {
-        self.queue(events, Durability::Soon).await
+    /// [`BufferError::Closed`] once the buffer is closed.
+    pub fn append_soon(&self, events: Vec<Event>) -> Result<(), BufferError> {
+        self.send(events, Durability::Soon, None)
     }
 
     async fn queue(&self, events: Vec<Event>, durability: Durability) -> Result<(), BufferError> {
         let (done, rx) = oneshot::channel();
+        self.send(events, durability, Some(done))?;
+        rx.await
+            .map_err(|_| BufferError::Closed)?
+            .map_err(|e| BufferError::Io(std::io::Error::new(e.kind(), e)))
+    }
+
+    fn send(
+        &self,
+        events: Vec<Event>,
+        durability: Durability,
+        done: Option<Done>,
+    ) -> Result<(), BufferError> {
         self.writer
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -435,10 +451,7 @@ impl TelemetryBuffer {
                 durability,
                 done,
             })
-            .map_err(|_| BufferError::Closed)?;
-        rx.await
-            .map_err(|_| BufferError::Closed)?
-            .map_err(|e| BufferError::Io(std::io::Error::new(e.kind(), e)))
+            .map_err(|_| BufferError::Closed)
     }
 
     /// Group commits so far (each one write and, when durable, one fsync).
@@ -781,11 +794,11 @@ fn writer(
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         due |= !st.config.durable || last_sync.elapsed() >= sync_interval;
         if let Err(e) = write(&mut st, &buf) {
-            refuse(&mut st, &group);
+            refuse(&mut st, &group, &e);
             drop(st);
             let e = Arc::new(e);
-            for q in group {
-                let _ = q.done.send(Err(e.clone()));
+            for done in group.into_iter().filter_map(|q| q.done) {
+                let _ = done.send(Err(e.clone()));
             }
             continue;
         }
@@ -794,25 +807,26 @@ fn writer(
             continue;
         }
         let result = sync(&mut st);
-        if result.is_err() {
-            refuse(&mut st, &unsynced);
+        if let Err(e) = &result {
+            refuse(&mut st, &unsynced, e);
         }
         drop(st);
         last_sync = Instant::now();
         commits.fetch_add(1, Ordering::Relaxed);
         let outcome = result.map_err(Arc::new);
-        for q in unsynced.drain(..) {
-            let _ = q.done.send(outcome.clone());
+        for done in unsynced.drain(..).filter_map(|q| q.done) {
+            let _ = done.send(outcome.clone());
         }
         appended.notify_one();
     }
 }
 
-/// Refused (a full disk, say): the appenders hear so, and the gateway learns the count with
-/// the next batch, as for events dropped for space.
-fn refuse(st: &mut State, refused: &[Queued]) {
+/// Refused (a full disk, say): the appenders that wait hear so, the log says so for all,
+/// and the gateway learns the count with the next batch, as for events dropped for space.
+fn refuse(st: &mut State, refused: &[Queued], error: &std::io::Error) {
     let n: usize = refused.iter().map(|q| q.events.len()).sum();
     st.cursor.unreported_drops += n as u64;
+    tracing::warn!(%error, events = n, "telemetry events not stored; counted as dropped");
 }
 
 /// Writes records to the active segment, unsynced and unseen by readers until [`sync`].

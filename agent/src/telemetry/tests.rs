@@ -1,5 +1,4 @@
 use std::io::Write;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use edgewise_proto::fleet::InferenceEvent;
@@ -238,16 +237,24 @@ async fn a_trickle_of_appends_soon_is_synced_at_most_once_per_interval() {
     )
     .expect("opens");
     let started = Instant::now();
-    let mut pending = Vec::new();
     for i in 0..60 {
-        let buf = buf.clone();
-        pending.push(tokio::spawn(async move {
-            buf.append_soon(vec![event(i)]).await
-        }));
+        buf.append_soon(vec![event(i)]).expect("appends");
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    for p in pending {
-        p.await.expect("joins").expect("appends");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let synced = match buf.next_batch(10_000, usize::MAX).expect("reads") {
+            Some(b) => {
+                buf.forget_inflight(&b).expect("forgets");
+                b.events().len()
+            }
+            None => 0,
+        };
+        if synced == 60 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "all synced within the interval");
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let elapsed = started.elapsed();
     let bound = 2 + (elapsed.as_millis() / interval.as_millis()) as u64;
@@ -277,10 +284,7 @@ async fn an_append_is_never_held_for_the_interval_and_unsynced_events_survive_a_
         },
     )
     .expect("opens");
-    let soon = {
-        let buf = buf.clone();
-        tokio::spawn(async move { buf.append_soon(vec![event(1)]).await })
-    };
+    buf.append_soon(vec![event(1)]).expect("appends");
     let segment = dir.path().join("seg-0000000000000000.log");
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::fs::metadata(&segment).expect("segment").len() == 0 {
@@ -290,7 +294,6 @@ async fn an_append_is_never_held_for_the_interval_and_unsynced_events_survive_a_
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    assert!(!soon.is_finished(), "held for its sync");
     assert!(
         buf.next_batch(100, usize::MAX).expect("reads").is_none(),
         "nothing unsynced is uploaded"
@@ -309,7 +312,6 @@ async fn an_append_is_never_held_for_the_interval_and_unsynced_events_survive_a_
         .await
         .expect("not held for the hour")
         .expect("appends");
-    soon.await.expect("joins").expect("synced with it");
     let b = buf
         .next_batch(100, usize::MAX)
         .expect("reads")
@@ -375,7 +377,7 @@ async fn large_segments_read_across_windows_and_damage_at_a_boundary_is_skipped_
 enum Op {
     /// `append` of n events, awaited.
     Append(u8),
-    /// `append_soon` of n events, not awaited.
+    /// `append_soon` of n events (nothing to await).
     AppendSoon(u8),
     /// Upload a batch and acknowledge it.
     UploadAndAck,
@@ -419,19 +421,19 @@ fn after_crash(dir: &std::path::Path) -> Vec<u64> {
     out
 }
 
-/// No event twice (concurrent appends reach the writer in any order).
-fn once_each(events: &[u64]) -> bool {
-    let set: std::collections::BTreeSet<&u64> = events.iter().collect();
-    set.len() == events.len()
+/// Consecutive ids: appended from one task, events reach the writer in order.
+fn in_order_once(events: &[u64]) -> bool {
+    events.windows(2).all(|w| w[0] + 1 == w[1])
 }
 
 proptest::proptest! {
     #![proptest_config(proptest::prelude::ProptestConfig::with_cases(16))]
 
     /// Random sequences of awaited and unawaited appends, uploads and crashes, against a
-    /// model of which events were appended, confirmed and acknowledged. After every step:
-    /// uploads see only appended events, each once; a crash keeps every confirmed event not
-    /// yet acknowledged, brings back no acknowledged one and invents none; at the end every
+    /// model of which events were appended, confirmed (an awaited append also confirms the
+    /// unawaited ones queued before it) and acknowledged. After every step: uploads see only
+    /// appended events, in order, each once; a crash keeps every confirmed event not yet
+    /// acknowledged, brings back no acknowledged one and invents none; at the end every
     /// event is uploaded exactly once.
     #[test]
     fn appends_soon_and_now_survive_crashes_as_confirmed(ops in proptest::collection::vec(op(), 1..24)) {
@@ -445,57 +447,51 @@ proptest::proptest! {
             .expect("opens");
             let mut next = 0u64;
             let mut uploaded: Vec<u64> = Vec::new();
-            let confirmed = Arc::new(Mutex::new(std::collections::BTreeSet::new()));
-            let mut pending = Vec::new();
+            let mut confirmed = std::collections::BTreeSet::new();
+            let mut soon = std::collections::BTreeSet::new();
             for op in ops {
                 match op {
                     Op::Append(n) => {
                         let batch: Vec<u64> = (next..next + u64::from(n)).collect();
                         next += u64::from(n);
                         buf.append(batch.iter().copied().map(event).collect()).await.expect("appends");
-                        confirmed.lock().expect("lock").extend(batch);
+                        // Synced with it: every append_soon queued before it.
+                        confirmed.append(&mut soon);
+                        confirmed.extend(batch);
                     }
                     Op::AppendSoon(n) => {
                         let batch: Vec<u64> = (next..next + u64::from(n)).collect();
                         next += u64::from(n);
-                        let (buf, confirmed) = (buf.clone(), confirmed.clone());
-                        pending.push(tokio::spawn(async move {
-                            buf.append_soon(batch.iter().copied().map(event).collect()).await.expect("appends");
-                            confirmed.lock().expect("lock").extend(batch);
-                        }));
+                        buf.append_soon(batch.iter().copied().map(event).collect()).expect("appends");
+                        soon.extend(batch);
                     }
                     Op::UploadAndAck => {
                         if let Some(b) = buf.next_batch(5, usize::MAX).expect("reads") {
                             uploaded.extend(ids(&b.events()).iter().map(|id| id[2..].parse::<u64>().expect("id")));
                             buf.ack(&b).expect("acks");
                         }
-                        assert!(once_each(&uploaded), "each event once: {uploaded:?}");
+                        assert!(in_order_once(&uploaded), "in order, each once: {uploaded:?}");
                         assert!(uploaded.iter().all(|e| *e < next), "only appended events");
                     }
                     Op::Crash => {
-                        let confirmed_now = confirmed.lock().expect("lock").clone();
                         let found = after_crash(dir.path());
-                        assert!(once_each(&found), "each event once: {found:?}");
+                        assert!(in_order_once(&found), "in order, each once: {found:?}");
                         assert!(found.iter().all(|e| *e < next), "invents nothing");
                         let acked: std::collections::BTreeSet<u64> = uploaded.iter().copied().collect();
                         assert!(found.iter().all(|e| !acked.contains(e)), "an acknowledged event came back");
-                        for c in confirmed_now.difference(&acked) {
+                        for c in confirmed.difference(&acked) {
                             assert!(found.contains(c), "confirmed event {c} lost in a crash: found {found:?}");
                         }
                     }
                     Op::Wait(ms) => tokio::time::sleep(Duration::from_millis(u64::from(ms))).await,
                 }
             }
-            for p in pending {
-                p.await.expect("joins");
-            }
+            buf.append(Vec::new()).await.expect("syncs");
             while let Some(b) = buf.next_batch(1_000, usize::MAX).expect("reads") {
                 uploaded.extend(ids(&b.events()).iter().map(|id| id[2..].parse::<u64>().expect("id")));
                 buf.ack(&b).expect("acks");
             }
-            assert!(once_each(&uploaded), "each event once: {uploaded:?}");
-            uploaded.sort_unstable();
-            assert_eq!(uploaded, (0..next).collect::<Vec<_>>(), "every event uploaded");
+            assert_eq!(uploaded, (0..next).collect::<Vec<_>>(), "every event, in order, once");
         });
     }
 }
