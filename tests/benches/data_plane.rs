@@ -111,24 +111,12 @@ async fn throughput(http: &reqwest::Client, base: &str, body: &Value) -> f64 {
 }
 
 async fn run() {
-    let h = Harness::start().await;
-    let file = h.publish_tiny("assistant", "1.0.0", 1).await;
-    // The runtime alone: the same file behind the same API, no routing.
-    let direct = serve_model(&file, "assistant").await;
-    h.apply([
-        Change::ApplyRollout(rollout("assistant").named("assistant").stable("1.0.0").build()),
-        Change::ApplyPolicy(routing_policy(
-            "p",
-            json!({
-                "targets": [
-                    {"name": "on-device", "device": {"model": "assistant"}},
-                    {"name": "cloud", "cloud": {"endpoint": direct.base_url, "model": "assistant"}}
-                ],
-                "rules": [{"name": "cloud", "match": [{"attribute": "task", "eq": "cloud"}], "route": "cloud", "fallback": ["on-device"]}],
-                "default": {"route": "on-device", "fallback": ["cloud"]}
-            }),
-        )),
-    ]);
+    // The runtime alone (`direct`): the same file behind the same API, no routing.
+    let (h, direct) = stack(
+        json!([{"name": "cloud", "match": [{"attribute": "task", "eq": "cloud"}], "route": "cloud", "fallback": ["on-device"]}]),
+        json!({"route": "on-device", "fallback": ["cloud"]}),
+    )
+    .await;
     let (mut agent, base) = spawn_agent(&h).await;
     let pid = agent.id().unwrap();
     let dir = h.dir.path().join("agent");
@@ -342,6 +330,35 @@ async fn first_answer_of(
     (first, failed, total)
 }
 
+/// The harness with model `assistant` 1.0.0 rolled out, serve-model answering from the same
+/// file, and a policy of `rules` and `default` over two targets: `on-device`, and `cloud`
+/// (that serve-model).
+async fn stack(rules: Value, default: Value) -> (Harness, ServedModel) {
+    let h = Harness::start().await;
+    let file = h.publish_tiny("assistant", "1.0.0", 1).await;
+    let served = serve_model(&file, "assistant").await;
+    h.apply([
+        Change::ApplyRollout(
+            rollout("assistant")
+                .named("assistant")
+                .stable("1.0.0")
+                .build(),
+        ),
+        Change::ApplyPolicy(routing_policy(
+            "p",
+            json!({
+                "targets": [
+                    {"name": "on-device", "device": {"model": "assistant"}},
+                    {"name": "cloud", "cloud": {"endpoint": served.base_url, "model": "assistant"}}
+                ],
+                "rules": rules,
+                "default": default
+            }),
+        )),
+    ]);
+    (h, served)
+}
+
 /// The agent as its own process (`edgewise-agent run`) enrolled with `h`'s gateway; returns
 /// it and its data plane's base URL.
 async fn spawn_agent(h: &Harness) -> (tokio::process::Child, String) {
@@ -377,24 +394,12 @@ async fn spawn_agent(h: &Harness) -> (tokio::process::Child, String) {
 /// The agent's data plane and LiteLLM's proxy, each in front of the same upstream
 /// (serve-model), measured interleaved at one stream and then at `STREAMS` streams.
 async fn litellm() {
-    let h = Harness::start().await;
-    let file = h.publish_tiny("assistant", "1.0.0", 1).await;
-    let upstream = serve_model(&file, "assistant").await;
     // Every request goes to the cloud target: the agent is a proxy here, as LiteLLM is.
-    h.apply([
-        Change::ApplyRollout(rollout("assistant").named("assistant").stable("1.0.0").build()),
-        Change::ApplyPolicy(routing_policy(
-            "p",
-            json!({
-                "targets": [
-                    {"name": "on-device", "device": {"model": "assistant"}},
-                    {"name": "cloud", "cloud": {"endpoint": upstream.base_url, "model": "assistant"}}
-                ],
-                "rules": [],
-                "default": {"route": "cloud", "fallback": ["on-device"]}
-            }),
-        )),
-    ]);
+    let (h, upstream) = stack(
+        json!([]),
+        json!({"route": "cloud", "fallback": ["on-device"]}),
+    )
+    .await;
     let (mut agent, base) = spawn_agent(&h).await;
     let agent_pid = agent.id().unwrap();
     let (mut proxy, litellm_base) =
