@@ -748,11 +748,12 @@ fn writer(
 ) {
     let mut buf = Vec::with_capacity(1 << 20);
     let mut last_sync = Instant::now();
-    // Written, waiting for the next sync.
-    let mut unsynced: Vec<Queued> = Vec::new();
+    // Appends written and waiting for the next sync: who hears of it, and how many events.
+    let mut waiting: Vec<Done> = Vec::new();
+    let mut waiting_events = 0usize;
     let mut closed = false;
     while !closed {
-        let first = if unsynced.is_empty() {
+        let first = if waiting_events == 0 {
             match rx.recv() {
                 Ok(q) => Some(q),
                 Err(_) => return,
@@ -793,8 +794,9 @@ fn writer(
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         due |= !st.config.durable || last_sync.elapsed() >= sync_interval;
+        let events: usize = group.iter().map(|q| q.events.len()).sum();
         if let Err(e) = write(&mut st, &buf) {
-            refuse(&mut st, &group, &e);
+            refuse(&mut st, events, &e);
             drop(st);
             let e = Arc::new(e);
             for done in group.into_iter().filter_map(|q| q.done) {
@@ -802,19 +804,21 @@ fn writer(
             }
             continue;
         }
-        unsynced.extend(group);
+        waiting_events += events;
+        waiting.extend(group.into_iter().filter_map(|q| q.done));
         if !due {
             continue;
         }
         let result = sync(&mut st);
         if let Err(e) = &result {
-            refuse(&mut st, &unsynced, e);
+            refuse(&mut st, waiting_events, e);
         }
+        waiting_events = 0;
         drop(st);
         last_sync = Instant::now();
         commits.fetch_add(1, Ordering::Relaxed);
         let outcome = result.map_err(Arc::new);
-        for done in unsynced.drain(..).filter_map(|q| q.done) {
+        for done in waiting.drain(..) {
             let _ = done.send(outcome.clone());
         }
         appended.notify_one();
@@ -823,8 +827,7 @@ fn writer(
 
 /// Refused (a full disk, say): the appenders that wait hear so, the log says so for all,
 /// and the gateway learns the count with the next batch, as for events dropped for space.
-fn refuse(st: &mut State, refused: &[Queued], error: &std::io::Error) {
-    let n: usize = refused.iter().map(|q| q.events.len()).sum();
+fn refuse(st: &mut State, n: usize, error: &std::io::Error) {
     st.cursor.unreported_drops += n as u64;
     tracing::warn!(%error, events = n, "telemetry events not stored; counted as dropped");
 }
