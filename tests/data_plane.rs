@@ -1133,3 +1133,125 @@ async fn a_version_switch_and_a_rollback_under_load_fail_no_request() {
     stop.cancel();
     agent.await.expect("joins").expect("agent ran");
 }
+
+/// Cloud calls go through the proxy the environment names (`HTTP_PROXY`, `NO_PROXY`, read
+/// as curl reads them), here a real tinyproxy: a plain-HTTP endpoint is asked in absolute
+/// form through it, whole and streamed; an endpoint `NO_PROXY` names is called directly.
+#[tokio::test]
+async fn cloud_calls_go_through_the_proxy_unless_no_proxy_names_the_endpoint() {
+    use edgewise_agent::dataplane::http::{CloudHttp, Proxies};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = tiny_model(&dir.path().join("tiny.gguf"), 3, false);
+    let served = serve_model(&model, "tiny").await;
+    let proxy = Tinyproxy::start(dir.path()).await;
+    let path = format!("{}/chat/completions", served.base_url);
+    let through = CloudHttp::with_proxies(Proxies::builder().http(proxy.url.clone()).build())
+        .expect("client");
+    for stream in [false, true] {
+        let text = cloud_answer(&through, &served.base_url, stream).await;
+        assert!(!text.is_empty(), "an answer through the proxy (stream {stream})");
+    }
+    let log = proxy.log();
+    assert_eq!(
+        log.matches(&format!("POST {path}")).count(),
+        2,
+        "both requests in absolute form through the proxy: {log}"
+    );
+    let direct = CloudHttp::with_proxies(
+        Proxies::builder()
+            .http(proxy.url.clone())
+            .no("127.0.0.1")
+            .build(),
+    )
+    .expect("client");
+    assert!(!cloud_answer(&direct, &served.base_url, false).await.is_empty());
+    assert_eq!(
+        proxy.log().matches(&format!("POST {path}")).count(),
+        2,
+        "NO_PROXY's endpoint is called directly"
+    );
+}
+
+/// The text of a chat answer from the cloud endpoint at `base`, through the data plane's
+/// cloud client.
+async fn cloud_answer(
+    http: &edgewise_agent::dataplane::http::CloudHttp,
+    base: &str,
+    stream: bool,
+) -> String {
+    use edgewise_agent::runtime::Piece;
+    use futures_util::StreamExt;
+    let request = json!({"messages": [{"role": "user", "content": "is the device fast"}], "max_tokens": 4});
+    let body = edgewise_agent::dataplane::cloud::upstream_body(
+        request.as_object().expect("object"),
+        "tiny",
+        stream,
+    );
+    let Ok(mut pieces) = edgewise_agent::dataplane::cloud::call(
+        http,
+        base,
+        edgewise_agent::openai::Endpoint::Chat,
+        body,
+        stream,
+        None,
+        Duration::from_secs(30),
+    )
+    .await
+    else {
+        panic!("the cloud call failed");
+    };
+    let mut text = String::new();
+    while let Some(piece) = pieces.next().await {
+        match piece {
+            Piece::Text(t) => text.push_str(&t),
+            Piece::Done(..) => return text,
+            Piece::Failed(e) => panic!("the answer failed: {e}"),
+        }
+    }
+    panic!("the answer ended before its end");
+}
+
+/// A tinyproxy (Debian's package) on a free loopback port, logging each request it serves.
+struct Tinyproxy {
+    _child: tokio::process::Child,
+    url: String,
+    log: std::path::PathBuf,
+}
+
+impl Tinyproxy {
+    async fn start(dir: &std::path::Path) -> Self {
+        let addr = free_addr();
+        let log = dir.join("tinyproxy.log");
+        let conf = dir.join("tinyproxy.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "Port {}\nListen 127.0.0.1\nTimeout 60\nMaxClients 16\nAllow 127.0.0.1\nLogLevel Info\nLogFile \"{}\"\n",
+                addr.port(),
+                log.display()
+            ),
+        )
+        .expect("writes tinyproxy.conf");
+        let child = tokio::process::Command::new("tinyproxy")
+            .arg("-d")
+            .arg("-c")
+            .arg(&conf)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("tinyproxy (apt install tinyproxy; scripts/test installs it)");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(addr).await.is_err() {
+            assert!(std::time::Instant::now() < deadline, "tinyproxy did not start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Tinyproxy {
+            _child: child,
+            url: format!("http://{addr}"),
+            log,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}

@@ -37,6 +37,9 @@ pub enum StartError {
     /// The HTTP client could not be built.
     #[error("HTTP client: {0}")]
     Http(#[from] reqwest::Error),
+    /// The TLS client for cloud endpoints could not be configured.
+    #[error("cloud TLS: {0}")]
+    CloudTls(#[from] rustls::Error),
     /// The data plane's address is taken or not allowed.
     #[error("data plane: cannot listen on {addr}: {source}")]
     Listen {
@@ -215,7 +218,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     }
     tasks.spawn(crate::installer::load_active(device.clone()));
     if config.data_plane.is_some() || config.data_plane_socket.is_some() {
-        let plane = crate::dataplane::DataPlane::new(device.clone(), &config);
+        let plane = crate::dataplane::DataPlane::new(device.clone(), &config)?;
         if let Some(addr) = config.data_plane {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await

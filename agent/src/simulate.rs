@@ -158,6 +158,8 @@ impl SimFleet {
             })?,
         );
         let http = crate::artifact_client()?;
+        // One pool for every simulated device's cloud calls, as one host would have.
+        let cloud = crate::dataplane::http::CloudHttp::new()?;
         let engines = Arc::new(crate::runtime::SharedEngines::default());
         let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
@@ -227,6 +229,7 @@ impl SimFleet {
                     let plane = config.runtime.then(|| {
                         crate::dataplane::DataPlane::with_parts(
                             device.clone(),
+                            cloud.clone(),
                             Vec::new(),
                             &device_dir,
                         )

@@ -8,8 +8,12 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
+use bytes::Bytes;
+use http_body_util::{BodyDataStream, BodyExt, Full};
+
+use super::http::CloudHttp;
 use crate::openai::{Endpoint, Pieces};
-use crate::runtime::remote::{pieces, without_url};
+use crate::runtime::remote::{pieces, with_sources};
 use crate::runtime::{Finish, Piece, RuntimeError, Usage};
 
 /// Why a cloud target did not answer.
@@ -42,54 +46,78 @@ impl CloudFailure {
 }
 
 /// The body sent upstream: the app's, with the target's model, streamed with usage when
-/// `stream`, and without the `edgewise` routing object.
-pub fn upstream_body(raw: &serde_json::Map<String, Value>, model: &str, stream: bool) -> Value {
-    let mut body = raw.clone();
-    body.remove("edgewise");
-    body.insert("model".into(), json!(model));
-    body.insert("stream".into(), json!(stream));
-    if stream {
-        body.insert("stream_options".into(), json!({"include_usage": true}));
-    } else {
-        body.remove("stream_options");
-    }
-    Value::Object(body)
+/// `stream`, and without the `edgewise` routing object. Written straight from the app's
+/// request, not from a copy of it.
+pub fn upstream_body(raw: &serde_json::Map<String, Value>, model: &str, stream: bool) -> Vec<u8> {
+    let body = UpstreamBody { raw, model, stream };
+    // A map of JSON values with string keys always serialises.
+    serde_json::to_vec(&body).unwrap_or_default()
 }
 
-/// Sends the request and waits for the response head within `timeout`; a streamed body is
-/// then read as the returned pieces are, a whole one (`body.stream` false) is read within
-/// the same `timeout`. Dropping the pieces cancels the upstream request.
+struct UpstreamBody<'a> {
+    raw: &'a serde_json::Map<String, Value>,
+    model: &'a str,
+    stream: bool,
+}
+
+impl serde::Serialize for UpstreamBody<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(None)?;
+        for (k, v) in self.raw {
+            if !matches!(
+                k.as_str(),
+                "edgewise" | "model" | "stream" | "stream_options"
+            ) {
+                m.serialize_entry(k, v)?;
+            }
+        }
+        m.serialize_entry("model", self.model)?;
+        m.serialize_entry("stream", &self.stream)?;
+        if self.stream {
+            m.serialize_entry("stream_options", &json!({"include_usage": true}))?;
+        }
+        m.end()
+    }
+}
+
+/// Sends `body` and waits for the response head within `timeout`; a streamed body
+/// (`stream`) is then read as the returned pieces are, a whole one within the same
+/// `timeout`. Dropping the pieces cancels the upstream request.
 pub async fn call(
-    http: &reqwest::Client,
+    http: &CloudHttp,
     endpoint: &str,
     kind: Endpoint,
-    body: &Value,
-    key: Option<String>,
+    body: Vec<u8>,
+    stream: bool,
+    key: Option<&str>,
     timeout: Duration,
 ) -> Result<Pieces, CloudFailure> {
     let path = match kind {
         Endpoint::Chat => "chat/completions",
         Endpoint::Completions => "completions",
     };
-    let url = format!("{}/{path}", endpoint.trim_end_matches('/'));
-    let mut req = http
-        .post(url)
-        .header(reqwest::header::CONTENT_TYPE, "application/json")
-        .body(body.to_string());
-    if let Some(k) = key {
-        req = req.bearer_auth(k);
+    let uri: http::Uri = format!("{}/{path}", endpoint.trim_end_matches('/'))
+        .parse()
+        .map_err(|_| CloudFailure::Unreachable("the endpoint is not a valid URL".into()))?;
+    let mut req = http::Request::post(uri)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .map_err(|e| CloudFailure::Unreachable(e.to_string()))?;
+    if let Some(auth) = key.and_then(super::http::bearer) {
+        req.headers_mut().insert(http::header::AUTHORIZATION, auth);
     }
     let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
     let started = std::time::Instant::now();
-    let resp = tokio::time::timeout(timeout, req.send())
+    let resp = tokio::time::timeout(timeout, http.send(req))
         .await
         .map_err(|_| CloudFailure::Timeout(timeout_ms))?
-        .map_err(|e| CloudFailure::Unreachable(without_url(&e)))?;
+        .map_err(|e| CloudFailure::Unreachable(failed(&e)))?;
     let status = resp.status().as_u16();
     if status == 429 {
         let after = resp
             .headers()
-            .get(reqwest::header::RETRY_AFTER)
+            .get(http::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse().ok());
         return Err(CloudFailure::RateLimited(after));
@@ -97,25 +125,33 @@ pub async fn call(
     if status >= 500 {
         return Err(CloudFailure::Server(status));
     }
-    if status >= 400 {
-        let body = resp
-            .bytes()
-            .await
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or(Value::Null);
-        return Err(CloudFailure::Rejected(status, body));
-    }
     let chat = kind == Endpoint::Chat;
-    if body.get("stream") == Some(&Value::Bool(true)) {
-        return Ok(pieces(resp, chat, "the cloud").boxed());
-    }
     let left = timeout.saturating_sub(started.elapsed());
-    let bytes = tokio::time::timeout(left, resp.bytes())
+    if (200..400).contains(&status) && stream {
+        let body = BodyDataStream::new(resp.into_body())
+            .map(|r| r.map_err(|e| with_sources("the body broke", Some(&e))));
+        return Ok(pieces(Box::pin(body), chat, "the cloud").boxed());
+    }
+    let bytes = tokio::time::timeout(left, resp.into_body().collect())
         .await
         .map_err(|_| CloudFailure::Timeout(timeout_ms))?
-        .map_err(|e| CloudFailure::Unreachable(without_url(&e)))?;
+        .map_err(|e| CloudFailure::Unreachable(with_sources("the body broke", Some(&e))))?
+        .to_bytes();
+    if status >= 400 {
+        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        return Err(CloudFailure::Rejected(status, body));
+    }
     Ok(futures_util::stream::iter(whole(&bytes, chat)).boxed())
+}
+
+/// A failed request in words: connection failures say so; the URL is never included.
+fn failed(e: &hyper_util::client::legacy::Error) -> String {
+    let head = if e.is_connect() {
+        "connection failed"
+    } else {
+        "request failed"
+    };
+    with_sources(head, std::error::Error::source(e))
 }
 
 /// A whole (non-streamed) answer as the pieces a stream of it would give: its text, then

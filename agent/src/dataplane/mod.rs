@@ -9,6 +9,7 @@
 
 pub mod attributes;
 pub mod cloud;
+pub mod http;
 pub mod reprocess;
 
 use std::collections::HashMap;
@@ -53,7 +54,7 @@ const BACKGROUND_DEADLINE: Duration = Duration::from_secs(120);
 #[derive(Clone)]
 pub struct DataPlane {
     device: Arc<Device>,
-    http: reqwest::Client,
+    http: http::CloudHttp,
     credentials: Arc<[CloudCredential]>,
     /// Endpoints that answered 429 with `retry-after`: skipped until then.
     cooldown: Arc<Mutex<HashMap<String, Instant>>>,
@@ -114,26 +115,29 @@ struct Served<'a> {
 impl DataPlane {
     /// The data plane of `device`, with the cloud credentials of `config`; requests kept
     /// for reprocessing live under its data dir.
-    pub fn new(device: Arc<Device>, config: &AgentConfig) -> Self {
-        Self::with_parts(device, config.cloud.clone(), &config.data_dir)
+    ///
+    /// # Errors
+    /// When the TLS client for cloud endpoints cannot be configured.
+    pub fn new(device: Arc<Device>, config: &AgentConfig) -> Result<Self, rustls::Error> {
+        Ok(Self::with_parts(
+            device,
+            http::CloudHttp::new()?,
+            config.cloud.clone(),
+            &config.data_dir,
+        ))
     }
 
-    /// The data plane of `device` with these cloud credentials, keeping requests for
-    /// reprocessing under `data_dir`.
+    /// The data plane of `device` calling cloud endpoints with `http` and these
+    /// credentials, keeping requests for reprocessing under `data_dir`.
     pub fn with_parts(
         device: Arc<Device>,
+        http: http::CloudHttp,
         credentials: Vec<CloudCredential>,
         data_dir: &std::path::Path,
     ) -> Self {
         DataPlane {
             device,
-            // No overall timeout: a streaming answer may be long. Each target's wait for its
-            // first bytes is bounded by the policy's timeoutMs.
-            http: reqwest::Client::builder()
-                .connect_timeout(Duration::from_secs(10))
-                .tcp_nodelay(true)
-                .build()
-                .unwrap_or_default(),
+            http,
             credentials: credentials.into(),
             cooldown: Arc::default(),
             shadows: Arc::new(Semaphore::new(MAX_SHADOWS_IN_FLIGHT)),
@@ -216,8 +220,9 @@ impl DataPlane {
                     &self.http,
                     &c.endpoint,
                     request.endpoint,
-                    &body,
-                    self.key_for(&c.endpoint),
+                    body,
+                    request.stream,
+                    self.key_for(&c.endpoint).as_deref(),
                     timeout,
                 )
                 .await;
@@ -484,7 +489,8 @@ impl DataPlane {
             .map(|r| self.refinement(r, request.clone(), outcome.clone()));
         let plane = self.clone();
         let model = request.model.clone();
-        let request = request.clone();
+        // Kept for the work that follows a device answer only (a shadow, reprocessing).
+        let request = (shadow.is_some() || reprocess.is_some()).then(|| request.clone());
         let model_version = serving.model_version.clone();
         let per_1k = serving.cost_per_1k;
         let on_end = Box::new(move |o: Outcome| {
@@ -499,7 +505,9 @@ impl DataPlane {
                 output_tokens: u32::try_from(o.usage.completion_tokens).unwrap_or(u32::MAX),
                 ..outcome
             };
-            if let (true, Some(id), Some(target)) = (ok, reprocess_id, reprocess) {
+            if let (true, Some(id), Some(target), Some(request)) =
+                (ok, reprocess_id, reprocess, &request)
+            {
                 plane.keep_for_reprocessing(Pending {
                     id,
                     created_unix_ms: crate::telemetry::clock::now_unix_ms(),
@@ -511,9 +519,9 @@ impl DataPlane {
                     device_version: model_version,
                 });
             }
-            match shadow.filter(|_| ok) {
-                Some(shadow) => plane.shadow(shadow, request, o.text, report),
-                None => plane.report(report),
+            match (shadow.filter(|_| ok), request) {
+                (Some(shadow), Some(request)) => plane.shadow(shadow, request, o.text, report),
+                _ => plane.report(report),
             }
             Some(json!({"costUsd": cost}))
         });
@@ -718,13 +726,24 @@ impl DataPlane {
         Ok(())
     }
 
-    /// Counts the request against budgets now (the next decision must see it) and hands
-    /// its record to the telemetry writer, which nobody here waits for.
+    /// Counts the request against budgets now (the next decision must see it) and records
+    /// it once the answer is on its way: a task of its own, which the runtime runs on this
+    /// thread when the connection's task yields, after writing the response (a record's
+    /// write is ~10 µs that the app need not wait for).
     fn report(&self, outcome: WireOutcome) {
         let router = &self.device.router;
         router.charge(&outcome);
-        if let Err(e) = router.record_soon(&outcome) {
-            warn!(error = %e, "recording a data-plane request");
+        let record = {
+            let router = router.clone();
+            move || {
+                if let Err(e) = router.record_soon(&outcome) {
+                    warn!(error = %e, "recording a data-plane request");
+                }
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn(async move { record() })),
+            Err(_) => record(),
         }
     }
 }

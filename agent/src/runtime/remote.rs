@@ -18,14 +18,22 @@ const DRAIN: Duration = Duration::from_secs(1);
 
 /// A request error in words, without its URL (which may carry a key in its query).
 pub(crate) fn without_url(e: &reqwest::Error) -> String {
-    let mut s = if e.is_timeout() {
-        "timed out".to_owned()
+    let head = if e.is_timeout() {
+        "timed out"
     } else if e.is_connect() {
-        "connection failed".to_owned()
+        "connection failed"
     } else {
-        "request failed".to_owned()
+        "request failed"
     };
-    let mut src = std::error::Error::source(e);
+    with_sources(head, std::error::Error::source(e))
+}
+
+/// `head`, then each cause in the chain from `src`.
+pub(crate) fn with_sources(
+    head: &str,
+    mut src: Option<&(dyn std::error::Error + 'static)>,
+) -> String {
+    let mut s = head.to_owned();
     while let Some(inner) = src {
         s = format!("{s}: {inner}");
         src = inner.source();
@@ -33,7 +41,13 @@ pub(crate) fn without_url(e: &reqwest::Error) -> String {
     s
 }
 
-type Body = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
+/// A response body as it arrives; errors already in words.
+pub(crate) type Body = Pin<Box<dyn Stream<Item = Result<Bytes, String>> + Send>>;
+
+/// A reqwest response's body as a [`Body`].
+pub(crate) fn body_of(resp: reqwest::Response) -> Body {
+    Box::pin(resp.bytes_stream().map(|r| r.map_err(|e| without_url(&e))))
+}
 
 /// The SSE reader's state between pieces.
 struct Reader {
@@ -51,12 +65,12 @@ struct Reader {
 /// the task that polls them (no task or channel between the socket and the app); `who`
 /// names the server in errors. Dropping the stream closes the request.
 pub(crate) fn pieces(
-    resp: reqwest::Response,
+    body: Body,
     chat: bool,
     who: &'static str,
 ) -> impl Stream<Item = Piece> + Send + 'static {
     let reader = Reader {
-        body: Some(Box::pin(resp.bytes_stream())),
+        body: Some(body),
         chat,
         who,
         buf: Vec::new(),
@@ -75,7 +89,7 @@ pub(crate) fn pieces(
             match body.next().await {
                 Some(Ok(bytes)) => r.read(&bytes),
                 Some(Err(e)) => {
-                    let why = format!("the stream from {} broke: {}", r.who, without_url(&e));
+                    let why = format!("the stream from {} broke: {e}", r.who);
                     r.body = None;
                     r.ready.push_back(failed(why));
                 }
@@ -179,7 +193,7 @@ pub(crate) async fn relay(
     who: &'static str,
     tx: mpsc::Sender<Piece>,
 ) {
-    let mut pieces = std::pin::pin!(pieces(resp, chat, who));
+    let mut pieces = std::pin::pin!(pieces(body_of(resp), chat, who));
     loop {
         let next = tokio::select! {
             p = pieces.next() => p,

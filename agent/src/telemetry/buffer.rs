@@ -2,11 +2,13 @@
 //!
 //! Events are appended as records to segment files (`seg-<seq>.log`, rolled at a size) and
 //! uploaded from a persisted cursor; a batch leaves the buffer only when the gateway has
-//! acknowledged it. Appends are group-committed: a writer thread takes every append queued
-//! while the previous fsync ran, writes them and fsyncs once. Appends nobody waits on (the
-//! data plane's records of requests it has already answered) are written at once, so the
-//! agent's own crash loses none, and synced with the next group, at the latest
-//! `sync_interval` later.
+//! acknowledged it. An append writes its records to the active segment on the caller's
+//! thread, at once, so the agent's own crash loses none; a writer thread syncs them,
+//! group-committed: one fsync for every append written while the previous one ran. An
+//! append that is waited on (`Router.Report`) is synced before it returns; one nobody waits
+//! on (the data plane's record of a request it has answered) with the next group, at the
+//! latest `sync_interval` later, and it costs the caller no wake-up of the writer while a
+//! sync is already due. Readers see a segment only up to what is synced.
 //!
 //! Record: `magic u32 | length u32 | crc32 u32 | payload` (little endian). On open, a torn
 //! tail (a crash mid-write) is cut; a corrupted record inside a segment is skipped by
@@ -176,36 +178,38 @@ struct Segment {
 struct State {
     dir: PathBuf,
     config: BufferConfig,
+    /// Sealed segments and the active one, each up to what is synced: what readers see.
     segments: VecDeque<Segment>,
-    active: File,
-    /// Bytes written to the active segment past its `len`, not yet synced: readers see a
-    /// segment up to `len`, so nothing unsynced is uploaded.
-    unsynced: u64,
     cursor: CursorFile,
 }
 
-/// When an append counts as done.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Durability {
-    /// Synced before the append returns (`Router.Report` acknowledges only then).
-    Now,
-    /// Written at once, synced with the next group within `sync_interval`; nobody waits.
-    Soon,
+/// Where appends go: the end of the active segment. Apart from [`State`], so an append
+/// never waits for an upload's reads or its cursor's fsync, and a sync runs outside both.
+struct Active {
+    seq: u64,
+    file: Arc<File>,
+    /// The file's end: records past `synced` are written but not yet synced.
+    written: u64,
+    synced: u64,
+    /// Events in the records past `synced` that the writer has not yet taken for a sync.
+    unsynced_events: usize,
+    /// The writer has been asked for a sync of what is written and has not yet begun it.
+    sync_asked: bool,
 }
 
 type Done = oneshot::Sender<Result<(), Arc<std::io::Error>>>;
 
-/// An append waiting for the writer; `done` hears the outcome, if anyone waits.
-struct Queued {
-    events: Vec<Event>,
-    durability: Durability,
+/// A request to the writer to sync what is written: now, telling `done`, or (no one
+/// waiting) within `sync_interval`.
+struct SyncRequest {
     done: Option<Done>,
 }
 
 /// The buffer. Cheap to share behind an `Arc`.
 pub struct TelemetryBuffer {
     state: Arc<Mutex<State>>,
-    writer: Mutex<Option<mpsc::Sender<Queued>>>,
+    active: Arc<Mutex<Active>>,
+    writer: Mutex<Option<mpsc::Sender<SyncRequest>>>,
     appended: Arc<Notify>,
     commits: Arc<AtomicU64>,
 }
@@ -366,42 +370,41 @@ impl TelemetryBuffer {
                 offset: 0,
             };
         }
-        let active_seq = segments.back().map_or(0, |s| s.seq);
-        let active = OpenOptions::new()
+        let (active_seq, active_len) = segments.back().map_or((0, 0), |s| (s.seq, s.len));
+        let file = OpenOptions::new()
             .append(true)
             .open(segment_path(dir, active_seq))?;
-        // Without fsync a commit is only a write: nothing to gather for.
-        let sync_interval = if config.durable {
-            config.sync_interval
-        } else {
-            Duration::ZERO
-        };
+        let active = Arc::new(Mutex::new(Active {
+            seq: active_seq,
+            file: Arc::new(file),
+            written: active_len,
+            synced: active_len,
+            unsynced_events: 0,
+            sync_asked: false,
+        }));
+        let writer_config = config.clone();
         let state = Arc::new(Mutex::new(State {
             dir: dir.to_owned(),
             config,
             segments,
-            active,
-            unsynced: 0,
             cursor,
         }));
         let appended = Arc::new(Notify::new());
         let commits = Arc::new(AtomicU64::new(0));
-        let (tx, rx) = mpsc::channel::<Queued>();
-        let (writer_state, writer_notify, writer_commits) =
-            (state.clone(), appended.clone(), commits.clone());
+        let (tx, rx) = mpsc::channel::<SyncRequest>();
+        let shared = Shared {
+            state: state.clone(),
+            active: active.clone(),
+            appended: appended.clone(),
+            commits: commits.clone(),
+            config: writer_config,
+        };
         std::thread::Builder::new()
             .name("telemetry-writer".into())
-            .spawn(move || {
-                writer(
-                    &writer_state,
-                    &rx,
-                    &writer_notify,
-                    &writer_commits,
-                    sync_interval,
-                );
-            })?;
+            .spawn(move || writer(&shared, &rx))?;
         Ok(Arc::new(TelemetryBuffer {
             state,
+            active,
             writer: Mutex::new(Some(tx)),
             appended,
             commits,
@@ -413,45 +416,67 @@ impl TelemetryBuffer {
     /// # Errors
     /// [`BufferError`] when the write or fsync failed; the events are then not buffered.
     pub async fn append(&self, events: Vec<Event>) -> Result<(), BufferError> {
-        self.queue(events, Durability::Now).await
-    }
-
-    /// Appends events that nobody waits on (a data plane's record of a request it has
-    /// answered): handed to the writer, which writes them at once (the agent's own crash does
-    /// not lose them) and syncs them within `sync_interval`. A failure to store them is
-    /// logged and counted as dropped events, which the gateway hears of.
-    ///
-    /// # Errors
-    /// [`BufferError::Closed`] once the buffer is closed.
-    pub fn append_soon(&self, events: Vec<Event>) -> Result<(), BufferError> {
-        self.send(events, Durability::Soon, None)
-    }
-
-    async fn queue(&self, events: Vec<Event>, durability: Durability) -> Result<(), BufferError> {
         let (done, rx) = oneshot::channel();
-        self.send(events, durability, Some(done))?;
+        let writer = self.writer()?;
+        self.write(&events)?;
+        writer
+            .send(SyncRequest { done: Some(done) })
+            .map_err(|_| BufferError::Closed)?;
         rx.await
             .map_err(|_| BufferError::Closed)?
             .map_err(|e| BufferError::Io(std::io::Error::new(e.kind(), e)))
     }
 
-    fn send(
-        &self,
-        events: Vec<Event>,
-        durability: Durability,
-        done: Option<Done>,
-    ) -> Result<(), BufferError> {
+    /// Appends events that nobody waits on (a data plane's record of a request it has
+    /// answered): written at once (the agent's own crash does not lose them) and synced
+    /// within `sync_interval`. A failure to store them is logged and counted as dropped
+    /// events, which the gateway hears of.
+    ///
+    /// # Errors
+    /// [`BufferError::Closed`] once the buffer is closed.
+    pub fn append_soon(&self, events: Vec<Event>) -> Result<(), BufferError> {
+        let writer = self.writer()?;
+        let ask = match self.write(&events) {
+            Ok(ask) => ask,
+            Err(_) => return Ok(()), // refused: logged and counted
+        };
+        if ask {
+            writer
+                .send(SyncRequest { done: None })
+                .map_err(|_| BufferError::Closed)?;
+        }
+        Ok(())
+    }
+
+    fn writer(&self) -> Result<mpsc::Sender<SyncRequest>, BufferError> {
         self.writer
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .as_ref()
-            .ok_or(BufferError::Closed)?
-            .send(Queued {
-                events,
-                durability,
-                done,
-            })
-            .map_err(|_| BufferError::Closed)
+            .clone()
+            .ok_or(BufferError::Closed)
+    }
+
+    /// Writes `events` to the active segment; `true` when no sync has been asked for them
+    /// yet. A failed write is cut off again, and its events counted as dropped.
+    fn write(&self, events: &[Event]) -> Result<bool, BufferError> {
+        let mut records = Vec::with_capacity(256 * events.len());
+        encode_records(events, &mut records);
+        let mut a = self
+            .active
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match write(&mut a, &records, events.len()) {
+            Ok(()) => Ok(!std::mem::replace(&mut a.sync_asked, true)),
+            Err(e) => {
+                drop(a);
+                let mut st = self
+                    .state
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                refuse(&mut st, events.len(), &e);
+                Err(BufferError::Io(e))
+            }
+        }
     }
 
     /// Group commits so far (each one write and, when durable, one fsync).
@@ -738,90 +763,163 @@ fn persist_cursor(dir: &Path, cursor: &CursorFile, durable: bool) -> std::io::Re
     atomic_write(&dir.join("cursor.json"), &bytes, durable)
 }
 
-/// The group-commit loop.
-fn writer(
-    state: &Mutex<State>,
-    rx: &mpsc::Receiver<Queued>,
-    appended: &Notify,
-    commits: &AtomicU64,
-    sync_interval: Duration,
-) {
-    let mut buf = Vec::with_capacity(1 << 20);
+/// What the writer thread shares with the buffer.
+struct Shared {
+    state: Arc<Mutex<State>>,
+    active: Arc<Mutex<Active>>,
+    appended: Arc<Notify>,
+    commits: Arc<AtomicU64>,
+    config: BufferConfig,
+}
+
+/// The group-commit loop: syncs when someone waits, or when the interval of a sync asked
+/// without waiting is up, taking everything written by then along.
+fn writer(shared: &Shared, rx: &mpsc::Receiver<SyncRequest>) {
+    // Without fsync a commit only shows records to readers: nothing to gather for.
+    let interval = if shared.config.durable {
+        shared.config.sync_interval
+    } else {
+        Duration::ZERO
+    };
     let mut last_sync = Instant::now();
-    // Appends written and waiting for the next sync: who hears of it, and how many events.
     let mut waiting: Vec<Done> = Vec::new();
-    let mut waiting_events = 0usize;
+    // When a sync nobody waits on is due.
+    let mut due_at: Option<Instant> = None;
     let mut closed = false;
     while !closed {
-        let first = if waiting_events == 0 {
-            match rx.recv() {
-                Ok(q) => Some(q),
+        let first = match due_at {
+            None => match rx.recv() {
+                Ok(r) => Some(r),
                 Err(_) => return,
-            }
-        } else {
-            match rx
-                .recv_timeout((last_sync + sync_interval).saturating_duration_since(Instant::now()))
-            {
-                Ok(q) => Some(q),
+            },
+            Some(at) => match rx.recv_timeout(at.saturating_duration_since(Instant::now())) {
+                Ok(r) => Some(r),
                 Err(mpsc::RecvTimeoutError::Timeout) => None,
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     closed = true;
                     None
                 }
-            }
+            },
         };
-        // Due: the interval is up, the buffer is closing, or an appender waits for the sync.
-        let mut due = first.is_none();
-        let mut group: Vec<Queued> = first.into_iter().collect();
-        while let Ok(more) = rx.try_recv() {
-            group.push(more);
-        }
-        buf.clear();
-        for q in &group {
-            due |= q.durability == Durability::Now;
-            for e in &q.events {
-                let start = buf.len();
-                buf.extend_from_slice(&[0; HEADER]);
-                e.encode(&mut buf);
-                let len = buf.len() - start - HEADER;
-                let crc = crc32fast::hash(&buf[start + HEADER..]);
-                buf[start..start + 4].copy_from_slice(&MAGIC.to_le_bytes());
-                buf[start + 4..start + 8].copy_from_slice(&(len as u32).to_le_bytes());
-                buf[start + 8..start + 12].copy_from_slice(&crc.to_le_bytes());
+        for r in first
+            .into_iter()
+            .chain(std::iter::from_fn(|| rx.try_recv().ok()))
+        {
+            match r.done {
+                Some(done) => waiting.push(done),
+                None => {
+                    due_at.get_or_insert(last_sync + interval);
+                }
             }
         }
-        let mut st = state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        due |= !st.config.durable || last_sync.elapsed() >= sync_interval;
-        let events: usize = group.iter().map(|q| q.events.len()).sum();
-        if let Err(e) = write(&mut st, &buf) {
-            refuse(&mut st, events, &e);
-            drop(st);
-            let e = Arc::new(e);
-            for done in group.into_iter().filter_map(|q| q.done) {
-                let _ = done.send(Err(e.clone()));
-            }
-            continue;
-        }
-        waiting_events += events;
-        waiting.extend(group.into_iter().filter_map(|q| q.done));
+        let due = closed || !waiting.is_empty() || due_at.is_some_and(|at| at <= Instant::now());
         if !due {
             continue;
         }
-        let result = sync(&mut st);
-        if let Err(e) = &result {
-            refuse(&mut st, waiting_events, e);
-        }
-        waiting_events = 0;
-        drop(st);
+        let outcome = commit(shared).map_err(Arc::new);
         last_sync = Instant::now();
-        commits.fetch_add(1, Ordering::Relaxed);
-        let outcome = result.map_err(Arc::new);
+        due_at = None;
+        shared.commits.fetch_add(1, Ordering::Relaxed);
         for done in waiting.drain(..) {
             let _ = done.send(outcome.clone());
         }
-        appended.notify_one();
+        shared.appended.notify_one();
+    }
+}
+
+/// Syncs what is written to the active segment and shows it to readers, starting a new
+/// segment first when this one is full; on failure cuts the unsynced records off and
+/// counts them as dropped. The fsync runs under neither lock: appends go on meanwhile.
+fn commit(shared: &Shared) -> std::io::Result<()> {
+    let lock_active = || {
+        shared
+            .active
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    };
+    let lock_state = || {
+        shared
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    };
+    let (seq, file, upto, synced, events, rotated) = {
+        let mut a = lock_active();
+        a.sync_asked = false;
+        let noted = (
+            a.seq,
+            a.file.clone(),
+            a.written,
+            a.synced,
+            std::mem::take(&mut a.unsynced_events),
+        );
+        // Full: appends go to a new segment from now on; this one is sealed once synced.
+        let rotated = a.written >= shared.config.segment_bytes && rotate(&shared.state, &mut a);
+        (noted.0, noted.1, noted.2, noted.3, noted.4, rotated)
+    };
+    if upto == synced && !rotated {
+        return Ok(());
+    }
+    let durable = shared.config.durable;
+    let result = if durable { file.sync_data() } else { Ok(()) };
+    if let Err(e) = result {
+        let mut lost = events;
+        {
+            let mut a = lock_active();
+            if a.seq == seq {
+                lost += std::mem::take(&mut a.unsynced_events);
+                a.written = synced;
+            }
+            // Cut, so the next append starts on a record boundary and what is synced stays
+            // readable.
+            if let Err(cut) = file.set_len(synced) {
+                tracing::warn!(error = %cut, "truncating a failed telemetry write");
+            }
+        }
+        let mut st = lock_state();
+        if rotated {
+            st.segments.push_back(Segment {
+                seq: seq + 1,
+                len: 0,
+            });
+        }
+        refuse(&mut st, lost, &e);
+        return Err(e);
+    }
+    let mut a = lock_active();
+    if a.seq == seq {
+        a.synced = upto;
+    }
+    let mut st = lock_state();
+    drop(a);
+    if let Some(s) = st.segments.iter_mut().find(|s| s.seq == seq) {
+        s.len = upto;
+    }
+    if rotated {
+        st.segments.push_back(Segment {
+            seq: seq + 1,
+            len: 0,
+        });
+    }
+    // The events are on disk: what follows is housekeeping, and its failure must not tell
+    // the appender otherwise. It is tried again next time.
+    if let Err(e) = enforce_bound(&mut st) {
+        tracing::warn!(error = %e, "telemetry buffer housekeeping failed; retrying with the next append");
+    }
+    Ok(())
+}
+
+/// Encodes events as records.
+fn encode_records(events: &[Event], buf: &mut Vec<u8>) {
+    for e in events {
+        let start = buf.len();
+        buf.extend_from_slice(&[0; HEADER]);
+        e.encode(buf);
+        let len = buf.len() - start - HEADER;
+        let crc = crc32fast::hash(&buf[start + HEADER..]);
+        buf[start..start + 4].copy_from_slice(&MAGIC.to_le_bytes());
+        buf[start + 4..start + 8].copy_from_slice(&(len as u32).to_le_bytes());
+        buf[start + 8..start + 12].copy_from_slice(&crc.to_le_bytes());
     }
 }
 
@@ -832,67 +930,61 @@ fn refuse(st: &mut State, n: usize, error: &std::io::Error) {
     tracing::warn!(%error, events = n, "telemetry events not stored; counted as dropped");
 }
 
-/// Writes records to the active segment, unsynced and unseen by readers until [`sync`].
-fn write(st: &mut State, bytes: &[u8]) -> std::io::Result<()> {
+/// Writes records to the end of the active segment, unsynced and unseen by readers until
+/// [`commit`].
+fn write(a: &mut Active, bytes: &[u8], events: usize) -> std::io::Result<()> {
     if bytes.is_empty() {
         return Ok(());
     }
-    let before = st.segments.back().map_or(0, |s| s.len) + st.unsynced;
-    if let Err(e) = st.active.write_all(bytes) {
+    if let Err(e) = (&*a.file).write_all(bytes) {
         // Cut a partial write off, so the next append starts on a record boundary and
         // what is already there stays readable.
-        if let Err(cut) = st.active.set_len(before) {
+        if let Err(cut) = a.file.set_len(a.written) {
             tracing::warn!(error = %cut, "truncating a failed telemetry write");
         }
         return Err(e);
     }
-    st.unsynced += bytes.len() as u64;
+    a.written += bytes.len() as u64;
+    a.unsynced_events += events;
     Ok(())
 }
 
-/// Syncs what [`write`] wrote and shows it to readers; on failure cuts it off again.
-fn sync(st: &mut State) -> std::io::Result<()> {
-    if st.unsynced == 0 {
-        return Ok(());
-    }
-    let synced = st.segments.back().map_or(0, |s| s.len);
-    if st.config.durable
-        && let Err(e) = st.active.sync_data()
-    {
-        st.unsynced = 0;
-        if let Err(cut) = st.active.set_len(synced) {
-            tracing::warn!(error = %cut, "truncating a failed telemetry write");
+/// Makes a new segment the active one for appends; `false` (and tried again at the next
+/// commit) when it cannot be created. Readers hear of it from [`commit`], once the sealed
+/// one is synced: until then the sealed one's tail is unseen, and a reader that saw the new
+/// segment would take that tail as read.
+fn rotate(state: &Mutex<State>, a: &mut Active) -> bool {
+    let st = state
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let seq = a.seq + 1;
+    let opened = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(segment_path(&st.dir, seq))
+        .and_then(|file| {
+            if st.config.durable {
+                sync_dir(&st.dir)?;
+            }
+            Ok(file)
+        });
+    match opened {
+        Ok(file) => {
+            *a = Active {
+                seq,
+                file: Arc::new(file),
+                written: 0,
+                synced: 0,
+                unsynced_events: 0,
+                sync_asked: false,
+            };
+            true
         }
-        return Err(e);
-    }
-    if let Some(active) = st.segments.back_mut() {
-        active.len += st.unsynced;
-    }
-    st.unsynced = 0;
-    // The events are on disk: what follows is housekeeping, and its failure (no space for a
-    // new segment, say) must not tell the appender otherwise. It is tried again next time.
-    if let Err(e) = rotate(st).and_then(|()| enforce_bound(st)) {
-        tracing::warn!(error = %e, "telemetry buffer housekeeping failed; retrying with the next append");
-    }
-    Ok(())
-}
-
-/// Starts a new segment once the active one is full.
-fn rotate(st: &mut State) -> std::io::Result<()> {
-    let active = st.segments.back().map_or((0, 0), |s| (s.seq, s.len));
-    if active.1 >= st.config.segment_bytes {
-        let seq = active.0 + 1;
-        st.active = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(segment_path(&st.dir, seq))?;
-        // Tracked before anything else can fail: appends now go to this file.
-        st.segments.push_back(Segment { seq, len: 0 });
-        if st.config.durable {
-            sync_dir(&st.dir)?;
+        Err(e) => {
+            tracing::warn!(error = %e, "starting a telemetry segment failed; retrying with the next sync");
+            false
         }
     }
-    Ok(())
 }
 
 /// Drops the oldest sealed segments while the buffer is over its bound, counting the
