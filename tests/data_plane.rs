@@ -81,6 +81,7 @@ fn agent_config(h: &Harness, dir: &std::path::Path, addr: std::net::SocketAddr) 
         probe_network: false,
         data_plane: Some(addr),
         model_memory: None,
+        data_plane_threads: std::num::NonZeroUsize::MIN,
         data_plane_socket: None,
         cloud: Vec::new(),
         runtimes: Vec::new(),
@@ -1149,7 +1150,10 @@ async fn cloud_calls_go_through_the_proxy_unless_no_proxy_names_the_endpoint() {
         .expect("client");
     for stream in [false, true] {
         let text = cloud_answer(&through, &served.base_url, stream).await;
-        assert!(!text.is_empty(), "an answer through the proxy (stream {stream})");
+        assert!(
+            !text.is_empty(),
+            "an answer through the proxy (stream {stream})"
+        );
     }
     let log = proxy.log();
     assert_eq!(
@@ -1164,7 +1168,11 @@ async fn cloud_calls_go_through_the_proxy_unless_no_proxy_names_the_endpoint() {
             .build(),
     )
     .expect("client");
-    assert!(!cloud_answer(&direct, &served.base_url, false).await.is_empty());
+    assert!(
+        !cloud_answer(&direct, &served.base_url, false)
+            .await
+            .is_empty()
+    );
     assert_eq!(
         proxy.log().matches(&format!("POST {path}")).count(),
         2,
@@ -1181,7 +1189,8 @@ async fn cloud_answer(
 ) -> String {
     use edgewise_agent::runtime::Piece;
     use futures_util::StreamExt;
-    let request = json!({"messages": [{"role": "user", "content": "is the device fast"}], "max_tokens": 4});
+    let request =
+        json!({"messages": [{"role": "user", "content": "is the device fast"}], "max_tokens": 4});
     let body = edgewise_agent::dataplane::cloud::upstream_body(
         request.as_object().expect("object"),
         "tiny",
@@ -1241,7 +1250,10 @@ impl Tinyproxy {
             .expect("tinyproxy (apt install tinyproxy; scripts/test installs it)");
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while tokio::net::TcpStream::connect(addr).await.is_err() {
-            assert!(std::time::Instant::now() < deadline, "tinyproxy did not start");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "tinyproxy did not start"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         Tinyproxy {

@@ -897,6 +897,7 @@ async fn an_agent_started_offline_serves_decide_from_its_persisted_policy() {
         probe_network: false,
         data_plane: None,
         model_memory: None,
+        data_plane_threads: std::num::NonZeroUsize::MIN,
         data_plane_socket: None,
         cloud: Vec::new(),
         runtimes: Vec::new(),

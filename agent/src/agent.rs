@@ -37,6 +37,9 @@ pub enum StartError {
     /// The HTTP client could not be built.
     #[error("HTTP client: {0}")]
     Http(#[from] reqwest::Error),
+    /// The data plane's thread or runtime could not be started.
+    #[error("data plane: {0}")]
+    Thread(std::io::Error),
     /// The TLS client for cloud endpoints could not be configured.
     #[error("cloud TLS: {0}")]
     CloudTls(#[from] rustls::Error),
@@ -219,38 +222,46 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     tasks.spawn(crate::installer::load_active(device.clone()));
     if config.data_plane.is_some() || config.data_plane_socket.is_some() {
         let plane = crate::dataplane::DataPlane::new(device.clone(), &config)?;
-        if let Some(addr) = config.data_plane {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|source| StartError::Listen { addr, source })?;
-            let bound = listener.local_addr().unwrap_or(addr);
-            info!(addr = %bound, "data plane listening (OpenAI-compatible)");
-            let (routes, stop) = (plane.routes(), shutdown.clone());
-            tasks.spawn(async move {
-                if let Err(e) = crate::openai::serve(listener, routes, stop).await {
-                    error!(error = %e, "data plane failed");
-                }
-            });
-        }
-        if let Some(path) = config.data_plane_socket.clone() {
-            let listener =
-                crate::local_socket::LocalListener::bind(&path, config.socket_peers.clone())
-                    .map_err(|source| StartError::ListenUnix {
-                        path: path.clone(),
-                        source,
-                    })?;
-            info!(socket = %path.display(), "data plane listening (OpenAI-compatible)");
-            let (routes, stop) = (plane.routes(), shutdown.clone());
-            tasks.spawn(async move {
-                let served = axum::serve(listener, routes)
-                    .with_graceful_shutdown(async move { stop.cancelled().await })
-                    .await;
-                if let Err(e) = served {
-                    error!(error = %e, "data plane socket failed");
-                }
-            });
-        }
-        tasks.spawn(plane.reprocess(shutdown.clone()));
+        // Bound here, so a taken address fails the start; served on the data plane's runtime.
+        let tcp = match config.data_plane {
+            Some(addr) => {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| StartError::Listen { addr, source })?;
+                info!(addr = %listener.local_addr().unwrap_or(addr), "data plane listening (OpenAI-compatible)");
+                Some(
+                    listener
+                        .into_std()
+                        .map_err(|source| StartError::Listen { addr, source })?,
+                )
+            }
+            None => None,
+        };
+        let unix = match config.data_plane_socket.clone() {
+            Some(path) => {
+                let listener =
+                    crate::local_socket::LocalListener::bind(&path, config.socket_peers.clone())
+                        .and_then(crate::local_socket::LocalListener::into_std)
+                        .map_err(|source| StartError::ListenUnix {
+                            path: path.clone(),
+                            source,
+                        })?;
+                info!(socket = %path.display(), "data plane listening (OpenAI-compatible)");
+                Some(listener)
+            }
+            None => None,
+        };
+        let stopped = serve_data_plane(
+            plane,
+            tcp,
+            unix,
+            config.data_plane_threads,
+            shutdown.clone(),
+        )
+        .map_err(StartError::Thread)?;
+        tasks.spawn(async move {
+            let _ = stopped.await;
+        });
     }
     tasks.spawn(crate::installer::run(
         device.clone(),
@@ -281,6 +292,75 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     while tasks.join_next().await.is_some() {}
     info!("agent stopped");
     Ok(())
+}
+
+/// Serves the data plane (and reprocesses what it keeps) on a thread and runtime of its own
+/// until `shutdown`: `threads` worker threads, or one thread running everything when 1. A
+/// request is then served start to finish on the thread that accepted it, with no wake-up
+/// of another (0.03 ms and 30 µs of CPU less per proxied request, docs/benchmarks.md), and
+/// nothing else the agent does (downloads, sync, uploads) runs on its threads. Resolves when
+/// it has stopped.
+fn serve_data_plane(
+    plane: crate::dataplane::DataPlane,
+    tcp: Option<std::net::TcpListener>,
+    unix: Option<crate::local_socket::StdLocalListener>,
+    threads: std::num::NonZeroUsize,
+    shutdown: CancellationToken,
+) -> std::io::Result<tokio::sync::oneshot::Receiver<()>> {
+    let runtime = if threads.get() == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads.get())
+            .thread_name("data-plane")
+            .enable_all()
+            .build()?
+    };
+    let (stopped, done) = tokio::sync::oneshot::channel();
+    let span = tracing::Span::current();
+    std::thread::Builder::new()
+        .name("data-plane".into())
+        .spawn(move || {
+            let _entered = span.enter();
+            runtime.block_on(async move {
+                let mut served = tokio::task::JoinSet::new();
+                if let Some(listener) = tcp {
+                    match tokio::net::TcpListener::from_std(listener) {
+                        Ok(listener) => {
+                            let (routes, stop) = (plane.routes(), shutdown.clone());
+                            served.spawn(async move {
+                                if let Err(e) = crate::openai::serve(listener, routes, stop).await {
+                                    error!(error = %e, "data plane failed");
+                                }
+                            });
+                        }
+                        Err(e) => error!(error = %e, "data plane listener"),
+                    }
+                }
+                if let Some(listener) = unix {
+                    match crate::local_socket::LocalListener::from_std(listener) {
+                        Ok(listener) => {
+                            let (routes, stop) = (plane.routes(), shutdown.clone());
+                            served.spawn(async move {
+                                let served = axum::serve(listener, routes)
+                                    .with_graceful_shutdown(async move { stop.cancelled().await })
+                                    .await;
+                                if let Err(e) = served {
+                                    error!(error = %e, "data plane socket failed");
+                                }
+                            });
+                        }
+                        Err(e) => error!(error = %e, "data plane socket listener"),
+                    }
+                }
+                served.spawn(plane.reprocess(shutdown));
+                while served.join_next().await.is_some() {}
+            });
+            let _ = stopped.send(());
+        })?;
+    Ok(done)
 }
 
 /// Keeps `status.json` current (at most once a second).

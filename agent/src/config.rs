@@ -36,6 +36,7 @@
 //! listen = "127.0.0.1:8088"                        # default; enabled = false serves none
 //! socket = "/run/edgewise/openai.sock"             # optional: also on a Unix socket
 //! model_memory_mib = 2048                          # optional cap for loaded models
+//! threads = 1                                      # its own runtime's threads (default 1)
 //!
 //! [[cloud]]                                        # keys for the endpoints policies name
 //! endpoint = "https://api.openai.com/v1"
@@ -49,6 +50,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -163,6 +165,13 @@ pub struct DataPlaneConfig {
     /// reach a TCP port.
     #[serde(default)]
     pub socket: Option<PathBuf>,
+    /// Threads of the data plane's own runtime (default 1; docs/operations.md).
+    #[serde(default = "one_thread")]
+    pub threads: NonZeroUsize,
+}
+
+fn one_thread() -> NonZeroUsize {
+    NonZeroUsize::MIN
 }
 
 fn default_data_plane_listen() -> SocketAddr {
@@ -176,6 +185,7 @@ impl Default for DataPlaneConfig {
             enabled: true,
             model_memory_mib: None,
             socket: None,
+            threads: one_thread(),
         }
     }
 }
@@ -367,6 +377,8 @@ pub struct AgentConfig {
     pub data_plane_socket: Option<PathBuf>,
     /// Model memory for the runtime, bytes (`None`: what is free).
     pub model_memory: Option<u64>,
+    /// Threads of the data plane's own runtime.
+    pub data_plane_threads: NonZeroUsize,
     /// Cloud endpoint credentials.
     pub cloud: Vec<CloudCredential>,
     /// External runtimes on the device.
@@ -484,6 +496,7 @@ impl ConfigFile {
             data_plane: self.data_plane.enabled.then_some(self.data_plane.listen),
             data_plane_socket: self.data_plane.socket.filter(|_| self.data_plane.enabled),
             model_memory: self.data_plane.model_memory_mib.map(|m| m << 20),
+            data_plane_threads: self.data_plane.threads,
             cloud: self.cloud,
             runtimes: self.runtime,
         })
@@ -613,6 +626,14 @@ mod tests {
             .expect_err("bad url")
             .to_string();
         assert!(err.starts_with("gateway:"), "{err}");
+
+        let cfg = write(
+            dir.path(),
+            "c.toml",
+            "gateway = \"x\"\ninsecure = true\nbootstrap_token_file = \"t\"\ndata_dir = \"d\"\n[data_plane]\nthreads = 0\n",
+        );
+        let err = ConfigFile::load(&cfg).expect_err("no threads").to_string();
+        assert!(err.contains("threads") && err.contains("nonzero"), "{err}");
 
         assert!(
             parse_public_key("AAAA")

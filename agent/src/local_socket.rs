@@ -32,6 +32,13 @@ impl PeerPolicy {
     }
 }
 
+/// A bound [`LocalListener`] apart from any runtime, to be served on another.
+#[derive(Debug)]
+pub struct StdLocalListener {
+    inner: std::os::unix::net::UnixListener,
+    peers: PeerPolicy,
+}
+
 /// A bound socket that hands out only connections its [`PeerPolicy`] admits; the others
 /// are closed at once and logged at warn.
 #[derive(Debug)]
@@ -58,6 +65,28 @@ impl LocalListener {
         let inner = UnixListener::bind(path)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
         Ok(LocalListener { inner, peers })
+    }
+
+    /// The socket apart from this runtime.
+    ///
+    /// # Errors
+    /// When it cannot be taken out of the runtime's reactor.
+    pub fn into_std(self) -> std::io::Result<StdLocalListener> {
+        Ok(StdLocalListener {
+            inner: self.inner.into_std()?,
+            peers: self.peers,
+        })
+    }
+
+    /// A socket from [`LocalListener::into_std`], on the current runtime.
+    ///
+    /// # Errors
+    /// When it cannot be registered with the runtime's reactor.
+    pub fn from_std(listener: StdLocalListener) -> std::io::Result<Self> {
+        Ok(LocalListener {
+            inner: UnixListener::from_std(listener.inner)?,
+            peers: listener.peers,
+        })
     }
 
     /// The next admitted connection.

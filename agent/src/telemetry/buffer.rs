@@ -846,16 +846,11 @@ fn commit(shared: &Shared) -> std::io::Result<()> {
     let (seq, file, upto, synced, events, rotated) = {
         let mut a = lock_active();
         a.sync_asked = false;
-        let noted = (
-            a.seq,
-            a.file.clone(),
-            a.written,
-            a.synced,
-            std::mem::take(&mut a.unsynced_events),
-        );
+        let (seq, file, upto, synced) = (a.seq, a.file.clone(), a.written, a.synced);
+        let events = std::mem::take(&mut a.unsynced_events);
         // Full: appends go to a new segment from now on; this one is sealed once synced.
-        let rotated = a.written >= shared.config.segment_bytes && rotate(&shared.state, &mut a);
-        (noted.0, noted.1, noted.2, noted.3, noted.4, rotated)
+        let rotated = upto >= shared.config.segment_bytes && rotate(&shared.state, &mut a);
+        (seq, file, upto, synced, events, rotated)
     };
     if upto == synced && !rotated {
         return Ok(());
