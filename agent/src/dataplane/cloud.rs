@@ -5,11 +5,10 @@
 
 use std::time::Duration;
 
-use futures_util::StreamExt;
-use serde_json::{Value, json};
-
 use bytes::Bytes;
+use futures_util::StreamExt;
 use http_body_util::{BodyDataStream, BodyExt, Full};
+use serde_json::{Value, json};
 
 use super::http::CloudHttp;
 use crate::openai::{Endpoint, Pieces};
