@@ -1067,8 +1067,12 @@ async fn a_version_switch_and_a_rollback_under_load_fail_no_request() {
         )),
     ]);
     let dir = h.dir.path().join("agent");
-    let (stop, agent, base, http) =
-        serving_agent(agent_config(&h, &dir, free_addr()), "1.0.0").await;
+    // The data plane on a multi-threaded runtime of its own (the other tests: one thread).
+    let config = AgentConfig {
+        data_plane_threads: std::num::NonZeroUsize::new(2).expect("nonzero"),
+        ..agent_config(&h, &dir, free_addr())
+    };
+    let (stop, agent, base, http) = serving_agent(config, "1.0.0").await;
     // Eight streams of requests for as long as the switch and the rollback take.
     let load = tokio_util::sync::CancellationToken::new();
     let mut streams = tokio::task::JoinSet::new();
@@ -1266,4 +1270,80 @@ impl Tinyproxy {
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+}
+
+/// An idle agent process with its data plane on is quiet once it has enrolled and taken
+/// its policy: its threads (the data plane's own runtime, the telemetry writer, the main
+/// runtime) sleep until something happens, under 1 % of a core (a 1 ms ticker would be 2 %).
+#[tokio::test]
+async fn an_idle_agent_with_its_data_plane_stays_under_one_percent_of_a_core() {
+    let h = Harness::start().await;
+    h.apply([Change::ApplyPolicy(routing_policy(
+        "p",
+        json!({"targets": [{"name": "on-device", "device": {"model": "m"}},
+                           {"name": "cloud", "cloud": {"endpoint": "http://127.0.0.1:9/v1", "model": "m"}}],
+               "default": {"route": "on-device", "fallback": ["cloud"]}}),
+    ))]);
+    let dir = h.dir.path().join("agent");
+    std::fs::create_dir_all(&dir).expect("dir");
+    std::fs::write(dir.join("token"), TOKEN).expect("token");
+    let addr = free_addr();
+    std::fs::write(
+        dir.join("agent.toml"),
+        format!(
+            "gateway = \"{}\"\nbootstrap_token_file = \"{}\"\ndata_dir = \"{}\"\nprobe_network = false\n[tls]\nca_file = \"{}\"\n[data_plane]\nlisten = \"{addr}\"\n",
+            h.gateway_url(),
+            dir.join("token").display(),
+            dir.join("data").display(),
+            edgewise_tests::test_pki().ca.display()
+        ),
+    )
+    .expect("config");
+    let agent = tokio::process::Command::new(edgewise_tests::workspace_binary("edgewise-agent"))
+        .args(["run", "--config"])
+        .arg(dir.join("agent.toml"))
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .expect("agent starts");
+    let pid = agent.id().expect("pid");
+    let models = format!("http://{addr}/v1/models");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let listed = reqwest::get(&models)
+            .await
+            .ok()
+            .filter(|r| r.status() == 200);
+        if let Some(r) = listed {
+            let body: Value = r.json().await.expect("json");
+            if body["data"].as_array().is_some_and(|d| !d.is_empty()) {
+                break;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the policy never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Settled: the status file's once-a-second rewrite after the last change has run.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = cpu_ns(pid);
+    let window = Duration::from_secs(4);
+    tokio::time::sleep(window).await;
+    let used = cpu_ns(pid) - before;
+    assert!(
+        (used as f64) < 0.01 * window.as_nanos() as f64,
+        "an idle agent used {} ms of CPU in {window:?}",
+        used / 1_000_000
+    );
+}
+
+/// CPU time the process has used, all threads, in ns.
+fn cpu_ns(pid: u32) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("the process runs")
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
 }
