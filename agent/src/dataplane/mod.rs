@@ -630,10 +630,18 @@ impl DataPlane {
         );
     }
 
+    /// Keeps a request for reprocessing, in the background: the write syncs twice.
     fn keep_for_reprocessing(&self, pending: Pending) {
-        if let Err(e) = self.reprocess.push(&pending) {
-            warn!(id = %pending.id, error = %e, "keeping a request for reprocessing");
-        }
+        let queue = self.reprocess.clone();
+        tokio::spawn(
+            async move {
+                let id = pending.id.clone();
+                if let Err(e) = on_disk(move || queue.push(&pending)).await {
+                    warn!(id = %id, error = %e, "keeping a request for reprocessing");
+                }
+            }
+            .in_current_span(),
+        );
     }
 
     /// Runs kept requests in the cloud whenever the device is online, oldest first, backing
@@ -642,7 +650,8 @@ impl DataPlane {
     pub async fn reprocess(self, shutdown: CancellationToken) {
         let mut failures = 0u32;
         loop {
-            let pending = self.reprocess.pending().unwrap_or_else(|e| {
+            let queue = self.reprocess.clone();
+            let pending = on_disk(move || queue.pending()).await.unwrap_or_else(|e| {
                 warn!(error = %e, "reading the reprocess queue");
                 Vec::new()
             });
@@ -691,11 +700,11 @@ impl DataPlane {
                 Ok(r) => r,
                 Err(e) => {
                     warn!(id = %p.id, error = %e.message, "a kept request no longer parses; dropped");
-                    let _ = self.reprocess.complete(&done(
-                        &p,
-                        json!({"error": e.message}),
-                        Value::Null,
-                    ));
+                    let (queue, done) = (
+                        self.reprocess.clone(),
+                        done(&p, json!({"error": e.message}), Value::Null),
+                    );
+                    let _ = on_disk(move || queue.complete(&done)).await;
                     continue;
                 }
             };
@@ -718,8 +727,12 @@ impl DataPlane {
                 ..Default::default()
             });
             let cloud = json!({"target": p.target.name, "model": p.target.model, "text": text});
-            self.reprocess
-                .complete(&done(&p, cloud, json!({"f1": a.f1, "agree": a.agree})))
+            let (queue, done) = (
+                self.reprocess.clone(),
+                done(&p, cloud, json!({"f1": a.f1, "agree": a.agree})),
+            );
+            on_disk(move || queue.complete(&done))
+                .await
                 .map_err(|e| format!("recording reprocessed {}: {e}", p.id))?;
             debug!(id = %p.id, agree = a.agree, "reprocessed");
         }
@@ -746,6 +759,16 @@ impl DataPlane {
             Err(_) => record(),
         }
     }
+}
+
+/// Runs disk work that syncs (the reprocess queue's) on the blocking pool: the data plane's
+/// runtime may be one thread, and every request on it would wait out the fsyncs.
+async fn on_disk<T: Send + 'static>(
+    work: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)))
 }
 
 /// `Outcome.shadow_agreement` values (edgewise.v1.ShadowAgreement).
@@ -781,7 +804,7 @@ struct After {
 /// `GET /v1/edgewise/reprocessed[?after=ID]`: answers the cloud gave to requests the
 /// device answered offline, oldest first.
 async fn reprocessed(State(queue): State<Arc<Queue>>, Query(q): Query<After>) -> Response {
-    match queue.done(q.after.as_deref()) {
+    match on_disk(move || queue.done(q.after.as_deref())).await {
         Ok(list) => axum::Json(json!({"object": "list", "data": list})).into_response(),
         Err(e) => {
             ApiError::unavailable(format!("reading reprocessed requests: {e}")).into_response()
@@ -794,7 +817,11 @@ async fn forget_reprocessed(
     State(queue): State<Arc<Queue>>,
     UrlPath(id): UrlPath<String>,
 ) -> Response {
-    match queue.forget(&id) {
+    let forgotten = {
+        let id = id.clone();
+        on_disk(move || queue.forget(&id)).await
+    };
+    match forgotten {
         Ok(true) => axum::Json(json!({"id": id, "deleted": true})).into_response(),
         Ok(false) => ApiError {
             status: StatusCode::NOT_FOUND,

@@ -857,6 +857,13 @@ fn commit(shared: &Shared) -> std::io::Result<()> {
     }
     let durable = shared.config.durable;
     let result = if durable { file.sync_data() } else { Ok(()) };
+    // The new segment's name, made durable as the sealed one is (outside the locks too).
+    if rotated && durable {
+        let dir = lock_state().dir.clone();
+        if let Err(e) = sync_dir(&dir) {
+            tracing::warn!(error = %e, "syncing the telemetry directory after a new segment");
+        }
+    }
     if let Err(e) = result {
         let mut lost = events;
         {
@@ -956,13 +963,7 @@ fn rotate(state: &Mutex<State>, a: &mut Active) -> bool {
     let opened = OpenOptions::new()
         .create(true)
         .append(true)
-        .open(segment_path(&st.dir, seq))
-        .and_then(|file| {
-            if st.config.durable {
-                sync_dir(&st.dir)?;
-            }
-            Ok(file)
-        });
+        .open(segment_path(&st.dir, seq));
     match opened {
         Ok(file) => {
             *a = Active {
