@@ -17,11 +17,11 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::proxy::Tunnel;
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
-use hyper_util::client::proxy::matcher::Matcher;
-/// Which endpoints go through which proxy; [`CloudHttp::new`] reads it from the environment.
-pub use hyper_util::client::proxy::matcher::Matcher as Proxies;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tower::ServiceExt;
+
+/// Which endpoints go through which proxy; [`CloudHttp::new`] reads it from the environment.
+pub use hyper_util::client::proxy::matcher::Matcher as Proxies;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -29,7 +29,7 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 #[derive(Clone)]
 pub struct CloudHttp {
     client: Client<HttpsConnector<ProxyAware>, Full<Bytes>>,
-    proxies: Arc<Matcher>,
+    proxies: Arc<Proxies>,
 }
 
 impl CloudHttp {
@@ -40,7 +40,7 @@ impl CloudHttp {
     /// # Errors
     /// When rustls cannot be configured with its default protocol versions.
     pub fn new() -> Result<Self, rustls::Error> {
-        Self::with_proxies(Matcher::from_env())
+        Self::with_proxies(Proxies::from_env())
     }
 
     /// As [`CloudHttp::new`], with these proxies instead of the environment's.
@@ -99,7 +99,7 @@ impl CloudHttp {
 #[derive(Clone)]
 struct ProxyAware {
     http: HttpConnector,
-    proxies: Arc<Matcher>,
+    proxies: Arc<Proxies>,
 }
 
 impl tower::Service<Uri> for ProxyAware {
