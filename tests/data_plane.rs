@@ -1284,30 +1284,9 @@ async fn an_idle_agent_with_its_data_plane_stays_under_one_percent_of_a_core() {
                            {"name": "cloud", "cloud": {"endpoint": "http://127.0.0.1:9/v1", "model": "m"}}],
                "default": {"route": "on-device", "fallback": ["cloud"]}}),
     ))]);
-    let dir = h.dir.path().join("agent");
-    std::fs::create_dir_all(&dir).expect("dir");
-    std::fs::write(dir.join("token"), TOKEN).expect("token");
-    let addr = free_addr();
-    std::fs::write(
-        dir.join("agent.toml"),
-        format!(
-            "gateway = \"{}\"\nbootstrap_token_file = \"{}\"\ndata_dir = \"{}\"\nprobe_network = false\n[tls]\nca_file = \"{}\"\n[data_plane]\nlisten = \"{addr}\"\n",
-            h.gateway_url(),
-            dir.join("token").display(),
-            dir.join("data").display(),
-            edgewise_tests::test_pki().ca.display()
-        ),
-    )
-    .expect("config");
-    let agent = tokio::process::Command::new(edgewise_tests::workspace_binary("edgewise-agent"))
-        .args(["run", "--config"])
-        .arg(dir.join("agent.toml"))
-        .env("RUST_LOG", "warn")
-        .kill_on_drop(true)
-        .spawn()
-        .expect("agent starts");
+    let (agent, base) = edgewise_tests::agent_process(&h, "agent");
     let pid = agent.id().expect("pid");
-    let models = format!("http://{addr}/v1/models");
+    let models = format!("{base}/models");
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         let listed = reqwest::get(&models)
@@ -1328,22 +1307,13 @@ async fn an_idle_agent_with_its_data_plane_stays_under_one_percent_of_a_core() {
     }
     // Settled: the status file's once-a-second rewrite after the last change has run.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let before = cpu_ns(pid);
+    let before = edgewise_tests::cpu_ns(pid);
     let window = Duration::from_secs(4);
     tokio::time::sleep(window).await;
-    let used = cpu_ns(pid) - before;
+    let used = edgewise_tests::cpu_ns(pid) - before;
     assert!(
         (used as f64) < 0.01 * window.as_nanos() as f64,
         "an idle agent used {} ms of CPU in {window:?}",
         used / 1_000_000
     );
-}
-
-/// CPU time the process has used, all threads, in ns.
-fn cpu_ns(pid: u32) -> u64 {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .expect("the process runs")
-        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
-        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-        .sum()
 }

@@ -37,15 +37,6 @@ fn main() {
     });
 }
 
-/// CPU time the process has used, all threads (ns resolution, unlike /proc/pid/stat).
-fn cpu_ns(pid: u32) -> u64 {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
-        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-        .sum()
-}
-
 /// CPU microseconds per request that `pids` spend on `SAMPLES` requests of `body`, one
 /// at a time: the work per request, apart from the wake-ups a latency figure includes.
 async fn cpu_per_request(
@@ -117,7 +108,7 @@ async fn run() {
         json!({"route": "on-device", "fallback": ["cloud"]}),
     )
     .await;
-    let (mut agent, base) = spawn_agent(&h).await;
+    let (mut agent, base) = agent_process(&h, "agent");
     let pid = agent.id().unwrap();
     let dir = h.dir.path().join("agent");
     let http = reqwest::Client::builder()
@@ -359,38 +350,6 @@ async fn stack(rules: Value, default: Value) -> (Harness, ServedModel) {
     (h, served)
 }
 
-/// The agent as its own process (`edgewise-agent run`) enrolled with `h`'s gateway; returns
-/// it and its data plane's base URL.
-async fn spawn_agent(h: &Harness) -> (tokio::process::Child, String) {
-    let dir = h.dir.path().join("agent");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("token"), TOKEN).unwrap();
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .unwrap();
-    std::fs::write(
-        dir.join("agent.toml"),
-        format!(
-            "gateway = \"{}\"\nbootstrap_token_file = \"{}\"\ndata_dir = \"{}\"\nprobe_network = false\n[tls]\nca_file = \"{}\"\n[data_plane]\nlisten = \"{addr}\"\n",
-            h.gateway_url(),
-            dir.join("token").display(),
-            dir.join("data").display(),
-            test_pki().ca.display()
-        ),
-    )
-    .unwrap();
-    let agent = tokio::process::Command::new(workspace_binary("edgewise-agent"))
-        .args(["run", "--config"])
-        .arg(dir.join("agent.toml"))
-        .env("RUST_LOG", "warn")
-        // The README's setting for small models, as serve-model has it (support).
-        .env("RAYON_NUM_THREADS", "1")
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    (agent, format!("http://{addr}/v1"))
-}
-
 /// The agent's data plane and LiteLLM's proxy, each in front of the same upstream
 /// (serve-model), measured interleaved at one stream and then at `STREAMS` streams.
 async fn litellm() {
@@ -400,7 +359,7 @@ async fn litellm() {
         json!({"route": "cloud", "fallback": ["on-device"]}),
     )
     .await;
-    let (mut agent, base) = spawn_agent(&h).await;
+    let (mut agent, base) = agent_process(&h, "agent");
     let agent_pid = agent.id().unwrap();
     let (mut proxy, litellm_base) =
         spawn_litellm(&h.dir.path().join("litellm"), &upstream.base_url).await;

@@ -164,6 +164,19 @@ pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU time the process has used, all threads, in ns (from each thread's `schedstat`:
+/// finer than the clock ticks of `/proc/<pid>/stat`).
+///
+/// # Panics
+/// When the process is gone.
+pub fn cpu_ns(pid: u32) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("the process is running")
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
 /// Runs `cmd`, which must succeed: its stdout.
 ///
 /// # Panics
@@ -1242,6 +1255,42 @@ pub async fn openai_sdk(
     let mut args = vec![base_url.to_owned(), model.to_owned()];
     args.extend(extra_body.map(ToString::to_string));
     python_fixture("openai_client.py", &args).await
+}
+
+/// The agent as its own process (`edgewise-agent run`), enrolled with `h`'s gateway, its
+/// data in `h`'s dir under `name` and its data plane on a free loopback port; returns it
+/// (killed on drop) and the data plane's base URL.
+///
+/// # Panics
+/// When its files cannot be written or it cannot start.
+pub fn agent_process(h: &Harness, name: &str) -> (tokio::process::Child, String) {
+    let dir = h.dir.path().join(name);
+    std::fs::create_dir_all(&dir).expect("agent dir");
+    std::fs::write(dir.join("token"), TOKEN).expect("token");
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port");
+    std::fs::write(
+        dir.join("agent.toml"),
+        format!(
+            "gateway = \"{}\"\nbootstrap_token_file = \"{}\"\ndata_dir = \"{}\"\nprobe_network = false\n[tls]\nca_file = \"{}\"\n[data_plane]\nlisten = \"{addr}\"\n",
+            h.gateway_url(),
+            dir.join("token").display(),
+            dir.join("data").display(),
+            test_pki().ca.display()
+        ),
+    )
+    .expect("agent.toml");
+    let agent = tokio::process::Command::new(workspace_binary("edgewise-agent"))
+        .args(["run", "--config"])
+        .arg(dir.join("agent.toml"))
+        .env("RUST_LOG", "warn")
+        // The README's setting for small models, as serve-model has it.
+        .env("RAYON_NUM_THREADS", "1")
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the agent starts");
+    (agent, format!("http://{addr}/v1"))
 }
 
 /// Waits until the agent's data plane at `base` serves `version` of its first model.

@@ -445,8 +445,8 @@ impl LocalRouter {
     }
 
     /// As [`LocalRouter::record`], for an outcome nobody waits on (a request the data
-    /// plane has answered): handed to the telemetry writer, synced with others within the
-    /// buffer's `sync_interval`; a failure to store it is counted as dropped events.
+    /// plane has answered): written to the buffer at once and synced with others within
+    /// its `sync_interval`; a failure to store it is counted as dropped events.
     ///
     /// # Errors
     /// When the telemetry buffer is closed.
